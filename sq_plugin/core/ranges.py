@@ -1,0 +1,165 @@
+"""Range rules: from a `Histogram` to a float range [lo, hi] per row.
+
+* `max_range`          — the observed [min, max] (MAX calibration).
+* `percentile_range`   — clip magnitudes at the p-th percentile of |x| (TensorRT-style percentile
+                         calibration, applied to both signs), intersected with [min, max].
+* `mse_range`          — the range, shrunk from MAX by a factor on a grid, that minimizes the
+                         expected quantization MSE over the histogram for the given grid/bits.
+* `percentile_then_mse_range` — StableQuant's per-layer rule: drop the mass above the p-th
+                         percentile (the "clipped histogram"), then the MSE-optimal range on what is left.
+
+All rules return (lo, hi) arrays of shape (rows,). They never see the framework.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+
+from sq_plugin.core.quant import check_bits, fake_quantize_np, qparams_from_range, quant_bounds
+from sq_plugin.core.stats import Histogram
+
+RuleName = Literal["max", "percentile", "mse", "percentile_then_mse"]
+RULES: tuple[str, ...] = ("max", "percentile", "mse", "percentile_then_mse")
+
+
+@dataclass(frozen=True)
+class RangeRule:
+    """How a layer's range is decided from its statistics. Round-trips through `to_dict`/`from_dict`.
+
+    method: one of RULES. percentile: the cut-off p in (0, 100] (used by the percentile rules).
+    mse_grid: number of candidate clip factors in (0, 1] tried by the MSE rules.
+    """
+
+    method: RuleName = "percentile_then_mse"
+    percentile: float = 100.0
+    mse_grid: int = 100
+
+    def __post_init__(self) -> None:
+        if self.method not in RULES:
+            raise ValueError(f"unknown range rule {self.method!r}; choose one of {', '.join(RULES)}")
+        check_percentile(self.percentile)
+        if not isinstance(self.mse_grid, int) or self.mse_grid < 1:
+            raise ValueError(f"mse_grid must be a positive integer (got {self.mse_grid!r}); 100 is the default")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RangeRule:
+        unknown = set(data) - {"method", "percentile", "mse_grid"}
+        if unknown:
+            raise ValueError(f"unknown RangeRule key(s) {sorted(unknown)}; valid: method, percentile, mse_grid")
+        return cls(**data)
+
+
+def check_percentile(p: float) -> None:
+    if isinstance(p, bool) or not isinstance(p, int | float) or not (0.0 < float(p) <= 100.0):
+        raise ValueError(f"percentile must be in (0, 100] (got {p!r}); 100 means no clipping, 99.9 is typical")
+
+
+def _require_data(hist: Histogram, name: str) -> None:
+    if (hist.count == 0).any():
+        raise RuntimeError(
+            f"{name}: no calibration data was observed, so no range can be computed. Run the calibration "
+            "data through the prepared model before converting (check that the calibration set is not empty "
+            "and actually reaches this layer)."
+        )
+
+
+def max_range(hist: Histogram, *, name: str = "tensor") -> tuple[np.ndarray, np.ndarray]:
+    _require_data(hist, name)
+    return hist.min_val.copy(), hist.max_val.copy()
+
+
+def percentile_magnitude(hist: Histogram, p: float, *, name: str = "tensor") -> np.ndarray:
+    """(rows,) the magnitude m with P(|x| <= m) = p/100, interpolated within a bin, at most max|x|."""
+    check_percentile(p)
+    _require_data(hist, name)
+    absmax = hist.absmax
+    if p >= 100.0:
+        return absmax
+    counts = hist.abs_counts().astype(np.float64)
+    cdf = np.cumsum(counts, axis=1)
+    target = cdf[:, -1] * (p / 100.0)
+    k = np.array([np.searchsorted(cdf[r], target[r], side="left") for r in range(hist.rows)])
+    below = np.where(k > 0, cdf[np.arange(hist.rows), np.maximum(k - 1, 0)], 0.0)
+    in_bin = counts[np.arange(hist.rows), k]
+    frac = np.where(in_bin > 0, (target - below) / np.maximum(in_bin, 1.0), 1.0)
+    magnitude = (k + frac) * hist.bin_width
+    return np.minimum(magnitude, absmax)
+
+
+def percentile_range(hist: Histogram, p: float, *, name: str = "tensor") -> tuple[np.ndarray, np.ndarray]:
+    m = percentile_magnitude(hist, p, name=name)
+    return np.maximum(hist.min_val, -m), np.minimum(hist.max_val, m)
+
+
+def quantization_mse(hist: Histogram, lo: np.ndarray, hi: np.ndarray, *, bits: int, symmetric: bool,
+                     signed: bool, keep_below: np.ndarray | None = None) -> np.ndarray:
+    """(rows,) expected squared error of quantizing the histogram's data with range [lo, hi].
+
+    Every value in a bin is represented by the bin centre. `keep_below` drops the mass whose |x|
+    is above it (the "clipped histogram" of StableQuant step 3).
+    """
+    qmin, qmax = quant_bounds(bits, signed=signed)
+    scale, zp = qparams_from_range(lo, hi, qmin, qmax, symmetric=symmetric)
+    centers = hist.bin_centers()
+    weights = hist.counts.astype(np.float64)
+    if keep_below is not None:
+        weights = np.where(np.abs(centers) <= keep_below[:, None], weights, 0.0)
+    err = (fake_quantize_np(centers, scale[:, None], zp[:, None], qmin, qmax) - centers) ** 2
+    total = np.maximum(weights.sum(axis=1), 1.0)
+    return (err * weights).sum(axis=1) / total
+
+
+def mse_range(hist: Histogram, *, bits: int, symmetric: bool, signed: bool, grid: int = 100,
+              within: tuple[np.ndarray, np.ndarray] | None = None, keep_below: np.ndarray | None = None,
+              name: str = "tensor") -> tuple[np.ndarray, np.ndarray]:
+    """The range alpha*[lo, hi] (alpha in {1/grid, ..., 1}) with the least quantization MSE.
+
+    [lo, hi] is `within` (default: the MAX range). alpha = 1 is a candidate, so on the histogram the
+    MSE rule is never worse than the range it starts from.
+    """
+    check_bits(bits)
+    _require_data(hist, name)
+    lo, hi = within if within is not None else max_range(hist, name=name)
+    best_lo, best_hi = lo.copy(), hi.copy()
+    best_err = quantization_mse(hist, lo, hi, bits=bits, symmetric=symmetric, signed=signed, keep_below=keep_below)
+    for step in range(grid - 1, 0, -1):
+        alpha = step / grid
+        err = quantization_mse(hist, alpha * lo, alpha * hi, bits=bits, symmetric=symmetric, signed=signed,
+                               keep_below=keep_below)
+        better = err < best_err  # strict: ties keep the wider range, so results are deterministic
+        best_err = np.where(better, err, best_err)
+        best_lo = np.where(better, alpha * lo, best_lo)
+        best_hi = np.where(better, alpha * hi, best_hi)
+    return best_lo, best_hi
+
+
+def percentile_then_mse_range(hist: Histogram, p: float, *, bits: int, symmetric: bool, signed: bool,
+                              grid: int = 100, name: str = "tensor") -> tuple[np.ndarray, np.ndarray]:
+    """StableQuant's rule: clip at the p-th percentile, then the MSE-optimal range on the clipped histogram."""
+    clipped = percentile_range(hist, p, name=name)
+    keep = None if p >= 100.0 else percentile_magnitude(hist, p, name=name)
+    return mse_range(hist, bits=bits, symmetric=symmetric, signed=signed, grid=grid, within=clipped,
+                     keep_below=keep, name=name)
+
+
+def compute_range(hist: Histogram, rule: RangeRule, *, bits: int, symmetric: bool, signed: bool,
+                  name: str = "tensor") -> tuple[np.ndarray, np.ndarray]:
+    """Apply `rule` to `hist`; `name` (a layer name) goes into every error message."""
+    if rule.method == "max":
+        lo, hi = max_range(hist, name=name)
+    elif rule.method == "percentile":
+        lo, hi = percentile_range(hist, rule.percentile, name=name)
+    elif rule.method == "mse":
+        lo, hi = mse_range(hist, bits=bits, symmetric=symmetric, signed=signed, grid=rule.mse_grid, name=name)
+    else:
+        lo, hi = percentile_then_mse_range(hist, rule.percentile, bits=bits, symmetric=symmetric, signed=signed,
+                                           grid=rule.mse_grid, name=name)
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        raise RuntimeError(f"{name}: the {rule.method} rule produced a non-finite range; this is a bug, please report")
+    return lo, hi

@@ -1,0 +1,166 @@
+"""Calibration statistics, kept apart from the range decision (collect once, decide many ways).
+
+`Histogram` is a signed histogram per row (one row per tensor, or one per channel) that can grow
+its range and merges *exactly*: the histogram of A∪B equals merge(histogram of A, histogram of B),
+bin for bin. Exactness comes from two choices:
+
+* a row's half-range R is always a power of two, the smallest one strictly above max|x| of that
+  row, and the bin width w = 2R / bins is then a power of two too;
+* the bin of x is floor(x / w) + bins/2. Dividing by a power of two is exact in floating point,
+  and floor(floor(y) / 2) == floor(y / 2), so doubling R (pairing neighbouring bins) assigns every
+  value to the bin it would have had if R had been the larger one from the start.
+
+Exact min/max/count per row are kept beside the counts, so `max` and `percentile(100)` ranges
+are exact and not rounded to a bin edge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DEFAULT_BINS = 2048
+# The smallest half-range a row may have; a row that only ever saw values below this keeps it.
+_MIN_EXPONENT = -40
+
+
+def _exponent_above(absmax: np.ndarray) -> np.ndarray:
+    """Smallest integer e with 2**e > absmax (element-wise), at least _MIN_EXPONENT."""
+    safe = np.maximum(absmax, np.ldexp(1.0, _MIN_EXPONENT - 1))
+    _, exp = np.frexp(safe)  # safe = m * 2**exp with 0.5 <= m < 1, so 2**exp > safe always
+    return np.maximum(exp.astype(np.int64), _MIN_EXPONENT)
+
+
+@dataclass
+class Histogram:
+    """Per-row signed histograms with exact running min, max and count.
+
+    counts: (rows, bins) int64; exponents: (rows,) so row r covers [-2**e_r, 2**e_r).
+    """
+
+    counts: np.ndarray
+    exponents: np.ndarray
+    min_val: np.ndarray
+    max_val: np.ndarray
+    count: np.ndarray
+
+    @classmethod
+    def empty(cls, rows: int = 1, bins: int = DEFAULT_BINS) -> Histogram:
+        if bins < 8 or bins & (bins - 1):
+            raise ValueError(f"bins must be a power of two >= 8 (got {bins}); 2048 is the usual choice")
+        return cls(
+            counts=np.zeros((rows, bins), dtype=np.int64),
+            exponents=np.full(rows, _MIN_EXPONENT, dtype=np.int64),
+            min_val=np.full(rows, np.inf),
+            max_val=np.full(rows, -np.inf),
+            count=np.zeros(rows, dtype=np.int64),
+        )
+
+    @classmethod
+    def of(cls, values: np.ndarray | torch.Tensor, *, bins: int = DEFAULT_BINS, name: str = "tensor",
+           channel_axis: int | None = None) -> Histogram:
+        """Histogram of `values`: one row, or one row per channel along `channel_axis`."""
+        hist = cls.empty(rows=1 if channel_axis is None else _shape(values)[channel_axis], bins=bins)
+        hist.update(values, name=name, channel_axis=channel_axis)
+        return hist
+
+    @property
+    def rows(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def bins(self) -> int:
+        return self.counts.shape[1]
+
+    @property
+    def bin_width(self) -> np.ndarray:
+        """(rows,) width of one bin in each row."""
+        return np.ldexp(2.0, self.exponents) / self.bins
+
+    @property
+    def absmax(self) -> np.ndarray:
+        return np.maximum(np.abs(self.min_val), np.abs(self.max_val))
+
+    def bin_centers(self) -> np.ndarray:
+        """(rows, bins) centre of every bin."""
+        idx = np.arange(self.bins, dtype=np.float64) - self.bins // 2 + 0.5
+        return idx[None, :] * self.bin_width[:, None]
+
+    def update(self, values: np.ndarray | torch.Tensor, *, name: str = "tensor",
+               channel_axis: int | None = None) -> None:
+        """Add `values` (any shape) to the histogram. Rejects NaN/Inf, naming `name`."""
+        x = _as_rows(values, channel_axis)
+        if x.shape[0] != self.rows:
+            raise ValueError(f"{name}: got {x.shape[0]} channels, the histogram has {self.rows}")
+        if x.shape[1] == 0:
+            return
+        finite = np.isfinite(x)
+        if not finite.all():
+            bad = int((~finite).sum())
+            raise ValueError(
+                f"{name}: {bad} NaN/Inf value(s) in the calibration tensor; a range cannot be computed "
+                "from them. Check the input audio/features (and the layers before it) for overflow, "
+                "or exclude this layer from quantization."
+            )
+        row_min, row_max = x.min(axis=1), x.max(axis=1)
+        needed = _exponent_above(np.maximum(np.abs(row_min), np.abs(row_max)))
+        self._grow_to(np.maximum(needed, self.exponents))
+        width = self.bin_width[:, None]
+        idx = np.floor(x / width).astype(np.int64) + self.bins // 2
+        flat = idx + (np.arange(self.rows, dtype=np.int64) * self.bins)[:, None]
+        self.counts += np.bincount(flat.ravel(), minlength=self.rows * self.bins).reshape(self.rows, self.bins)
+        self.min_val = np.minimum(self.min_val, row_min)
+        self.max_val = np.maximum(self.max_val, row_max)
+        self.count += x.shape[1]
+
+    def merge(self, other: Histogram) -> Histogram:
+        """A new histogram equal to the histogram of both data sets together."""
+        if other.counts.shape != self.counts.shape:
+            raise ValueError(f"cannot merge histograms of shape {self.counts.shape} and {other.counts.shape}")
+        a, b = self.copy(), other.copy()
+        target = np.maximum(a.exponents, b.exponents)
+        a._grow_to(target)
+        b._grow_to(target)
+        a.counts += b.counts
+        a.min_val = np.minimum(a.min_val, b.min_val)
+        a.max_val = np.maximum(a.max_val, b.max_val)
+        a.count += b.count
+        return a
+
+    def copy(self) -> Histogram:
+        return Histogram(self.counts.copy(), self.exponents.copy(), self.min_val.copy(),
+                         self.max_val.copy(), self.count.copy())
+
+    def abs_counts(self) -> np.ndarray:
+        """(rows, bins/2) histogram of |x|: bin k covers [k*w, (k+1)*w)."""
+        half = self.bins // 2
+        return self.counts[:, half:] + self.counts[:, half - 1::-1]
+
+    def _grow_to(self, target: np.ndarray) -> None:
+        """Double each row's half-range until it reaches `target` (exact: pairs neighbouring bins)."""
+        bins, quarter = self.bins, self.bins // 4
+        for row in np.nonzero(target > self.exponents)[0]:
+            steps = int(target[row] - self.exponents[row])
+            counts = self.counts[row]
+            for _ in range(min(steps, int(np.log2(bins)) + 1)):
+                paired = counts.reshape(bins // 2, 2).sum(axis=1)
+                counts = np.zeros(bins, dtype=np.int64)
+                counts[quarter:quarter + bins // 2] = paired
+            # Past log2(bins) doublings every value already sits in the two centre bins: stable.
+            self.counts[row] = counts
+            self.exponents[row] = target[row]
+
+
+def _shape(values: np.ndarray | torch.Tensor) -> tuple[int, ...]:
+    return tuple(values.shape)
+
+
+def _as_rows(values: np.ndarray | torch.Tensor, channel_axis: int | None) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().to(torch.float64).cpu().numpy()
+    x = np.asarray(values, dtype=np.float64)
+    if channel_axis is None:
+        return x.reshape(1, -1)
+    return np.moveaxis(x, channel_axis, 0).reshape(x.shape[channel_axis], -1)

@@ -1,0 +1,387 @@
+"""torchao PT2E adapter: StableQuant observers, an x86 quantizer that also covers Conv1d, and lowering.
+
+Translation only: statistics and range decisions live in `sq_plugin.core`.
+
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, convert_pt2e
+    quantizer = StableQuantX86Quantizer().set_global(stablequant_x86_config())
+    prepared = prepare_pt2e(export_for_quantization(model, (audio,)), quantizer)
+    calibrate(prepared, batches)
+    compiled, report = lower_x86(convert_pt2e(prepared), (audio,))   # report.int8_kernels > 0, or it raises
+
+Why a quantizer subclass: torchao's `X86InductorQuantizer` annotates `aten.conv1d` only inside a
+Conv1d+ReLU fusion pattern, so wav2vec2/HuBERT's feature extractor (Conv1d -> LayerNorm/GroupNorm
+-> GELU) and positional conv stay float. `StableQuantX86Quantizer` annotates standalone conv1d
+nodes too; Inductor's x86 lowering accepts them ("conv1d/2d"), which `lower_x86` verifies.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.export import Dim
+from torchao.quantization.pt2e.observer import UniformQuantizationObserverBase
+from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
+from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+    X86InductorQuantizer,
+    _skip_annotate,
+)
+
+from sq_plugin.core.quant import DEFAULT_EPS, check_bits
+from sq_plugin.core.ranges import RangeRule, compute_range
+from sq_plugin.core.stats import DEFAULT_BINS, Histogram
+
+_SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
+
+
+def _rule_from(rule: RangeRule | dict | str | None, method: str | None, percentile: float | None,
+               mse_grid: int | None, default: RangeRule) -> RangeRule:
+    if isinstance(rule, str):
+        rule = RangeRule(method=rule)  # type: ignore[arg-type]
+    elif isinstance(rule, dict):
+        rule = RangeRule.from_dict(rule)
+    base = rule if rule is not None else default
+    return RangeRule(
+        method=method if method is not None else base.method,  # type: ignore[arg-type]
+        percentile=percentile if percentile is not None else base.percentile,
+        mse_grid=mse_grid if mse_grid is not None else base.mse_grid,
+    )
+
+
+class StableQuantObserver(UniformQuantizationObserverBase):
+    """Per-tensor PT2E observer: collects a mergeable histogram, decides the range with a `RangeRule`.
+
+    Knobs go through `with_args`: `StableQuantObserver.with_args(method="percentile_then_mse",
+    percentile=99.8)`, or `rule=RangeRule(...)`. `layer_name` only improves error messages
+    (`prepare_stablequant` fills it in from the graph).
+    """
+
+    default_rule = RangeRule("percentile_then_mse", percentile=100.0)
+
+    def __init__(self, dtype: torch.dtype = torch.uint8, qscheme: torch.qscheme = torch.per_tensor_affine,
+                 quant_min: int | None = None, quant_max: int | None = None, is_dynamic: bool = False,
+                 eps: float = DEFAULT_EPS, rule: RangeRule | dict | str | None = None, method: str | None = None,
+                 percentile: float | None = None, mse_grid: int | None = None, bins: int = DEFAULT_BINS,
+                 layer_name: str | None = None, **kwargs: Any) -> None:
+        if is_dynamic:
+            raise ValueError("StableQuant observers compute static ranges; use PlaceholderObserver for dynamic "
+                             "quantization")
+        super().__init__(dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max,
+                         is_dynamic=is_dynamic, eps=eps, **kwargs)
+        self.rule = _rule_from(rule, method, percentile, mse_grid, self.default_rule)
+        levels = self.quant_max - self.quant_min + 1
+        bits = int(round(math.log2(levels)))
+        if 2**bits != levels:
+            raise ValueError(f"quant range [{self.quant_min}, {self.quant_max}] is not a power-of-two grid")
+        check_bits(bits)
+        self.bits = bits
+        self.bins = bins
+        self.layer_name = layer_name
+        self.hist: Histogram | None = None
+
+    @property
+    def name(self) -> str:
+        return self.layer_name or "an unnamed PT2E observer"
+
+    def _channel_axis(self) -> int | None:
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:
+            return x
+        axis = self._channel_axis()
+        if self.hist is None:
+            rows = 1 if axis is None else x.shape[axis]
+            self.hist = Histogram.empty(rows=rows, bins=self.bins)
+        self.hist.update(x.detach(), name=self.name, channel_axis=axis)
+        return x
+
+    def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float range [lo, hi] the rule picks (per channel for the per-channel observer)."""
+        if self.hist is None:
+            raise RuntimeError(
+                f"{self.name}: the observer never saw data, so its range is unknown. Run calibration "
+                "batches through the prepared model before convert_pt2e (is the calibration set empty?)."
+            )
+        lo, hi = compute_range(self.hist, self.rule, bits=self.bits, symmetric=self.qscheme in _SYMMETRIC,
+                               signed=self.quant_min < 0, name=self.name)
+        if (lo == 0).all() and (hi == 0).all():
+            raise RuntimeError(
+                f"{self.name}: every calibration value was 0, so the range is empty. Use calibration audio "
+                "that exercises this layer, or exclude the layer from quantization (a per-layer None config)."
+            )
+        return torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32)
+
+    @torch.jit.export
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = self.compute_range()
+        if self._channel_axis() is None:
+            lo, hi = lo.reshape(()), hi.reshape(())
+        return self._calculate_qparams(lo, hi)
+
+    def extra_repr(self) -> str:
+        return f"rule={self.rule}, bits={self.bits}, layer={self.layer_name}"
+
+
+class StableQuantPerChannelObserver(StableQuantObserver):
+    """Per-channel variant (weights). The class name contains "PerChannel" on purpose: PT2E's
+    prepare drops `ch_axis` for observers whose name does not."""
+
+    default_rule = RangeRule("max")
+
+    def __init__(self, dtype: torch.dtype = torch.int8, qscheme: torch.qscheme = torch.per_channel_symmetric,
+                 ch_axis: int = 0, **kwargs: Any) -> None:
+        super().__init__(dtype=dtype, qscheme=qscheme, **kwargs)
+        self.ch_axis = ch_axis
+
+    def _channel_axis(self) -> int | None:
+        return self.ch_axis
+
+
+class PercentileObserver(StableQuantObserver):
+    """Baseline: percentile calibration (none ships in torchao or INC 3.x). Default p = 99.99."""
+
+    default_rule = RangeRule("percentile", percentile=99.99)
+
+
+class MSEObserver(StableQuantObserver):
+    """Baseline: MSE-optimal range over the whole histogram, no percentile clipping."""
+
+    default_rule = RangeRule("mse")
+
+
+def stablequant_x86_config(act_rule: RangeRule | None = None, weight_rule: RangeRule | None = None, *,
+                           a_bits: int = 8, w_bits: int = 8, bins: int = DEFAULT_BINS) -> QuantizationConfig:
+    """A `QuantizationConfig` for `X86InductorQuantizer` with StableQuant observers.
+
+    Activations: unsigned per-tensor affine on [0, 2**a_bits - 1] (what oneDNN's qlinear/qconv take).
+    Weights: signed per-output-channel symmetric on [-2**(w_bits-1), 2**(w_bits-1) - 1].
+    Bits below 8 keep int8 storage with a narrower grid: real INT8 kernels computing a W6A6/W4A4 grid.
+    """
+    check_bits(a_bits, name="a_bits")
+    check_bits(w_bits, name="w_bits")
+    act_rule = act_rule or StableQuantObserver.default_rule
+    weight_rule = weight_rule or StableQuantPerChannelObserver.default_rule
+    act = QuantizationSpec(
+        dtype=torch.uint8, quant_min=0, quant_max=2**a_bits - 1, qscheme=torch.per_tensor_affine,
+        is_dynamic=False, observer_or_fake_quant_ctr=StableQuantObserver.with_args(rule=act_rule, bins=bins),
+    )
+    weight = QuantizationSpec(
+        dtype=torch.int8, quant_min=-(2 ** (w_bits - 1)), quant_max=2 ** (w_bits - 1) - 1,
+        qscheme=torch.per_channel_symmetric, ch_axis=0, is_dynamic=False,
+        observer_or_fake_quant_ctr=StableQuantPerChannelObserver.with_args(rule=weight_rule, bins=bins),
+    )
+    return QuantizationConfig(act, act, weight, None, False)
+
+
+class StableQuantX86Quantizer(X86InductorQuantizer):
+    """`X86InductorQuantizer` that also annotates standalone `aten.conv1d` (wav2vec2/HuBERT front end)."""
+
+    def __init__(self, *, quantize_conv1d: bool = True) -> None:
+        super().__init__()
+        self.quantize_conv1d = quantize_conv1d
+
+    def _annotate_with_config(self, model: torch.fx.GraphModule, quantization_config: QuantizationConfig | None,
+                              filter_fn: Any) -> None:
+        if self.quantize_conv1d:
+            for node in model.graph.nodes:
+                if node.op == "call_function" and node.target == torch.ops.aten.conv1d.default:
+                    if not _skip_annotate([node], filter_fn):
+                        self._annotate_conv_node_helper(node, True, quantization_config)
+        super()._annotate_with_config(model, quantization_config, filter_fn)
+
+
+def stablequant_x86_quantizer(config: QuantizationConfig | None = None,
+                              per_layer: dict[str, QuantizationConfig | RangeRule | None] | None = None, *,
+                              a_bits: int = 8, w_bits: int = 8) -> StableQuantX86Quantizer:
+    """The quantizer with a global config and per-module overrides.
+
+    `per_layer` maps a module name (e.g. "wav2vec2.feature_extractor.conv_layers.2.conv") to a full
+    `QuantizationConfig`, to a `RangeRule` for that layer's input activation, or to None (keep float).
+    """
+    quantizer = StableQuantX86Quantizer().set_global(config or stablequant_x86_config(a_bits=a_bits, w_bits=w_bits))
+    for name, override in (per_layer or {}).items():
+        if isinstance(override, RangeRule):
+            override = stablequant_x86_config(act_rule=override, a_bits=a_bits, w_bits=w_bits)
+        quantizer.set_module_name_qconfig(name, override)
+    return quantizer  # type: ignore[return-value]
+
+
+def strip_weight_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold weight-norm parametrizations into plain weights, in place (same outputs).
+
+    wav2vec2/HuBERT's positional conv uses `weight_norm`; folded, its weight is a constant that the
+    x86 lowering can prepack as an INT8 weight, as for every other conv.
+    """
+    from torch.nn.utils import parametrize
+
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for tensor_name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+    return model
+
+
+def export_for_quantization(model: torch.nn.Module, example_inputs: tuple, *,
+                            dynamic_dims: dict[int, int] | None = None) -> torch.fx.GraphModule:
+    """`torch.export` a speech model for PT2E (eval mode, weight norm folded, dynamic audio length).
+
+    `dynamic_dims` maps input index -> dynamic dimension; default {0: 1}: the time axis of a
+    (batch, samples) waveform. `Dim.AUTO` is used because a named `Dim` with bounds fails on the conv
+    stride arithmetic of wav2vec2-style front ends.
+    """
+    model = strip_weight_norm(model.eval())
+    dims = {0: 1} if dynamic_dims is None else dynamic_dims
+    dynamic_shapes = tuple({dims[i]: Dim.AUTO} if i in dims else None for i in range(len(example_inputs)))
+    return torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes).module()
+
+
+def label_observers(prepared: torch.fx.GraphModule) -> dict[str, str]:
+    """Give each StableQuant observer the name of the layer it serves; returns {observer: label}."""
+    labels: dict[str, str] = {}
+    for node in prepared.graph.nodes:
+        if node.op != "call_module":
+            continue
+        observer = prepared.get_submodule(node.target)
+        if not isinstance(observer, StableQuantObserver):
+            continue
+        users = [u for u in node.users if u.op == "call_function"]
+        role = "weight" if node.args and getattr(node.args[0], "op", None) == "get_attr" else "input"
+        layer = _module_name(users[0]) if users else None
+        observer.layer_name = f"{layer or node.target} ({role})"
+        labels[node.target] = observer.layer_name
+    return labels
+
+
+def _module_name(node: torch.fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path.removeprefix("L['self'].")
+
+
+def prepare_stablequant(model: torch.nn.Module, example_inputs: tuple,
+                        quantizer: X86InductorQuantizer | None = None) -> torch.fx.GraphModule:
+    """Export + `prepare_pt2e` with StableQuant observers (default: `stablequant_x86_quantizer()`)."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    exported = export_for_quantization(model, example_inputs)
+    prepared = prepare_pt2e(exported, quantizer or stablequant_x86_quantizer())
+    label_observers(prepared)
+    return prepared
+
+
+@torch.no_grad()
+def calibrate(prepared: torch.fx.GraphModule, batches: Iterable[tuple | torch.Tensor]) -> int:
+    """Run calibration batches through a prepared model; returns how many ran. Raises if none did."""
+    n = 0
+    for batch in batches:
+        prepared(*(batch if isinstance(batch, tuple) else (batch,)))
+        n += 1
+    if n == 0:
+        raise ValueError("the calibration set is empty: pass at least one batch of audio (a few hundred "
+                         "utterances are typical)")
+    return n
+
+
+_QUANT_OPS = {
+    torch.ops.aten.linear.default: "linear",
+    torch.ops.aten.conv1d.default: "conv1d",
+    torch.ops.aten.conv2d.default: "conv2d",
+}
+
+
+def count_quantized_ops(converted: torch.fx.GraphModule) -> dict[str, int]:
+    """Per op kind, how many take a dequantized INT8 weight ("linear") and how many stay float
+    ("linear_float"), in a `convert_pt2e` output."""
+    counts: dict[str, int] = {}
+    for node in converted.graph.nodes:
+        kind = _QUANT_OPS.get(node.target) if node.op == "call_function" else None
+        if kind is None:
+            continue
+        weight = node.args[1]
+        quantized = getattr(weight, "op", None) == "call_function" and "dequantize" in str(weight.target)
+        key = kind if quantized else f"{kind}_float"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+@dataclass
+class LoweringReport:
+    """What Inductor's x86 lowering produced: INT8 kernel counts from its pattern-matcher counters."""
+
+    counters: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def qlinear(self) -> int:
+        return sum(v for k, v in self.counters.items() if k.startswith("qlinear") and k.endswith("_lower_count"))
+
+    @property
+    def qconv(self) -> int:
+        return sum(v for k, v in self.counters.items() if k.startswith("qconv") and k.endswith("_lower_count"))
+
+    @property
+    def int8_kernels(self) -> int:
+        return self.qlinear + self.qconv
+
+    @property
+    def backend(self) -> str:
+        return "x86-onednn-int8 (inductor, freezing)"
+
+
+def install_conv1d_meta_fix() -> None:
+    """Work around a shape bug in torch's meta function for `onednn.qconv_pointwise` (torch 2.13).
+
+    The prepacked weight of a conv1d is 4-D (O, I, 1, K); the meta function takes the kernel size
+    from weight.shape[2:] = (1, K) and zips it with the single spatial dim, so it computes the output
+    length with kernel 1. Whenever Inductor re-runs that meta (e.g. for wav2vec2's positional conv,
+    whose output feeds a residual add) compilation fails with a broadcast error. The fix drops the
+    unit dim for exactly that (3-D input, 4-D weight) case, which the original never handles correctly.
+    It stays installed (idempotent): a later recompilation for a new audio length needs it too.
+    """
+    import torch._meta_registrations as meta
+
+    original = meta.calc_conv_nd_return_shape
+    if getattr(original, "_sq_conv1d_fix", False):
+        return
+
+    def fixed(input_tensor, weight, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if input_tensor.dim() == 3 and weight.dim() == 4 and weight.shape[2] == 1:
+            weight = weight.squeeze(2)
+        return original(input_tensor, weight, *args, **kwargs)
+
+    fixed._sq_conv1d_fix = True  # type: ignore[attr-defined]
+    meta.calc_conv_nd_return_shape = fixed
+
+
+def lower_x86(converted: torch.fx.GraphModule, example_inputs: tuple, *,
+              require_int8: bool = True) -> tuple[Any, LoweringReport]:
+    """Compile a converted model with Inductor freezing so q/dq patterns become oneDNN INT8 kernels.
+
+    Runs `example_inputs` once (that is when compilation happens) and returns the compiled callable
+    and a `LoweringReport`. If the graph has quantized ops but nothing was lowered to INT8, it raises
+    instead of silently running the model in float.
+    """
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    # Importing the quantizer module registers torchao's x86 fusion passes with Inductor.
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+
+    install_conv1d_meta_fix()
+    counters.clear()
+    with inductor_config.patch(freezing=True), torch.no_grad():
+        compiled = torch.compile(converted)
+        compiled(*example_inputs)
+    report = LoweringReport({k: int(v) for k, v in counters["inductor"].items() if k.startswith(("qlinear", "qconv"))})
+    quantized = sum(v for k, v in count_quantized_ops(converted).items() if not k.endswith("_float"))
+    if require_int8 and quantized and report.int8_kernels == 0:
+        raise RuntimeError(
+            f"{quantized} quantized ops in the graph but no INT8 kernel was lowered: the model would run in "
+            "float. Is this an x86 CPU with oneDNN (torch.backends.mkldnn.is_available())?"
+        )
+    return compiled, report
