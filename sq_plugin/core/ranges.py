@@ -9,6 +9,11 @@
                          percentile (the "clipped histogram"), then the MSE-optimal range on what is left.
 
 All rules return (lo, hi) arrays of shape (rows,). They never see the framework.
+
+Limit of the MSE rules: they score ranges on the histogram. When max|x| exceeds the bulk of the
+data by more than the number of |x| bins (bins/2: 1024 by default), the bulk sits in one or two
+bins and the MSE search cannot resolve it (on Cauchy-like data it can then land marginally above
+MAX's error). Clipping first (`percentile_then_mse_range`) restores the resolution.
 """
 
 from __future__ import annotations
@@ -101,8 +106,13 @@ def quantization_mse(hist: Histogram, lo: np.ndarray, hi: np.ndarray, *, bits: i
                      signed: bool, keep_below: np.ndarray | None = None) -> np.ndarray:
     """(rows,) expected squared error of quantizing the histogram's data with range [lo, hi].
 
-    Every value in a bin is represented by the bin centre. `keep_below` drops the mass whose |x|
-    is above it (the "clipped histogram" of StableQuant step 3).
+    Values outside the representable range cost their clipping error (bin centre to the edge).
+    Inside it, a bin narrower than the quantization step costs the rounding error of its centre;
+    a bin at least as wide as the step holds values spread over several steps, so it costs the
+    uniform rounding noise step**2 / 12. (Scoring wide bins by their centre alone would make the
+    error depend on where the centre happens to fall on the grid: with extreme outliers, bins get
+    wider than the step and that picks bad ranges.) `keep_below` drops the mass whose |x| is above
+    it (the "clipped histogram" of StableQuant step 3).
     """
     qmin, qmax = quant_bounds(bits, signed=signed)
     scale, zp = qparams_from_range(lo, hi, qmin, qmax, symmetric=symmetric)
@@ -110,7 +120,12 @@ def quantization_mse(hist: Histogram, lo: np.ndarray, hi: np.ndarray, *, bits: i
     weights = hist.counts.astype(np.float64)
     if keep_below is not None:
         weights = np.where(np.abs(centers) <= keep_below[:, None], weights, 0.0)
-    err = (fake_quantize_np(centers, scale[:, None], zp[:, None], qmin, qmax) - centers) ** 2
+    step, zero = scale[:, None], zp[:, None]
+    lowest, highest = (qmin - zero) * step, (qmax - zero) * step
+    clipped = (centers - np.clip(centers, lowest, highest)) ** 2
+    rounding = np.where(hist.bin_width[:, None] >= step, step**2 / 12.0,
+                        (fake_quantize_np(centers, step, zero, qmin, qmax) - centers) ** 2)
+    err = np.where((centers < lowest) | (centers > highest), clipped, rounding)
     total = np.maximum(weights.sum(axis=1), 1.0)
     return (err * weights).sum(axis=1) / total
 

@@ -1,0 +1,186 @@
+"""PT2E adapter: observers inside torchao's prepare/convert, Conv1d coverage, real INT8 lowering."""
+
+import numpy as np
+import pytest
+import torch
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+from sq_plugin.core import Histogram, RangeRule, compute_range, qparams_from_range
+from sq_plugin.pt2e import (
+    PercentileObserver,
+    StableQuantObserver,
+    StableQuantPerChannelObserver,
+    calibrate,
+    count_quantized_ops,
+    export_for_quantization,
+    lower_x86,
+    prepare_stablequant,
+    stablequant_x86_config,
+    stablequant_x86_quantizer,
+)
+
+N_LINEAR = 2 * 6 + 2  # per layer q,k,v,out,fc1,fc2; + feature projection + lm_head
+N_CONV1D = 7 + 1  # feature extractor + positional conv
+
+
+def audio(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, n, generator=g) * 0.1
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_wav2vec2", "tiny_hubert"])
+def test_ctc_model_end_to_end_to_int8_kernels(model_fixture, request):
+    model = request.getfixturevalue(model_fixture)
+    x = audio(16000, 0)
+    with torch.no_grad():
+        ref = model(x).logits
+    prepared = prepare_stablequant(model, (x,))
+    calibrate(prepared, [audio(12000 + 2000 * i, i + 1) for i in range(4)])
+    converted = convert_pt2e(prepared)
+
+    # (a) every Linear and every Conv1d (feature extractor + positional conv) is quantized
+    assert count_quantized_ops(converted) == {"linear": N_LINEAR, "conv1d": N_CONV1D}
+
+    # (b) real oneDNN INT8 kernels, counted by Inductor's pattern matcher
+    compiled, report = lower_x86(converted, (x,))
+    assert report.qconv == N_CONV1D
+    assert report.qlinear == N_LINEAR
+
+    # (c) logits close to float, INT8 kernels agree with the fake-quant graph
+    with torch.no_grad():
+        fake_quant = converted(x).logits
+        int8 = compiled(x).logits
+    assert rel_err(int8, ref) < 0.1
+    # The kernels match the simulation up to rounding ties: oneDNN accumulates in another order and
+    # a tie that rounds the other way moves one int8 step, which the next quantized layers carry on.
+    # A float fallback would instead sit at the full quantization error from the simulation.
+    assert rel_err(int8, fake_quant) < 0.02 < rel_err(fake_quant, ref)
+
+    # dynamic audio length: another length runs through the same exported graph
+    with torch.no_grad():
+        other = compiled(audio(24000, 9)).logits
+    assert other.shape == (1, 74, 32)
+
+
+def test_observer_qparams_equal_core_math():
+    obs = StableQuantObserver(rule=RangeRule("max"))
+    data = torch.randn(1000) * 3 + 1
+    obs(data)
+    scale, zp = obs.calculate_qparams()
+    want_scale, want_zp = qparams_from_range(float(data.min()), float(data.max()), 0, 255, symmetric=False)
+    assert float(scale) == pytest.approx(float(want_scale), rel=1e-6)
+    assert int(zp) == int(want_zp)
+
+
+def test_observer_uses_the_core_rule_and_merges_batches():
+    data = torch.from_numpy(np.random.default_rng(0).standard_t(3, size=4000)).float()
+    obs = StableQuantObserver.with_args(method="percentile_then_mse", percentile=99.8)()
+    for chunk in data.split(1000):
+        obs(chunk)
+    lo, hi = obs.compute_range()
+    want = compute_range(Histogram.of(data), RangeRule("percentile_then_mse", 99.8), bits=8, symmetric=False,
+                         signed=False)
+    assert float(lo) == pytest.approx(float(want[0][0])) and float(hi) == pytest.approx(float(want[1][0]))
+    assert float(hi) < float(data.max())
+
+
+def test_per_channel_observer_keeps_ch_axis_through_prepare():
+    class Lin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    x = torch.randn(2, 8)
+    prepared = prepare_pt2e(torch.export.export(Lin().eval(), (x,)).module(), stablequant_x86_quantizer())
+    per_channel = [m for m in prepared.modules() if isinstance(m, StableQuantPerChannelObserver)]
+    assert len(per_channel) == 1 and per_channel[0].ch_axis == 0
+    calibrate(prepared, [x])
+    scale, _ = per_channel[0].calculate_qparams()
+    assert scale.shape == (4,)
+
+
+def test_per_layer_override_keeps_a_layer_float(tiny_hubert):
+    x = audio(8000, 0)
+    quantizer = stablequant_x86_quantizer(per_layer={"hubert.feature_extractor.conv_layers.0.conv": None,
+                                                     "lm_head": RangeRule("percentile", percentile=99.9)})
+    prepared = prepare_stablequant(tiny_hubert, (x,), quantizer)
+    calibrate(prepared, [x])
+    counts = count_quantized_ops(convert_pt2e(prepared))
+    assert counts == {"conv1d_float": 1, "conv1d": N_CONV1D - 1, "linear": N_LINEAR}
+
+
+def test_sub_8_bit_grids_use_int8_storage_with_fewer_levels():
+    config = stablequant_x86_config(a_bits=6, w_bits=4)
+    assert (config.input_activation.quant_min, config.input_activation.quant_max) == (0, 63)
+    assert (config.weight.quant_min, config.weight.quant_max) == (-8, 7)
+    spec = config.input_activation
+    obs = spec.observer_or_fake_quant_ctr(dtype=spec.dtype, qscheme=spec.qscheme, quant_min=spec.quant_min,
+                                          quant_max=spec.quant_max)  # what prepare_pt2e passes
+    assert obs.bits == 6
+
+
+def test_percentile_baseline_observer_defaults_to_99_99():
+    obs = PercentileObserver()
+    assert obs.rule == RangeRule("percentile", percentile=99.99)
+
+
+# ---- bad input: clear errors that name the layer and the fix, never a NaN scale ----
+
+def _prepared_tiny(tiny_hubert):
+    x = audio(8000, 0)
+    return prepare_stablequant(tiny_hubert, (x,)), x
+
+
+def test_convert_without_calibration_names_the_layer(tiny_hubert):
+    prepared, _ = _prepared_tiny(tiny_hubert)
+    layer = r"hubert\.feature_extractor\.conv_layers\.0\.conv \((input|weight)\)"
+    with pytest.raises(RuntimeError, match=layer + ".*never saw data"):
+        convert_pt2e(prepared)
+
+
+def test_nan_activation_names_the_layer(tiny_hubert):
+    prepared, x = _prepared_tiny(tiny_hubert)
+    bad = x.clone()
+    bad[0, 100] = float("nan")
+    with pytest.raises(ValueError, match=r"conv_layers\.0\.conv \(input\).*NaN/Inf"):
+        calibrate(prepared, [bad])
+
+
+def test_all_zero_calibration_is_an_error_not_a_nan_scale():
+    obs = StableQuantObserver(layer_name="encoder.layers.0.fc1 (input)")
+    obs(torch.zeros(100))
+    with pytest.raises(RuntimeError, match=r"encoder\.layers\.0\.fc1 \(input\): every calibration value was 0"):
+        obs.calculate_qparams()
+
+
+def test_empty_calibration_set(tiny_hubert):
+    prepared, _ = _prepared_tiny(tiny_hubert)
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        calibrate(prepared, [])
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"a_bits": 9}, "a_bits must be an integer from 2 to 8"),
+    ({"w_bits": 1}, "w_bits must be an integer from 2 to 8"),
+])
+def test_invalid_bits(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        stablequant_x86_config(**kwargs)
+
+
+def test_invalid_percentile_in_with_args():
+    with pytest.raises(ValueError, match=r"percentile must be in \(0, 100\]"):
+        StableQuantObserver.with_args(method="percentile", percentile=100.5)()
+
+
+def test_export_helper_accepts_other_lengths(tiny_wav2vec2):
+    exported = export_for_quantization(tiny_wav2vec2, (audio(8000, 0),))
+    with torch.no_grad():
+        assert exported(audio(12345, 1)).logits.shape[1] == 38
