@@ -367,10 +367,10 @@ def lower_x86(converted: torch.fx.GraphModule, example_inputs: tuple, *,
     instead of silently running the model in float.
     """
     import torch._inductor.config as inductor_config
-    from torch._dynamo.utils import counters
 
     # Importing the quantizer module registers torchao's x86 fusion passes with Inductor.
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+    from torch._dynamo.utils import counters
 
     install_conv1d_meta_fix()
     counters.clear()
