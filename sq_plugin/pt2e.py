@@ -33,6 +33,7 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 from sq_plugin.core.quant import DEFAULT_EPS, check_bits
 from sq_plugin.core.ranges import RangeRule, compute_range
 from sq_plugin.core.stats import DEFAULT_BINS, Histogram
+from sq_plugin.simulate import strip_weight_norm
 
 _SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
 
@@ -208,21 +209,6 @@ def stablequant_x86_quantizer(config: QuantizationConfig | None = None,
             override = stablequant_x86_config(act_rule=override, a_bits=a_bits, w_bits=w_bits)
         quantizer.set_module_name_qconfig(name, override)
     return quantizer  # type: ignore[return-value]
-
-
-def strip_weight_norm(model: torch.nn.Module) -> torch.nn.Module:
-    """Fold weight-norm parametrizations into plain weights, in place (same outputs).
-
-    wav2vec2/HuBERT's positional conv uses `weight_norm`; folded, its weight is a constant that the
-    x86 lowering can prepack as an INT8 weight, as for every other conv.
-    """
-    from torch.nn.utils import parametrize
-
-    for module in model.modules():
-        if parametrize.is_parametrized(module):
-            for tensor_name in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
-    return model
 
 
 def export_for_quantization(model: torch.nn.Module, example_inputs: tuple, *,

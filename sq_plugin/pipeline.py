@@ -1,0 +1,129 @@
+"""Glue between speech models, the search and the PT2E adapter: what the demo, the CLI and the
+benchmarks call. CTC models (wav2vec2 / HuBERT) for now; Whisper goes through the same pieces.
+
+    bundle = load_model("sq/wav2vec2-ref")
+    result = search_ctc(bundle, dev_utterances)                        # screen -> clip -> MSE on WER
+    quantized = quantize_ctc_pt2e(bundle, dev_utterances, per_layer=result.per_layer_rules())
+    evaluate(quantized.bundle, test_utterances, batch_size=1)           # real INT8 kernels
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from sq_plugin.core.ranges import RangeRule
+from sq_plugin.search import SearchConfig, SearchResult, stablequant_search
+from sq_plugin.speech.audio import SAMPLE_RATE
+from sq_plugin.speech.evaluate import evaluate, transcribe
+from sq_plugin.speech.models import SpeechModel
+
+METRICS = ("wer", "cer")
+
+
+def _require_ctc(bundle: SpeechModel) -> None:
+    if bundle.kind != "ctc":
+        raise ValueError(f"{bundle.name}: this path takes CTC models (wav2vec2/HuBERT); got kind={bundle.kind!r}")
+
+
+def _require_utterances(utterances: Sequence[Any], what: str) -> None:
+    if len(utterances) == 0:
+        raise ValueError(f"the {what} set is empty: pass at least one utterance (the recipes use a few hundred)")
+
+
+def ctc_input(bundle: SpeechModel, audio: np.ndarray) -> torch.Tensor:
+    """(1, samples) normalized input_values, exactly as the evaluator feeds one utterance."""
+    fe = bundle.processor.feature_extractor
+    values = np.asarray(fe(audio, sampling_rate=SAMPLE_RATE).input_values[0], dtype=np.float32)
+    return torch.from_numpy(values)[None, :]
+
+
+def search_ctc(bundle: SpeechModel, calibration: Sequence[Any], config: SearchConfig | None = None, *,
+               metric: str = "wer", batch_size: int = 8, progress: bool = True) -> SearchResult:
+    """StableQuant's search on a CTC model, scored by WER (or CER) on the calibration utterances."""
+    _require_ctc(bundle)
+    _require_utterances(calibration, "calibration")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    audios = [u.audio for u in calibration]
+
+    def run_calibration() -> None:
+        # One utterance at a time, as PT2E calibration does: the histograms then see no padding and
+        # the PT2E observers later compute the very same ranges from the very same inputs.
+        transcribe(bundle, audios, batch_size=1, progress=False)
+
+    def score() -> float:
+        result = evaluate(bundle, calibration, batch_size=batch_size, progress=False)
+        return result.wer if metric == "wer" else result.cer
+
+    bundle.model.eval()
+    return stablequant_search(bundle.model, run_calibration, score, config, progress=progress)
+
+
+@dataclass
+class QuantizedModel:
+    """A quantized CTC model ready to evaluate, and how it runs."""
+
+    bundle: SpeechModel
+    backend: str
+    simulated: bool
+    op_counts: dict[str, int]
+    int8_kernels: int
+    calib_seconds: float
+    lower_seconds: float
+    converted: Any = field(repr=False, default=None)
+
+
+def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_rule: RangeRule | None = None,
+                      per_layer: dict[str, RangeRule] | None = None, observer: Any = None, a_bits: int = 8,
+                      w_bits: int = 8, lower: bool | None = None) -> QuantizedModel:
+    """PT2E quantize a CTC model: export, prepare (StableQuant observers, or `observer` for a
+    baseline), calibrate one utterance at a time, convert, and (8-bit) lower to oneDNN INT8 kernels.
+
+    lower: default True for W8A8, False below 8 bits, where the converted q/dq graph is run as a
+    fake-quant simulation (labelled `simulated=True`).
+    """
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    from sq_plugin.pt2e import (
+        calibrate,
+        count_quantized_ops,
+        lower_x86,
+        prepare_stablequant,
+        stablequant_x86_config,
+        stablequant_x86_quantizer,
+    )
+
+    _require_ctc(bundle)
+    _require_utterances(calibration, "calibration")
+    lower = (a_bits == 8 and w_bits == 8) if lower is None else lower
+    model = bundle.model.eval()
+    example = ctc_input(bundle, calibration[0].audio)
+    start = time.perf_counter()
+    config = stablequant_x86_config(act_rule, a_bits=a_bits, w_bits=w_bits)
+    if observer is not None:  # a baseline: the same specs with another activation observer
+        act = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=observer)
+        config = dataclasses.replace(config, input_activation=act, output_activation=act)
+    quantizer = stablequant_x86_quantizer(config, per_layer, a_bits=a_bits, w_bits=w_bits)
+    prepared = prepare_stablequant(model, (example,), quantizer)
+    calibrate(prepared, (ctc_input(bundle, u.audio) for u in calibration))
+    converted = convert_pt2e(prepared)
+    calib_seconds = time.perf_counter() - start
+    counts = count_quantized_ops(converted)
+    info = {**bundle.info, "model_config": getattr(model, "config", bundle.info.get("model_config"))}
+    if not lower:
+        quantized = dataclasses.replace(bundle, model=converted, info=info)
+        return QuantizedModel(quantized, "pt2e fake-quant simulation (float q/dq)", True, counts, 0,
+                              calib_seconds, 0.0, converted)
+    start = time.perf_counter()
+    compiled, report = lower_x86(converted, (example,))
+    lower_seconds = time.perf_counter() - start
+    quantized = dataclasses.replace(bundle, model=compiled, info=info)
+    return QuantizedModel(quantized, report.backend, False, counts, report.int8_kernels, calib_seconds,
+                          lower_seconds, converted)

@@ -1,0 +1,217 @@
+"""StableQuant's layer-adaptive range search: screen -> clip -> MSE.
+
+Following the paper's public description (Hong et al., ICASSP 2025; see shared/reference/papers.md):
+
+1. **Screen.** Quantize one layer at a time (its weight and input activation, MAX ranges, target
+   bits) and measure the task metric on the calibration set. Layers whose degradation over the
+   float model exceeds `threshold` are flagged (paper: 0.25 % absolute WER).
+2. **Clip.** With the whole model quantized, go through the flagged layers in network order; for
+   each, try the cut-off percentiles of `percentiles` and keep the one with the best metric (ties
+   keep the larger percentile, i.e. less clipping). Earlier choices stay fixed (greedy).
+3. **MSE.** Every layer's range is the MSE-optimal one on its histogram clipped at its percentile
+   (100 for layers not flagged): `percentile_then_mse_range`.
+
+The search is framework-free: it drives a plain `nn.Module` through `sq_plugin.simulate` and asks
+two callables for the data: `run_calibration()` (pushes the calibration set through the model) and
+`metric()` (evaluates the model as it currently is; lower is better). The result is a per-layer
+`RangeRule` map that the PT2E quantizer (`stablequant_x86_quantizer(per_layer=...)`) consumes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sq_plugin.core.quant import check_bits
+from sq_plugin.core.ranges import RangeRule, check_percentile, compute_range
+from sq_plugin.core.stats import DEFAULT_BINS, Histogram
+from sq_plugin.simulate import LayerQuant, quantizable_layers, simulate, strip_weight_norm
+
+DEFAULT_PERCENTILES = (100.0, 99.99, 99.9, 99.8, 99.5, 99.0)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Options of the search. Everything the paper leaves open is here with its default.
+
+    threshold: flag a layer when metric(quantized layer alone) - metric(float) > threshold.
+        In the metric's units: 0.0025 = 0.25 % absolute WER when the metric is WER as a fraction.
+    percentiles: candidate cut-offs for flagged layers (100 = no clipping) — must include 100.
+    """
+
+    w_bits: int = 8
+    a_bits: int = 8
+    threshold: float = 0.0025
+    percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
+    mse_grid: int = 100
+    bins: int = DEFAULT_BINS
+
+    def __post_init__(self) -> None:
+        check_bits(self.w_bits, name="w_bits")
+        check_bits(self.a_bits, name="a_bits")
+        if not (isinstance(self.threshold, int | float) and math.isfinite(self.threshold) and self.threshold >= 0):
+            raise ValueError(f"threshold must be a finite number >= 0 (got {self.threshold!r}); the paper uses "
+                             "0.0025 (0.25 % absolute WER)")
+        if not self.percentiles or 100.0 not in self.percentiles:
+            raise ValueError(f"percentiles must include 100 (no clipping) (got {self.percentiles!r})")
+        for p in self.percentiles:
+            check_percentile(p)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LayerDecision:
+    """What the search decided for one layer."""
+
+    name: str
+    kind: str
+    screen_metric: float
+    screen_delta: float
+    flagged: bool
+    percentile: float
+    act_range: tuple[float, float]
+    max_range: tuple[float, float]
+    candidates: dict[float, float] = field(default_factory=dict)  # percentile -> metric (flagged layers)
+
+
+@dataclass
+class SearchResult:
+    config: SearchConfig
+    fp_metric: float
+    max_metric: float
+    final_metric: float
+    layers: list[LayerDecision]
+    seconds: dict[str, float]
+    evaluations: int
+
+    @property
+    def flagged(self) -> list[str]:
+        return [d.name for d in self.layers if d.flagged]
+
+    def per_layer_rules(self) -> dict[str, RangeRule]:
+        """The activation rule of every layer, for `stablequant_x86_quantizer(per_layer=...)`."""
+        return {d.name: RangeRule("percentile_then_mse", percentile=d.percentile, mse_grid=self.config.mse_grid)
+                for d in self.layers}
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.config.to_dict(), "fp_metric": self.fp_metric, "max_metric": self.max_metric,
+            "final_metric": self.final_metric, "flagged": self.flagged, "seconds": self.seconds,
+            "evaluations": self.evaluations,
+            "layers": [{**asdict(d), "candidates": {str(k): v for k, v in d.candidates.items()}} for d in self.layers],
+        }
+
+
+def collect_input_histograms(model: torch.nn.Module, run_calibration: Callable[[], None], layers: Sequence[str],
+                             *, bins: int = DEFAULT_BINS) -> dict[str, Histogram]:
+    """One pass over the calibration data, in float: a histogram of every layer's input activation."""
+    modules = quantizable_layers(model)
+    hists = {name: Histogram.empty(bins=bins) for name in layers}
+    handles = []
+    for name in layers:
+        def hook(_m: torch.nn.Module, args: tuple, name: str = name) -> None:
+            hists[name].update(args[0].detach(), name=f"{name} (input)")
+        handles.append(modules[name].register_forward_pre_hook(hook))
+    try:
+        with torch.inference_mode():
+            run_calibration()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hists
+
+
+def _checked(value: float, what: str) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise RuntimeError(f"the metric returned {value} for {what}; the search needs a finite metric (is the "
+                           "calibration set empty, or does the model output NaN?)")
+    return value
+
+
+def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], None], metric: Callable[[], float],
+                       config: SearchConfig | None = None, *, layers: Sequence[str] | None = None,
+                       progress: bool = True) -> SearchResult:
+    """Run screen -> clip -> MSE on `model` (modified only inside the calls; restored after).
+
+    layers: module names to quantize (default: every Linear and Conv1d). Weight-norm
+    parametrizations are folded into plain weights first (same outputs).
+    """
+    config = config or SearchConfig()
+    strip_weight_norm(model)
+    modules = quantizable_layers(model)
+    names = list(layers) if layers is not None else list(modules)
+    if not names:
+        raise ValueError("the model has no Linear or Conv1d layer to quantize")
+    seconds: dict[str, float] = {}
+    evaluations = 0
+
+    def evaluate(plan: dict[str, LayerQuant], what: str) -> float:
+        nonlocal evaluations
+        evaluations += 1
+        with simulate(model, plan), torch.inference_mode():
+            return _checked(metric(), what)
+
+    start = time.perf_counter()
+    hists = collect_input_histograms(model, run_calibration, names, bins=config.bins)
+    seconds["statistics"] = time.perf_counter() - start
+
+    def act_range(name: str, rule: RangeRule) -> tuple[float, float]:
+        lo, hi = compute_range(hists[name], rule, bits=config.a_bits, symmetric=False, signed=False,
+                               name=f"{name} (input)")
+        return float(lo[0]), float(hi[0])
+
+    def quant(name: str, rng: tuple[float, float]) -> LayerQuant:
+        return LayerQuant(act_range=rng, a_bits=config.a_bits, w_bits=config.w_bits)
+
+    max_ranges = {n: act_range(n, RangeRule("max")) for n in names}
+
+    # 1. Screen: one layer at a time, MAX ranges.
+    start = time.perf_counter()
+    fp_metric = evaluate({}, "the float model")
+    screen: dict[str, float] = {}
+    for name in tqdm(names, desc="screen", disable=not progress):
+        screen[name] = evaluate({name: quant(name, max_ranges[name])}, f"layer {name} alone (MAX)")
+    flagged = [n for n in names if screen[n] - fp_metric > config.threshold]
+    seconds["screen"] = time.perf_counter() - start
+
+    # 2. Clip: greedy over flagged layers in network order, whole model quantized.
+    start = time.perf_counter()
+    chosen = {n: 100.0 for n in names}
+    ranges = {n: act_range(n, RangeRule("percentile_then_mse", 100.0, config.mse_grid)) for n in names}
+
+    def whole_model() -> dict[str, LayerQuant]:
+        return {n: quant(n, ranges[n]) for n in names}
+
+    max_metric = evaluate({n: quant(n, max_ranges[n]) for n in names}, "the whole model (MAX)")
+    candidates: dict[str, dict[float, float]] = {}
+    candidate_ps = sorted(set(config.percentiles), reverse=True)
+    for name in tqdm(flagged, desc="clip", disable=not progress):
+        results: dict[float, float] = {}
+        for p in candidate_ps:
+            ranges[name] = act_range(name, RangeRule("percentile_then_mse", p, config.mse_grid))
+            results[p] = evaluate(whole_model(), f"layer {name} at percentile {p}")
+        best = min(candidate_ps, key=lambda p: (results[p], -p))  # ties: the larger percentile
+        chosen[name] = best
+        ranges[name] = act_range(name, RangeRule("percentile_then_mse", best, config.mse_grid))
+        candidates[name] = results
+    final_metric = evaluate(whole_model(), "the final model")
+    seconds["clip"] = time.perf_counter() - start
+
+    decisions = [
+        LayerDecision(name=n, kind=type(modules[n]).__name__, screen_metric=screen[n],
+                      screen_delta=screen[n] - fp_metric, flagged=n in flagged, percentile=chosen[n],
+                      act_range=ranges[n], max_range=max_ranges[n], candidates=candidates.get(n, {}))
+        for n in names
+    ]
+    seconds["total"] = float(np.sum(list(seconds.values())))
+    return SearchResult(config=config, fp_metric=fp_metric, max_metric=max_metric, final_metric=final_metric,
+                        layers=decisions, seconds=seconds, evaluations=evaluations)

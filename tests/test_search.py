@@ -1,0 +1,102 @@
+"""The layer-adaptive search on a small network with one layer whose input has a harmless outlier."""
+
+import pytest
+import torch
+
+from sq_plugin.core import RangeRule
+from sq_plugin.search import SearchConfig, stablequant_search
+from sq_plugin.simulate import LayerQuant, simulate
+
+
+class ThreeLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 32)
+        self.fc3 = torch.nn.Linear(32, 8)
+        with torch.no_grad():
+            self.fc2.weight[:, 0] = 0.0  # channel 0 of fc2's input does not matter to the output ...
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        h = h.clone()
+        h[:, 0] = h[:, 0] + 500.0 * (torch.arange(h.shape[0]) % 97 == 0)  # ... but it carries rare outliers
+        return self.fc3(torch.relu(self.fc2(h)))
+
+
+def make_problem():
+    model = ThreeLayers().eval()
+    data = torch.randn(2000, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(data)
+
+    def run_calibration():
+        model(data)
+
+    @torch.no_grad()
+    def metric():  # relative output error in percent: lower is better, like WER
+        return float((model(data) - reference).norm() / reference.norm() * 100)
+
+    return model, run_calibration, metric
+
+
+def test_search_flags_exactly_the_outlier_layer_and_clips_it():
+    model, run_calibration, metric = make_problem()
+    result = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0), progress=False)
+    assert result.flagged == ["fc2"]
+    fc2 = next(d for d in result.layers if d.name == "fc2")
+    assert fc2.percentile < 100.0
+    assert fc2.act_range[1] < 0.05 * fc2.max_range[1]  # the clipped range ignores the 500s
+    assert {d.name: d.percentile for d in result.layers if not d.flagged} == {"fc1": 100.0, "fc3": 100.0}
+    # the chosen percentile is the best candidate, and the search beats MAX ranges by far
+    assert fc2.candidates[fc2.percentile] == min(fc2.candidates.values())
+    assert result.final_metric < result.max_metric / 5
+    assert result.evaluations == 1 + 3 + 1 + len(SearchConfig().percentiles) + 1
+    rules = result.per_layer_rules()
+    assert rules["fc2"] == RangeRule("percentile_then_mse", percentile=fc2.percentile)
+
+
+def test_search_restores_the_model():
+    model, run_calibration, metric = make_problem()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0), progress=False)
+    assert metric() == 0.0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_search_is_deterministic():
+    a = stablequant_search(*make_problem(), SearchConfig(threshold=1.0), progress=False)
+    b = stablequant_search(*make_problem(), SearchConfig(threshold=1.0), progress=False)
+    assert [d.act_range for d in a.layers] == [d.act_range for d in b.layers]
+
+
+def test_nan_metric_is_a_clear_error():
+    model, run_calibration, _ = make_problem()
+    with pytest.raises(RuntimeError, match="metric returned nan for the float model"):
+        stablequant_search(model, run_calibration, lambda: float("nan"), progress=False)
+
+
+def test_empty_calibration_is_a_clear_error():
+    model, _, metric = make_problem()
+    with pytest.raises(RuntimeError, match=r"fc1 \(input\): no calibration data"):
+        stablequant_search(model, lambda: None, metric, progress=False)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"percentiles": (99.9, 99.0)}, "must include 100"),
+    ({"percentiles": (100.0, 101.0)}, "percentile must be in"),
+    ({"threshold": -1}, "threshold must be"),
+    ({"a_bits": 12}, "a_bits must be an integer from 2 to 8"),
+])
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SearchConfig(**kwargs)
+
+
+def test_simulate_rejects_unknown_layers():
+    model, _, _ = make_problem()
+    with pytest.raises(KeyError, match="not quantizable layers"):
+        with simulate(model, {"fc9": LayerQuant(act_range=(0.0, 1.0))}):
+            pass
