@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> None:
           f"dev WER fp {search.fp_metric:.4f}, all-MAX {search.max_metric:.4f}, StableQuant {search.final_metric:.4f}")
     for d in search.layers:
         if d.flagged:
-            print(f"  {d.name}: screen dWER {d.screen_delta:+.4f}, cut-off {d.percentile}, "
-                  f"range [{d.act_range[0]:.3g}, {d.act_range[1]:.3g}] vs MAX [{d.max_range[0]:.3g}, {d.max_range[1]:.3g}]")
+            print(f"  {d.name}: screen dWER {d.screen_delta:+.4f}, cut-off {d.percentile}, range "
+                  f"[{d.act_range[0]:.3g}, {d.act_range[1]:.3g}] vs MAX [{d.max_range[0]:.3g}, {d.max_range[1]:.3g}]")
 
     rows = [("fp32", "eager float", fp.wer, fp.cer, "-")]
     for method, kwargs in (("stablequant", {"per_layer": search.per_layer_rules()}),
