@@ -18,7 +18,7 @@ import time
 import torch
 
 from sq_plugin.core.ranges import RangeRule
-from sq_plugin.pipeline import quantize_ctc_pt2e, search_ctc
+from sq_plugin.pipeline import EVAL_KWARGS, quantize_ctc_pt2e, search_ctc
 from sq_plugin.search import SearchConfig
 from sq_plugin.speech.corpus import load_split
 from sq_plugin.speech.evaluate import evaluate
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     bundle = load_model(args.model)
     dev = load_split("dev", limit=args.calib)
     test = load_split("test", limit=args.eval)
-    fp = evaluate(bundle, test, progress=False)
+    fp = evaluate(bundle, test, progress=False, **EVAL_KWARGS)
     print(f"{args.model}: FP32 on {len(test)} test utterances: WER {fp.wer:.4f} CER {fp.cer:.4f}")
 
     start = time.perf_counter()
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     for method, kwargs in (("stablequant", {"per_layer": search.per_layer_rules()}),
                            ("minmax", {"act_rule": RangeRule("max")})):
         q = quantize_ctc_pt2e(bundle, dev, **kwargs)
-        result = evaluate(q.bundle, test, batch_size=1, progress=False)
+        result = evaluate(q.bundle, test, progress=False, **EVAL_KWARGS)
         rows.append((f"{method} W8A8", q.backend, result.wer, result.cer,
                      f"{q.int8_kernels} INT8 kernels; {q.op_counts}"))
     print()

@@ -344,30 +344,66 @@ def install_conv1d_meta_fix() -> None:
     meta.calc_conv_nd_return_shape = fixed
 
 
-def lower_x86(converted: torch.fx.GraphModule, example_inputs: tuple, *,
-              require_int8: bool = True) -> tuple[Any, LoweringReport]:
-    """Compile a converted model with Inductor freezing so q/dq patterns become oneDNN INT8 kernels.
-
-    Runs `example_inputs` once (that is when compilation happens) and returns the compiled callable
-    and a `LoweringReport`. If the graph has quantized ops but nothing was lowered to INT8, it raises
-    instead of silently running the model in float.
-    """
-    import torch._inductor.config as inductor_config
-
-    # Importing the quantizer module registers torchao's x86 fusion passes with Inductor.
-    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+def _int8_lowered() -> int:
     from torch._dynamo.utils import counters
 
+    return sum(v for k, v in counters["inductor"].items() if k.startswith(("qlinear", "qconv"))
+               and k.endswith("_lower_count"))
+
+
+class Int8Module:
+    """A converted model compiled to oneDNN INT8 kernels, that refuses to run in float.
+
+    Compiled with static shapes: Inductor (torch 2.13) fails to lower INT8 conv1d with dynamic
+    shapes (a channels-last stride assertion in the qconv lowering), and a recompilation outside the
+    freezing setting would silently run the q/dq graph in float. So every call runs with freezing on,
+    each new input shape compiles once, and a compilation that lowers no INT8 kernel raises. Feed a
+    bounded set of lengths (e.g. pad audio to whole seconds) to bound the number of compilations.
+    """
+
+    def __init__(self, converted: torch.fx.GraphModule, quantized_ops: int) -> None:
+        self.converted = converted
+        self.quantized_ops = quantized_ops
+        self.compiled = torch.compile(converted, dynamic=False)
+        self.shapes: set[tuple] = set()
+
+    def __call__(self, *args: torch.Tensor) -> Any:
+        import torch._dynamo.config as dynamo_config
+        import torch._inductor.config as inductor_config
+
+        # Importing the quantizer module registers torchao's x86 fusion passes with Inductor.
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+
+        key = (tuple(tuple(a.shape) for a in args), torch.is_inference_mode_enabled())
+        before = _int8_lowered()
+        with inductor_config.patch(freezing=True), dynamo_config.patch(recompile_limit=256), torch.no_grad():
+            out = self.compiled(*args)
+        if key not in self.shapes:
+            lowered = _int8_lowered() - before
+            if self.quantized_ops and lowered == 0:
+                raise RuntimeError(
+                    f"compiling for input shapes {key[0]} lowered no INT8 kernel for the {self.quantized_ops} "
+                    "quantized ops: the model would run in float. Is this an x86 CPU with oneDNN "
+                    "(torch.backends.mkldnn.is_available())?"
+                )
+            self.shapes.add(key)
+        return out
+
+
+def lower_x86(converted: torch.fx.GraphModule, example_inputs: tuple, *,
+              require_int8: bool = True) -> tuple[Int8Module, LoweringReport]:
+    """Compile a converted model with Inductor freezing so q/dq patterns become oneDNN INT8 kernels.
+
+    Runs `example_inputs` once (that is when compilation happens) and returns an `Int8Module` and a
+    `LoweringReport` of that compilation. If the graph has quantized ops but nothing was lowered to
+    INT8, it raises instead of silently running the model in float (`require_int8=False` reports it).
+    """
     install_conv1d_meta_fix()
-    counters.clear()
-    with inductor_config.patch(freezing=True), torch.no_grad():
-        compiled = torch.compile(converted)
-        compiled(*example_inputs)
-    report = LoweringReport({k: int(v) for k, v in counters["inductor"].items() if k.startswith(("qlinear", "qconv"))})
     quantized = sum(v for k, v in count_quantized_ops(converted).items() if not k.endswith("_float"))
-    if require_int8 and quantized and report.int8_kernels == 0:
-        raise RuntimeError(
-            f"{quantized} quantized ops in the graph but no INT8 kernel was lowered: the model would run in "
-            "float. Is this an x86 CPU with oneDNN (torch.backends.mkldnn.is_available())?"
-        )
-    return compiled, report
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    module = Int8Module(converted, quantized if require_int8 else 0)
+    module(*example_inputs)
+    report = LoweringReport({k: int(v) for k, v in counters["inductor"].items() if k.startswith(("qlinear", "qconv"))})
+    return module, report

@@ -2,7 +2,7 @@
 
 import pytest
 
-from sq_plugin.pipeline import quantize_ctc_pt2e, search_ctc
+from sq_plugin.pipeline import EVAL_KWARGS, quantize_ctc_pt2e, search_ctc
 from sq_plugin.search import SearchConfig
 from sq_plugin.speech.corpus import load_split
 from sq_plugin.speech.evaluate import evaluate
@@ -17,7 +17,7 @@ def hubert():
 @pytest.mark.slow
 def test_stablequant_w8a8_on_real_int8_kernels_keeps_wer(hubert):
     dev, test = load_split("dev", limit=12), load_split("test", limit=24)
-    fp = evaluate(hubert, test, batch_size=1, progress=False)
+    fp = evaluate(hubert, test, progress=False, **EVAL_KWARGS)
 
     search = search_ctc(hubert, dev, SearchConfig(), progress=False)
     n_layers = len(search.layers)
@@ -29,7 +29,7 @@ def test_stablequant_w8a8_on_real_int8_kernels_keeps_wer(hubert):
     assert not quantized.simulated and "onednn-int8" in quantized.backend
     assert quantized.op_counts == {"conv1d": 8, "linear": n_layers - 8}
     assert quantized.int8_kernels == n_layers  # every Linear and Conv1d runs as a oneDNN INT8 kernel
-    int8 = evaluate(quantized.bundle, test, batch_size=1, progress=False)
+    int8 = evaluate(quantized.bundle, test, progress=False, **EVAL_KWARGS)
     assert abs(int8.wer - fp.wer) <= 0.05
     assert abs(int8.cer - fp.cer) <= 0.02
 

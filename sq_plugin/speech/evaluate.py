@@ -204,7 +204,8 @@ def ctc_greedy_decode(frame_ids: Sequence[int], tokenizer: Any) -> str:
     return tokenizer.decode(ids, group_tokens=False, skip_special_tokens=True).strip()
 
 
-def _transcribe_ctc(bundle: SpeechModel, audios: list[np.ndarray], batch_size: int, bar: Any) -> list[str]:
+def _transcribe_ctc(bundle: SpeechModel, audios: list[np.ndarray], batch_size: int, bar: Any,
+                    pad_to_multiple: int | None = None) -> list[str]:
     fe, tokenizer = bundle.processor.feature_extractor, bundle.processor.tokenizer
     kernels, strides = _conv_stack(bundle)
     order = sorted(range(len(audios)), key=lambda i: len(audios[i]))  # similar lengths -> little padding
@@ -215,7 +216,10 @@ def _transcribe_ctc(bundle: SpeechModel, audios: list[np.ndarray], batch_size: i
         # with zeros: normalizing a padded batch without an attention mask would count the padding.
         feats = [np.asarray(fe(audios[i], sampling_rate=SAMPLE_RATE).input_values[0], dtype=np.float32)
                  for i in idx]
-        batch = np.zeros((len(idx), max(len(f) for f in feats)), dtype=np.float32)
+        length = max(len(f) for f in feats)
+        if pad_to_multiple:  # bucketed lengths: a statically compiled INT8 model compiles once per bucket
+            length = -(-length // pad_to_multiple) * pad_to_multiple
+        batch = np.zeros((len(idx), length), dtype=np.float32)
         for row, f in enumerate(feats):
             batch[row, : len(f)] = f
         # input_values only: the same call must work for a torch.export'ed / quantized GraphModule.
@@ -271,6 +275,7 @@ def transcribe(
     batch_size: int = 8,
     progress: bool = True,
     max_new_tokens: int = 128,
+    pad_to_multiple: int | None = None,
 ) -> list[str]:
     """Transcribe 16 kHz mono float32 clips; returns texts in the input order.
 
@@ -284,7 +289,7 @@ def transcribe(
         raise ValueError("transcribe(): got an empty audio clip")
     with torch.inference_mode(), _progress(len(audios), progress, f"transcribe {bundle.name}") as bar:
         if bundle.kind == "ctc":
-            return _transcribe_ctc(bundle, audios, batch_size, bar)
+            return _transcribe_ctc(bundle, audios, batch_size, bar, pad_to_multiple)
         if bundle.kind == "whisper":
             return _transcribe_whisper(bundle, audios, batch_size, bar, max_new_tokens)
     raise ValueError(f"unknown model kind {bundle.kind!r}; expected 'ctc' or 'whisper'")
@@ -332,12 +337,17 @@ class EvalResult:
 
 
 def evaluate(bundle: SpeechModel, utterances: Sequence[Any], *, batch_size: int = 8,
-             progress: bool = True) -> EvalResult:
-    """Transcribe `utterances` (objects with .id, .audio (float32 16 kHz mono), .text) and score them."""
+             progress: bool = True, pad_to_multiple: int | None = None) -> EvalResult:
+    """Transcribe `utterances` (objects with .id, .audio (float32 16 kHz mono), .text) and score them.
+
+    pad_to_multiple (CTC): zero-pad each batch to a multiple of this many samples, as a statically
+    compiled INT8 model needs; evaluate the float model the same way to compare like with like.
+    """
     if not utterances:
         raise ValueError("evaluate(): no utterances given")
     start = time.perf_counter()
-    hyps = transcribe(bundle, [u.audio for u in utterances], batch_size=batch_size, progress=progress)
+    hyps = transcribe(bundle, [u.audio for u in utterances], batch_size=batch_size, progress=progress,
+                      pad_to_multiple=pad_to_multiple)
     seconds = time.perf_counter() - start
     scored: list[UtteranceResult] = []
     empty: list[UtteranceResult] = []
