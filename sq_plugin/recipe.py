@@ -1,0 +1,367 @@
+"""The recipe YAML: which model, which data, which calibration methods and bit widths to compare.
+
+    name: wav2vec2-ref-w8a8            # optional; default: the file name without .yaml
+    model: sq/wav2vec2-ref             # registry name, hub id, or a local save_pretrained directory (or a list)
+    calibration: {dataset: corpus-dev, size: 48}
+    evaluation: {dataset: corpus-test, size: 200}     # size: null = the whole split
+    methods: [fp, stablequant, max, histogram]
+    method_options:
+      stablequant: {threshold: 0.0025, percentiles: [100, 99.99, 99.9, 99.8, 99.5, 99.0], metric: wer, mse_grid: 100}
+      percentile: {percentile: 99.99}
+      mse: {mse_grid: 100}
+    bits: [w8a8, w6a6]                 # or [{w: 8, a: 8}, ...]
+    backend: x86                       # x86: real INT8 kernels for W8A8, fake-quant below; simulate: fake-quant always
+    output_dir: runs/recipes
+    threads: 2                         # optional; torch intra-op threads
+
+`load_recipe(path)` validates with pydantic (unknown keys are errors) and raises `RecipeError` whose
+message names the file, the key path and the fix, e.g.
+"recipe.yaml: methods[1]: unknown method 'kll'; choose one of fp, stablequant, ...".
+This module imports neither torch nor the speech stack, so `stablequant validate` is instant.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+METHODS: tuple[str, ...] = ("fp", "stablequant", "max", "moving_average", "histogram", "percentile", "mse",
+                            "inc_minmax", "inc_kl", "quanto_absmax")
+CALIBRATION_DATASETS: tuple[str, ...] = ("corpus-dev", "librispeech-validation.clean")
+EVALUATION_DATASETS: tuple[str, ...] = ("corpus-test", "librispeech-test.clean")
+BACKENDS: tuple[str, ...] = ("x86", "simulate")
+# Split sizes of the offline corpus (CorpusConfig defaults; tests/test_recipe.py checks they agree).
+# Not imported from sq_plugin.speech.corpus: that pulls in scipy and makes `validate` slow.
+CORPUS_SIZES: dict[str, int] = {"corpus-dev": 300, "corpus-test": 600}
+DEFAULT_PERCENTILES: tuple[float, ...] = (100.0, 99.99, 99.9, 99.8, 99.5, 99.0)  # = sq_plugin.search's
+_BITS = re.compile(r"^w(\d+)a(\d+)$")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be read or run. `errors` holds one "key.path: message" per problem."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.source = source
+        self.errors = errors
+        # One line: the CLI prints exactly this (no traceback).
+        super().__init__(f"{source}: " + "; ".join(errors))
+
+
+# --------------------------------------------------------------------------------------------------
+# Item validators: they raise ValueError with the final wording (the formatter strips pydantic's prefix).
+# --------------------------------------------------------------------------------------------------
+
+
+def _choice(value: Any, choices: tuple[str, ...], what: str) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+    return value
+
+
+def _method(value: Any) -> str:
+    return _choice(value, METHODS, "method")
+
+
+def _bits(value: Any) -> Any:
+    """'w8a8' -> {'w': 8, 'a': 8}; dicts pass through to the Bits model."""
+    if isinstance(value, str):
+        match = _BITS.match(value.strip().lower())
+        if not match:
+            raise ValueError(f"bad bits {value!r}; write 'w8a8', 'w6a6', 'w4a4' (weights, activations) "
+                             "or {w: 8, a: 8}")
+        return {"w": int(match.group(1)), "a": int(match.group(2))}
+    if isinstance(value, dict):
+        return value
+    raise ValueError(f"bad bits {value!r}; write 'w8a8', 'w6a6', 'w4a4' or {{w: 8, a: 8}}")
+
+
+def _percentile(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 100:
+        raise ValueError(f"percentile must be a number in (0, 100] (got {value!r}); 100 = no clipping, "
+                         "99.99 is typical")
+    return float(value)
+
+
+Method = Annotated[str, BeforeValidator(_method)]
+Percentile = Annotated[float, BeforeValidator(_percentile)]
+
+
+class _Strict(BaseModel):
+    # extra="forbid": a misspelt key must be an error, not a silently ignored option.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Bits(_Strict):
+    w: int
+    a: int
+
+    @field_validator("w", "a", mode="before")
+    @classmethod
+    def _in_range(cls, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 8:
+            raise ValueError(f"bit width must be an integer from 2 to 8 (got {v!r}); 8 runs real INT8 kernels")
+        return v
+
+    @property
+    def label(self) -> str:
+        return f"w{self.w}a{self.a}"
+
+
+BitsItem = Annotated[Bits, BeforeValidator(_bits)]
+
+
+class CalibrationSpec(_Strict):
+    dataset: Annotated[str, BeforeValidator(lambda v: _choice(v, CALIBRATION_DATASETS, "calibration dataset"))]
+    size: int = Field(description="number of utterances used by the search and by the observers")
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _positive(cls, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"size must be an integer >= 1 (got {v!r}); calibration needs utterances "
+                             "(48 takes minutes, 200 is the full comparison)")
+        return v
+
+    @model_validator(mode="after")
+    def _fits(self) -> CalibrationSpec:
+        _check_fits(self.dataset, self.size)
+        return self
+
+
+class EvaluationSpec(_Strict):
+    dataset: Annotated[str, BeforeValidator(lambda v: _choice(v, EVALUATION_DATASETS, "evaluation dataset"))]
+    size: int | None = Field(default=None, description="null = the whole split")
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _positive(cls, v: Any) -> int | None:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"size must be an integer >= 1 or null for the whole split (got {v!r})")
+        return v
+
+    @model_validator(mode="after")
+    def _fits(self) -> EvaluationSpec:
+        if self.size is not None:
+            _check_fits(self.dataset, self.size)
+        return self
+
+
+def _check_fits(dataset: str, size: int) -> None:
+    available = CORPUS_SIZES.get(dataset)
+    if available is not None and size > available:
+        raise ValueError(f"size {size} exceeds the {available} utterances of {dataset}; use at most {available}")
+
+
+class StableQuantOptions(_Strict):
+    threshold: float = 0.0025  # 0.25 % absolute WER, the paper's value
+    percentiles: tuple[Percentile, ...] = DEFAULT_PERCENTILES
+    metric: Literal["wer", "cer"] = "wer"
+    mse_grid: int = Field(default=100, ge=1)
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, v: float) -> float:
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"threshold must be a finite number >= 0 (got {v!r}); 0.0025 = 0.25 % absolute WER")
+        return v
+
+    @field_validator("percentiles")
+    @classmethod
+    def _has_100(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if 100.0 not in v:
+            raise ValueError("percentiles must include 100 (the no-clipping candidate), e.g. [100, 99.99, 99.9]")
+        return v
+
+
+class PercentileOptions(_Strict):
+    percentile: Percentile = 99.99
+
+
+class MseOptions(_Strict):
+    mse_grid: int = Field(default=100, ge=1)
+
+
+class MethodOptions(_Strict):
+    stablequant: StableQuantOptions = StableQuantOptions()
+    percentile: PercentileOptions = PercentileOptions()
+    mse: MseOptions = MseOptions()
+
+
+class Recipe(_Strict):
+    name: str | None = None
+    model: str | tuple[str, ...]  # one model, or a list compared in one report
+    calibration: CalibrationSpec
+    evaluation: EvaluationSpec
+    methods: tuple[Method, ...]
+    method_options: MethodOptions = MethodOptions()
+    bits: tuple[BitsItem, ...] = (Bits(w=8, a=8),)
+    backend: Annotated[str, BeforeValidator(lambda v: _choice(v, BACKENDS, "backend"))] = "x86"
+    output_dir: str = "runs/recipes"
+    threads: int | None = Field(default=None, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        # The name becomes a directory name.
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*", v):
+            raise ValueError(f"name {v!r} must be a plain file name (letters, digits, '.', '_', '-')")
+        return v
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model(cls, v: Any) -> str | tuple[str, ...]:
+        names = (v,) if isinstance(v, str) else v
+        if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"model must be a name or a list of names (got {v!r}); see `stablequant models`")
+        v = v if isinstance(v, str) else tuple(v)
+        if not names or any(not n.strip() for n in names):
+            raise ValueError("model is empty; give a registry name (see `stablequant models`), a hub id or a path")
+        if len(set(names)) != len(names):
+            raise ValueError(f"model lists a name more than once: {list(names)}")
+        return v
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return (self.model,) if isinstance(self.model, str) else self.model
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError(f"methods is empty; list at least one of {', '.join(METHODS)}")
+        dup = sorted({m for m in v if v.count(m) > 1})
+        if dup:
+            raise ValueError(f"methods lists {dup} more than once")
+        return v
+
+    @field_validator("bits")
+    @classmethod
+    def _bits_unique(cls, v: tuple[Bits, ...]) -> tuple[Bits, ...]:
+        if not v:
+            raise ValueError("bits is empty; give at least one of w8a8, w6a6, w4a4")
+        labels = [b.label for b in v]
+        dup = sorted({b for b in labels if labels.count(b) > 1})
+        if dup:
+            raise ValueError(f"bits lists {dup} more than once")
+        return v
+
+    @property
+    def quantized_methods(self) -> list[str]:
+        return [m for m in self.methods if m != "fp"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-able dict; `Recipe.model_validate(r.to_dict()) == r`."""
+        data = self.model_dump(mode="json")
+        data["bits"] = [b.label for b in self.bits]
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and error formatting
+# --------------------------------------------------------------------------------------------------
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif str(part).startswith("function-"):  # pydantic's label for an Annotated validator step
+            continue
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "(top level)"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that holds the key at `loc` (to list its valid keys)."""
+    import typing
+
+    model: type[BaseModel] | None = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        found = None
+        for c in candidates:
+            for t in (c, *typing.get_args(c)):
+                if isinstance(t, type) and issubclass(t, BaseModel):
+                    found = t
+        model = found
+    return model
+
+
+def _message(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        model = _model_at(loc)
+        valid = f"; valid keys here: {', '.join(model.model_fields)}" if model else ""
+        return f"{_key_path(loc)}: unknown key {str(loc[-1])!r}{valid}"
+    if kind == "missing":
+        return f"{_key_path(loc)}: required key is missing"
+    msg = str(err["msg"])
+    msg = msg.removeprefix("Value error, ")
+    if kind.startswith(("int_", "float_", "string_", "greater_than", "less_than", "literal_", "bool_")):
+        msg = f"{msg} (got {err.get('input')!r})"
+    return f"{_key_path(loc)}: {msg}"
+
+
+def parse_recipe(data: Any, *, source: str = "recipe", default_name: str | None = None) -> Recipe:
+    """Validate an already-parsed YAML document."""
+    if not isinstance(data, dict):
+        raise RecipeError(source, [f"(top level): expected a mapping of keys (model:, calibration:, ...), got "
+                                   f"{type(data).__name__}"])
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(source, [_message(e) for e in exc.errors()]) from None
+    if recipe.name is None and default_name:
+        recipe = recipe.model_copy(update={"name": default_name})
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe YAML file; RecipeError (file: key path: message; fix) on any problem."""
+    path = Path(path)
+    source = path.name
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError(source, [f"cannot read {str(path)!r} ({exc.strerror or exc})"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(source, [f"malformed YAML at {where}: {problem}; check the indentation and that "
+                                   "lists use [a, b] or '- a' lines"]) from None
+    if data is None:
+        raise RecipeError(source, ["the file is empty; start from recipes/wav2vec2-ref-w8a8.yaml"])
+    stem = re.sub(r"[^\w.-]", "-", path.stem)
+    return parse_recipe(data, source=source, default_name=stem)
+
+
+def with_overrides(recipe: Recipe, *, source: str = "command line", output_dir: str | None = None,
+                   eval_size: int | None = None, calib_size: int | None = None) -> Recipe:
+    """The recipe with CLI overrides applied, validated again (so --calib-size 0 is an error too)."""
+    data = recipe.to_dict()
+    if output_dir is not None:
+        data["output_dir"] = output_dir
+    if eval_size is not None:
+        data["evaluation"]["size"] = eval_size
+    if calib_size is not None:
+        data["calibration"]["size"] = calib_size
+    return parse_recipe(data, source=source)

@@ -1,0 +1,458 @@
+"""Run a recipe: FP once, then every bits x method, into one comparison report.
+
+    recipe = load_recipe("recipes/wav2vec2-ref-w8a8.yaml")
+    result = run_recipe(recipe)          # -> output_dir/<name>-<timestamp>/{report.md, results.json, *.png}
+
+Everything is computed in memory first; the files are then written into a hidden temp directory
+next to the final one and moved into place with one `os.replace`. So a failure (an exception, a NaN
+metric, Ctrl-C) leaves no partial report behind.
+
+Methods (activation ranges; weights are always per-channel MinMax, symmetric):
+- stablequant: the layer-adaptive search (`search_ctc`), then PT2E with its per-layer rules;
+- max / percentile / mse: the project's PT2E observers with one rule for every layer;
+- moving_average / histogram: torchao's own observers (histogram = L2 search, the x86 default);
+- inc_minmax / inc_kl / quanto_absmax: not implemented yet (refused before any work starts).
+Backend x86 lowers W8A8 to oneDNN INT8 kernels; below 8 bits, or with backend "simulate", the
+converted q/dq graph runs as a float fake-quant simulation, labelled `simulated`.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sq_plugin.recipe import Recipe, RecipeError
+
+ROW_KEYS: tuple[str, ...] = ("model", "method", "w_bits", "a_bits", "simulated", "backend", "int8_kernels", "wer",
+                             "cer", "fp_wer", "fp_cer", "calib_seconds", "search_seconds", "n_eval")
+# torchao's x86 default activation spec uses eps=2**-12 (smallest scale); the baselines keep it.
+OBSERVER_EPS = 2**-12
+N_EXAMPLES = 5
+
+# Methods that need an optional framework, and how to get it.
+_OPTIONAL: dict[str, tuple[str, str]] = {
+    "inc_minmax": ("neural_compressor", "pip install sq-plugin[inc]"),
+    "inc_kl": ("neural_compressor", "pip install sq-plugin[inc]"),
+    "quanto_absmax": ("optimum.quanto", "pip install optimum-quanto"),
+}
+
+
+@dataclass
+class RunResult:
+    """What `run_recipe` produced. `rows` follow ROW_KEYS (plus lower/eval seconds)."""
+
+    recipe: Recipe
+    output_dir: Path
+    rows: list[dict[str, Any]]
+    fp: dict[str, dict[str, float]]  # model -> {wer, cer, n}
+    searches: dict[str, dict[str, Any]] = field(default_factory=dict)  # "<model> <bits>" -> SearchResult.to_dict()+
+    examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # model -> example transcripts
+    peak_rss_mb: float = 0.0
+    seconds: float = 0.0
+
+
+def _find_spec(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a missing parent package raises instead of returning None
+        return False
+
+
+def check_runnable(recipe: Recipe) -> None:
+    """Refuse, before loading anything, what this version cannot run (RecipeError: CLI exit 2)."""
+    source = f"{recipe.name or 'recipe'}.yaml"
+    errors = []
+    for model in recipe.models:
+        if "whisper" in model.lower():
+            errors.append(f"model: {model!r}: Whisper recipes are not supported yet; use a CTC model "
+                          "(sq/wav2vec2-ref, sq/hubert-ref, facebook/wav2vec2-base-960h, ...)")
+    for i, method in enumerate(recipe.methods):
+        if method not in _OPTIONAL:
+            continue
+        module, install = _OPTIONAL[method]
+        if not _find_spec(module):
+            errors.append(f"methods[{i}]: {method!r} needs {module}, which is not installed; run `{install}` "
+                          "or drop the method")
+        else:
+            errors.append(f"methods[{i}]: {method!r} is not implemented yet in sq_plugin (only torchao PT2E "
+                          "methods run); drop it from the recipe")
+    if errors:
+        raise RecipeError(source, errors)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------
+
+
+class DataUnavailableError(RuntimeError):
+    """A data set that cannot be fetched here (LibriSpeech without `datasets` or the hub)."""
+
+
+def _load_data(dataset: str, size: int | None) -> list[Any]:
+    if dataset.startswith("corpus-"):
+        from sq_plugin.speech.corpus import load_split
+
+        return load_split(dataset.removeprefix("corpus-"), limit=size)
+    from sq_plugin.speech.models import load_librispeech
+
+    try:
+        return load_librispeech(dataset.removeprefix("librispeech-"), limit=size)
+    except RuntimeError as exc:  # its message says what to install or where the cache goes
+        raise DataUnavailableError(f"{dataset}: {exc}") from exc
+
+
+def _finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise RuntimeError(f"{what} is {value}; refusing to write a report with an undefined metric")
+    return float(value)
+
+
+def _quantize_kwargs(method: str, recipe: Recipe) -> dict[str, Any]:
+    """The `quantize_ctc_pt2e` arguments of one baseline method."""
+    from sq_plugin.core.ranges import RangeRule
+
+    opts = recipe.method_options
+    if method == "max":
+        return {"act_rule": RangeRule("max")}
+    if method == "percentile":
+        return {"act_rule": RangeRule("percentile", percentile=opts.percentile.percentile)}
+    if method == "mse":
+        return {"act_rule": RangeRule("mse", mse_grid=opts.mse.mse_grid)}
+    if method in ("moving_average", "histogram"):
+        # These take quant_min/quant_max from the spec (so they work below 8 bits), but torchao's
+        # HistogramObserver scores its L2 search on 2**8 bins whatever the range: its sub-8-bit rows are
+        # torchao's behaviour as shipped, not a tuned baseline.
+        from torchao.quantization.pt2e import HistogramObserver, MovingAverageMinMaxObserver
+
+        ctor = MovingAverageMinMaxObserver if method == "moving_average" else HistogramObserver
+        return {"observer": ctor.with_args(eps=OBSERVER_EPS)}
+    raise ValueError(f"no PT2E recipe for method {method!r}")  # check_runnable refused the rest
+
+
+def run_recipe(recipe: Recipe, *, progress: bool = True, log: Callable[[str], None] | None = None) -> RunResult:
+    """Run every model x bits x method of `recipe`, then write the report atomically (see module docstring)."""
+    import torch
+
+    def say(msg: str) -> None:
+        if log is not None:
+            log(msg)
+        elif progress:
+            print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    check_runnable(recipe)
+    start = time.perf_counter()
+    if recipe.threads is not None:
+        torch.set_num_threads(recipe.threads)
+    calibration = _load_data(recipe.calibration.dataset, recipe.calibration.size)
+    evaluation = _load_data(recipe.evaluation.dataset, recipe.evaluation.size)
+    say(f"data: {len(calibration)} calibration ({recipe.calibration.dataset}), {len(evaluation)} evaluation "
+        f"({recipe.evaluation.dataset}) utterances")
+    run = RunResult(recipe=recipe, output_dir=Path(), rows=[], fp={})
+    for model in recipe.models:
+        _run_model(run, model, calibration, evaluation, say, progress)
+    run.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+    run.seconds = time.perf_counter() - start
+    run.output_dir = write_outputs(run)
+    say(f"report: {run.output_dir / 'report.md'}")
+    return run
+
+
+def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluation: Sequence[Any],
+               say: Callable[[str], None], progress: bool) -> None:
+    """FP once, then every bits x method of one model; appends to `run` (rows, fp, searches, examples)."""
+    import torch
+
+    from sq_plugin.pipeline import EVAL_KWARGS, quantize_ctc_pt2e, search_ctc
+    from sq_plugin.search import SearchConfig
+    from sq_plugin.speech.evaluate import evaluate
+    from sq_plugin.speech.models import load_model
+
+    recipe = run.recipe
+    say(f"loading {model}")
+    bundle = load_model(model)
+    if bundle.kind != "ctc":
+        raise RecipeError(f"{recipe.name or 'recipe'}.yaml",
+                          [f"model: {model!r} is a {bundle.kind} model: Whisper recipes are not supported yet; "
+                           "use a CTC model"])
+    # batch_size=1 everywhere: the quantized graphs run one utterance at a time, and the FP reference
+    # must see the same (unpadded) inputs for the difference to measure quantization only.
+    fp = evaluate(bundle, evaluation, progress=False, **EVAL_KWARGS)
+    fp_wer, fp_cer = _finite(fp.wer, f"{model} FP WER"), _finite(fp.cer, f"{model} FP CER")
+    run.fp[model] = {"wer": fp_wer, "cer": fp_cer, "n": fp.n}
+    say(f"{model} fp: WER {fp_wer:.4f} CER {fp_cer:.4f} on {fp.n} utterances ({fp.seconds:.0f} s)")
+    hypotheses: dict[str, dict[str, str]] = {"fp": {u.id: u.hypothesis for u in fp.utterances}}
+    references = {u.id: u.reference for u in fp.utterances}
+
+    if "fp" in recipe.methods:
+        run.rows.append({"model": model, "method": "fp", "w_bits": 32, "a_bits": 32, "simulated": False,
+                         "backend": "eager float32", "int8_kernels": 0, "wer": fp_wer, "cer": fp_cer,
+                         "fp_wer": fp_wer, "fp_cer": fp_cer, "calib_seconds": None, "search_seconds": None,
+                         "n_eval": fp.n, "lower_seconds": None, "eval_seconds": fp.seconds})
+    lower = False if recipe.backend == "simulate" else None  # None: real INT8 for W8A8, simulated below
+
+    for bits in recipe.bits:
+        for method in recipe.quantized_methods:
+            label = f"{method} {bits.label}"
+            search_seconds = None
+            if method == "stablequant":
+                opts = recipe.method_options.stablequant
+                config = SearchConfig(w_bits=bits.w, a_bits=bits.a, threshold=opts.threshold,
+                                      percentiles=tuple(opts.percentiles), mse_grid=opts.mse_grid)
+                say(f"{model} {label}: searching ({len(calibration)} calibration utterances, metric {opts.metric})")
+                t0 = time.perf_counter()
+                search = search_ctc(bundle, calibration, config, metric=opts.metric, progress=progress)
+                search_seconds = time.perf_counter() - t0
+                run.searches[f"{model} {bits.label}"] = {**search.to_dict(), "model": model, "bits": bits.label,
+                                                         "wall_seconds": search_seconds}
+                say(f"{model} {label}: search {search_seconds:.0f} s, {search.evaluations} evaluations, flagged "
+                    f"{search.flagged or 'none'}")
+                kwargs: dict[str, Any] = {"per_layer": search.per_layer_rules()}
+            else:
+                kwargs = _quantize_kwargs(method, recipe)
+            quantized = quantize_ctc_pt2e(bundle, calibration, a_bits=bits.a, w_bits=bits.w, lower=lower, **kwargs)
+            result = evaluate(quantized.bundle, evaluation, progress=False, **EVAL_KWARGS)
+            wer_q = _finite(result.wer, f"{model} {label} WER")
+            cer_q = _finite(result.cer, f"{model} {label} CER")
+            run.rows.append({"model": model, "method": method, "w_bits": bits.w, "a_bits": bits.a,
+                             "simulated": quantized.simulated, "backend": quantized.backend,
+                             "int8_kernels": quantized.int8_kernels, "wer": wer_q, "cer": cer_q, "fp_wer": fp_wer,
+                             "fp_cer": fp_cer, "calib_seconds": quantized.calib_seconds,
+                             "search_seconds": search_seconds, "n_eval": result.n,
+                             "lower_seconds": quantized.lower_seconds, "eval_seconds": result.seconds})
+            hypotheses[label] = {u.id: u.hypothesis for u in result.utterances}
+            say(f"{model} {label}: WER {wer_q:.4f} ({(wer_q - fp_wer) * 100:+.2f} pp) CER {cer_q:.4f}; "
+                f"{quantized.backend}, {quantized.int8_kernels} INT8 kernels; calibration "
+                f"{quantized.calib_seconds:.1f} s, evaluation {result.seconds:.0f} s")
+            # Free the compiled graph before the next method: Inductor keeps every compiled model alive.
+            del quantized
+            torch._dynamo.reset()
+            gc.collect()
+    run.examples[model] = _pick_examples(references, hypotheses)
+
+
+def _pick_examples(references: dict[str, str], hypotheses: dict[str, dict[str, str]]) -> list[dict[str, Any]]:
+    """N_EXAMPLES utterances, preferring those where some quantized model disagrees with FP (ties: corpus order)."""
+    fp = hypotheses["fp"]
+    ids = list(references)
+    differs = [i for i in ids if any(h.get(i) != fp[i] for k, h in hypotheses.items() if k != "fp")]
+    chosen = (differs + [i for i in ids if i not in differs])[:N_EXAMPLES]
+    return [{"id": i, "reference": references[i], "hypotheses": {k: h.get(i, "") for k, h in hypotheses.items()}}
+            for i in chosen]
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "torchao", "transformers", "sq-plugin"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def write_outputs(run: RunResult) -> Path:
+    """Write report.md, results.json and the plots into output_dir/<name>-<timestamp>/, atomically."""
+    recipe = run.recipe
+    root = Path(recipe.output_dir)
+    created = [p for p in (root, *root.parents) if not p.exists()]
+    root.mkdir(parents=True, exist_ok=True)
+    name = recipe.name or "recipe"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", suffix=".partial", dir=root))
+    try:
+        payload = {
+            "recipe": recipe.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fp": run.fp,
+            "rows": run.rows, "searches": run.searches, "examples": run.examples, "peak_rss_mb": run.peak_rss_mb,
+            "seconds": run.seconds, "versions": _versions(),
+        }
+        # allow_nan=False: the rows were checked finite; anything else here is a bug, not a report.
+        (tmp / "results.json").write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+        plots = _plot(run, tmp)
+        (tmp / "report.md").write_text(_report_md(run, plots))
+        final = root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        n = 1
+        while final.exists():  # two runs in the same second
+            n += 1
+            final = root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for path in created:  # only directories this call created, innermost first, and only if empty
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
+    return final
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in text)
+
+
+def _bits_label(row: dict[str, Any]) -> str:
+    return "fp32" if row["method"] == "fp" else f"w{row['w_bits']}a{row['a_bits']}"
+
+
+def _plot(run: RunResult, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    files: list[str] = []
+    for key, search in run.searches.items():
+        layers = search["layers"]
+        x = list(range(len(layers)))
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8.0, len(layers) * 0.12), 6.5), sharex=True)
+        colors = ["tab:red" if d["flagged"] else "tab:blue" for d in layers]
+        ax1.scatter(x, [d["percentile"] for d in layers], c=colors, s=14)
+        ax1.set_ylabel("chosen percentile")
+        ax1.set_title(f"StableQuant {key}: per-layer cut-off (red = flagged by the screen)")
+        ax2.semilogy(x, [max(d["max_range"][1] - d["max_range"][0], 1e-12) for d in layers], ".-", label="MAX range")
+        ax2.semilogy(x, [max(d["act_range"][1] - d["act_range"][0], 1e-12) for d in layers], ".-",
+                     label="StableQuant range")
+        ax2.set_ylabel("activation range width (hi - lo)")
+        ax2.set_xlabel("layer (network order)")
+        ax2.legend()
+        fig.tight_layout()
+        name = f"stablequant_layers_{_slug(key)}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+
+    for model in run.fp:
+        rows = [r for r in run.rows if r["model"] == model and r["method"] != "fp"]
+        if not rows:
+            continue
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        bit_labels = list(dict.fromkeys(_bits_label(r) for r in rows))
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(methods) * len(bit_labels)), 4.5))
+        width = 0.8 / len(bit_labels)
+        for j, bl in enumerate(bit_labels):
+            vals = [next((r["wer"] * 100 for r in rows if r["method"] == m and _bits_label(r) == bl), math.nan)
+                    for m in methods]
+            simulated = any(r["simulated"] for r in rows if _bits_label(r) == bl)
+            ax.bar([i + j * width for i in range(len(methods))], vals, width,
+                   label=f"{bl} (simulated)" if simulated else f"{bl} (INT8 kernels)")
+        ax.axhline(run.fp[model]["wer"] * 100, color="black", linestyle="--", label="FP32")
+        ax.set_xticks([i + width * (len(bit_labels) - 1) / 2 for i in range(len(methods))], methods)
+        ax.set_ylabel("WER (%)")
+        ax.set_title(f"{model}: WER per method and bits")
+        ax.legend()
+        fig.tight_layout()
+        name = f"wer_by_method_{_slug(model)}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _report_md(run: RunResult, plots: Sequence[str]) -> str:
+    r = run.recipe
+    n_eval = ", ".join(str(v["n"]) for v in run.fp.values())
+    lines = [
+        f"# {r.name}: {', '.join(r.models)}",
+        "",
+        f"Calibration: {r.calibration.size} utterances of {r.calibration.dataset}; evaluation: "
+        f"{n_eval} utterances of {r.evaluation.dataset}; backend `{r.backend}`; "
+        f"peak RSS {run.peak_rss_mb:.0f} MiB; total {run.seconds:.0f} s.",
+        "",
+        "ΔWER/ΔCER are in percentage points vs FP32 on the same utterances (batch size 1). "
+        "**simulated** = fake-quant q/dq run in float (below 8 bits, or backend `simulate`); "
+        "otherwise the model ran on real INT8 kernels (count in the INT8 column).",
+        "",
+        "| model | method | bits | WER % | ΔWER pp | CER % | ΔCER pp | backend | INT8 kernels | calib s | search s |",
+        "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for row in run.rows:
+        backend = row["backend"] + (" — **simulated**" if row["simulated"] else "")
+        lines.append(
+            f"| {row['model']} | {row['method']} | {_bits_label(row)} | {row['wer'] * 100:.2f} | "
+            f"{(row['wer'] - row['fp_wer']) * 100:+.2f} | {row['cer'] * 100:.2f} | "
+            f"{(row['cer'] - row['fp_cer']) * 100:+.2f} | {backend} | {row['int8_kernels']} | "
+            f"{_fmt(row['calib_seconds'])} | {_fmt(row['search_seconds'])} |")
+    lines.append("")
+
+    for key, search in run.searches.items():
+        calib = {row["method"]: row["calib_seconds"] for row in run.rows
+                 if row["model"] == search["model"] and _bits_label(row) == search["bits"]}
+        cfg = search["config"]
+        secs = search["seconds"]
+        minmax = f"; MinMax (`max`) calibration alone takes {calib['max']:.1f} s" if "max" in calib else ""
+        lines += [
+            f"## StableQuant search: {key}",
+            "",
+            f"Threshold {cfg['threshold']} ({r.method_options.stablequant.metric.upper()} on the calibration set), "
+            f"candidate percentiles {cfg['percentiles']}. {search['evaluations']} evaluations in "
+            f"{search['wall_seconds']:.1f} s (statistics {secs.get('statistics', 0):.1f} s, screen "
+            f"{secs.get('screen', 0):.1f} s, clip {secs.get('clip', 0):.1f} s), then PT2E calibration "
+            f"{_fmt(calib.get('stablequant'))} s{minmax}.",
+            "",
+            f"Calibration metric: FP {search['fp_metric']:.4f}, all layers MAX {search['max_metric']:.4f}, "
+            f"StableQuant {search['final_metric']:.4f}. Flagged layers: {', '.join(search['flagged']) or 'none'}.",
+            "",
+            "| layer | kind | screen Δ | flagged | percentile | range (lo, hi) | MAX range (lo, hi) |",
+            "|---|---|---:|---|---:|---|---|",
+        ]
+        for d in sorted(search["layers"], key=lambda d: not d["flagged"]):  # flagged first, then network order
+            lines.append(
+                f"| `{d['name']}` | {d['kind']} | {d['screen_delta']:+.4f} | {'yes' if d['flagged'] else ''} | "
+                f"{d['percentile']:g} | ({d['act_range'][0]:.3g}, {d['act_range'][1]:.3g}) | "
+                f"({d['max_range'][0]:.3g}, {d['max_range'][1]:.3g}) |")
+        lines.append("")
+
+    lines += ["## Example transcripts", "",
+              "Utterances where a quantized model's transcript differs from FP come first.", ""]
+    for model, examples in run.examples.items():
+        lines += [f"### {model}", ""]
+        for ex in examples:
+            lines += [f"**{ex['id']}** — reference: {ex['reference']}", ""]
+            lines += [f"- {k}: {v}" for k, v in ex["hypotheses"].items()]
+            lines.append("")
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def summary_table(run: RunResult) -> str:
+    """A plain-text table for the terminal."""
+    head = (f"{'model':<28} {'method':<15} {'bits':<6} {'WER%':>7} {'dWER pp':>8} {'CER%':>7} {'runs on':<16} "
+            f"{'calib s':>8} {'search s':>9}")
+    out = [head, "-" * len(head)]
+    for row in run.rows:
+        if row["method"] == "fp":
+            runs_on = "float32"
+        else:
+            runs_on = "simulated" if row["simulated"] else f"{row['int8_kernels']} INT8 kernels"
+        out.append(f"{row['model']:<28} {row['method']:<15} {_bits_label(row):<6} {row['wer'] * 100:>7.2f} "
+                   f"{(row['wer'] - row['fp_wer']) * 100:>+8.2f} {row['cer'] * 100:>7.2f} {runs_on:<16} "
+                   f"{_fmt(row['calib_seconds']):>8} {_fmt(row['search_seconds']):>9}")
+    return "\n".join(out)
+
+
+__all__ = ["ROW_KEYS", "DataUnavailableError", "RunResult", "check_runnable", "run_recipe", "summary_table",
+           "write_outputs"]

@@ -1,0 +1,128 @@
+"""The recipe schema: errors name the file and the key path; valid recipes round-trip."""
+
+from pathlib import Path
+
+import pytest
+
+from sq_plugin.recipe import CORPUS_SIZES, Recipe, RecipeError, load_recipe, parse_recipe, with_overrides
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+
+MINIMAL = """\
+model: sq/wav2vec2-ref
+calibration: {dataset: corpus-dev, size: 8}
+evaluation: {dataset: corpus-test, size: 16}
+methods: [fp, stablequant, max]
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, text))
+    message = str(info.value)
+    assert "\n" not in message  # the CLI prints it as one line
+    return message
+
+
+def test_minimal_recipe_gets_defaults_and_the_file_name(tmp_path):
+    recipe = load_recipe(write(tmp_path, MINIMAL, "my-run.yaml"))
+    assert recipe.name == "my-run"
+    assert recipe.models == ("sq/wav2vec2-ref",)
+    assert [b.label for b in recipe.bits] == ["w8a8"]
+    assert recipe.backend == "x86" and recipe.quantized_methods == ["stablequant", "max"]
+    assert recipe.method_options.stablequant.threshold == 0.0025
+
+
+def test_unknown_key_names_its_path_and_the_valid_keys(tmp_path):
+    message = error_of(tmp_path, MINIMAL + "method_options: {stablequant: {treshold: 0.01}}\n")
+    assert message.startswith("recipe.yaml: method_options.stablequant.treshold: unknown key 'treshold'")
+    assert "threshold" in message.split("valid keys here:")[1]
+    assert "recipe.yaml: colour: unknown key" in error_of(tmp_path, MINIMAL + "colour: red\n")
+
+
+def test_unknown_method_names_its_index_and_the_choices(tmp_path):
+    message = error_of(tmp_path, MINIMAL.replace("[fp, stablequant, max]", "[fp, kll]"))
+    assert message.startswith("recipe.yaml: methods[1]: unknown method 'kll'; choose one of fp, stablequant, max")
+
+
+@pytest.mark.parametrize("bits, expected", [
+    ("[w8a8, w9a9]", "bits[1].w: bit width must be an integer from 2 to 8 (got 9)"),
+    ("[int8]", "bits[0]: bad bits 'int8'"),
+    ("[{w: 8}]", "bits[0].a: required key is missing"),
+    ("[w8a8, w8a8]", "bits: bits lists ['w8a8'] more than once"),
+])
+def test_bad_bits(tmp_path, bits, expected):
+    assert expected in error_of(tmp_path, MINIMAL + f"bits: {bits}\n")
+
+
+def test_bits_as_mappings(tmp_path):
+    recipe = load_recipe(write(tmp_path, MINIMAL + "bits: [{w: 8, a: 8}, w6a6, {w: 4, a: 8}]\n"))
+    assert [b.label for b in recipe.bits] == ["w8a8", "w6a6", "w4a8"]
+
+
+def test_size_zero_and_too_large(tmp_path):
+    message = error_of(tmp_path, MINIMAL.replace("size: 8", "size: 0"))
+    assert message.startswith("recipe.yaml: calibration.size: size must be an integer >= 1 (got 0)")
+    message = error_of(tmp_path, MINIMAL.replace("size: 16", "size: 601"))
+    assert "evaluation: size 601 exceeds the 600 utterances of corpus-test" in message
+
+
+def test_malformed_yaml_and_wrong_shapes(tmp_path):
+    message = error_of(tmp_path, "model: sq/wav2vec2-ref\ncalibration: {dataset: corpus-dev, size: 8\n")
+    assert message.startswith("recipe.yaml: malformed YAML at line")
+    assert "recipe.yaml: the file is empty" in error_of(tmp_path, "")
+    assert "expected a mapping" in error_of(tmp_path, "- a\n- b\n")
+    assert "calibration: required key is missing" in error_of(tmp_path, "model: x\nevaluation: {dataset: "
+                                                                         "corpus-test}\nmethods: [fp]\n")
+    assert "backend: unknown backend 'cuda'" in error_of(tmp_path, MINIMAL + "backend: cuda\n")
+    assert "calibration.dataset: unknown calibration dataset 'corpus-test'" in error_of(
+        tmp_path, MINIMAL.replace("dataset: corpus-dev", "dataset: corpus-test"))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(RecipeError, match="cannot read"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_round_trip(tmp_path):
+    recipe = load_recipe(write(tmp_path, MINIMAL + "bits: [w8a8, {w: 6, a: 6}]\nthreads: 2\n"))
+    assert Recipe.model_validate(recipe.to_dict()) == recipe
+    again = load_recipe(write(tmp_path, recipe.to_yaml(), "again.yaml"))
+    assert again == recipe
+    two = parse_recipe({**recipe.to_dict(), "model": ["sq/wav2vec2-ref", "sq/hubert-ref"]})
+    assert Recipe.model_validate(two.to_dict()) == two and two.models == ("sq/wav2vec2-ref", "sq/hubert-ref")
+
+
+def test_overrides_are_validated(tmp_path):
+    recipe = load_recipe(write(tmp_path, MINIMAL))
+    changed = with_overrides(recipe, output_dir="x", eval_size=3, calib_size=2)
+    assert (changed.output_dir, changed.evaluation.size, changed.calibration.size) == ("x", 3, 2)
+    with pytest.raises(RecipeError, match="command line: calibration.size"):
+        with_overrides(recipe, calib_size=0)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_shipped_recipes_validate_and_can_run_here(path):
+    from sq_plugin.runner import check_runnable
+
+    recipe = load_recipe(path)
+    assert recipe.name and Recipe.model_validate(recipe.to_dict()) == recipe
+    check_runnable(recipe)  # no method that this version refuses
+
+
+def test_shipped_recipes_are_the_expected_ones():
+    assert {p.name for p in RECIPES} >= {"wav2vec2-ref-w8a8.yaml", "offline-full-comparison.yaml",
+                                         "hubert-large-ls960-w8a8.yaml", "wav2vec2-base-960h-w8a8.yaml"}
+
+
+def test_corpus_sizes_match_the_corpus_config():
+    from sq_plugin.speech.corpus import CorpusConfig
+
+    config = CorpusConfig()
+    assert CORPUS_SIZES == {"corpus-dev": config.dev_size, "corpus-test": config.test_size}

@@ -1,0 +1,159 @@
+"""The recipe runner, with the model, data and quantizer faked (fast): outputs, row schema, atomicity."""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import sq_plugin.pipeline as pipeline
+import sq_plugin.runner as runner
+import sq_plugin.speech.evaluate as evaluate_mod
+import sq_plugin.speech.models as models
+from sq_plugin.recipe import RecipeError, parse_recipe
+from sq_plugin.search import LayerDecision, SearchConfig, SearchResult
+from sq_plugin.speech.evaluate import EvalResult, UtteranceResult
+
+
+def make_recipe(tmp_path: Path, **changes):
+    data = {"name": "fake", "model": "sq/wav2vec2-ref", "calibration": {"dataset": "corpus-dev", "size": 2},
+            "evaluation": {"dataset": "corpus-test", "size": 3}, "methods": ["fp", "stablequant", "max", "histogram"],
+            "bits": ["w8a8", "w4a4"], "output_dir": str(tmp_path / "out" / "nested")}
+    data.update(changes)
+    return parse_recipe(data)
+
+
+@dataclass
+class Utt:
+    id: str
+    audio: object
+    text: str
+
+
+@dataclass
+class FakeBundle:
+    name: str
+    kind: str = "ctc"
+    quantized: str = ""
+
+
+def install_fakes(monkeypatch, *, wer_of=lambda bundle: 0.1 if not bundle.quantized else 0.12):
+    utts = [Utt(f"u{i}", None, f"hello world {i}") for i in range(3)]
+    monkeypatch.setattr(runner, "_load_data", lambda dataset, size: utts[:size])
+    monkeypatch.setattr(models, "load_model", lambda name: FakeBundle(name, "whisper" if "whisper" in name else "ctc"))
+
+    def fake_evaluate(bundle, utterances, batch_size=8, progress=True, pad_to_multiple=None):
+        assert batch_size == 1
+        wer = wer_of(bundle)
+        hyp = "hello world" if not bundle.quantized else "hello word"
+        us = [UtteranceResult(u.id, u.text, hyp, wer, wer / 2) for u in utterances]
+        return EvalResult(wer=wer, cer=wer / 2, n=len(us), utterances=us, seconds=0.01)
+
+    def fake_quantize(bundle, calibration, *, act_rule=None, per_layer=None, observer=None, a_bits=8, w_bits=8,
+                      lower=None):
+        real = lower if lower is not None else (a_bits == 8 and w_bits == 8)
+        return pipeline.QuantizedModel(FakeBundle(bundle.name, quantized="yes"), "x86-onednn-int8" if real else
+                                       "pt2e fake-quant simulation", not real, {"linear": 4}, 4 if real else 0,
+                                       0.5, 0.1)
+
+    def fake_search(bundle, calibration, config=None, *, metric="wer", batch_size=8, progress=True):
+        layers = [LayerDecision("enc.0", "Linear", 0.11, 0.01, True, 99.9, (-1.0, 2.0), (-3.0, 9.0), {100.0: 0.2}),
+                  LayerDecision("enc.1", "Linear", 0.10, 0.0, False, 100.0, (-1.0, 1.0), (-1.0, 1.0), {})]
+        return SearchResult(config or SearchConfig(), 0.1, 0.2, 0.11, layers,
+                            {"statistics": 0.1, "screen": 0.2, "clip": 0.3, "total": 0.6}, 9)
+
+    monkeypatch.setattr(evaluate_mod, "evaluate", fake_evaluate)
+    monkeypatch.setattr(pipeline, "quantize_ctc_pt2e", fake_quantize)
+    monkeypatch.setattr(pipeline, "search_ctc", fake_search)
+
+
+def test_run_writes_report_results_and_plots(tmp_path, monkeypatch):
+    install_fakes(monkeypatch)
+    result = runner.run_recipe(make_recipe(tmp_path), progress=False)
+    out = result.output_dir
+    assert out.parent == tmp_path / "out" / "nested" and out.name.startswith("fake-")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "report.md", "results.json", "stablequant_layers_sq_wav2vec2-ref_w4a4.png",
+        "stablequant_layers_sq_wav2vec2-ref_w8a8.png", "wer_by_method_sq_wav2vec2-ref.png"]
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["rows"]) == 1 + 2 * 3
+    for row in data["rows"]:
+        assert set(runner.ROW_KEYS) <= set(row)
+    by = {(r["method"], r["w_bits"]): r for r in data["rows"]}
+    assert by[("max", 8)]["int8_kernels"] == 4 and not by[("max", 8)]["simulated"]
+    assert by[("max", 4)]["simulated"] and by[("max", 4)]["int8_kernels"] == 0
+    assert by[("stablequant", 8)]["search_seconds"] is not None and by[("max", 8)]["search_seconds"] is None
+    assert data["peak_rss_mb"] > 0 and set(data["searches"]) == {"sq/wav2vec2-ref w8a8", "sq/wav2vec2-ref w4a4"}
+    report = (out / "report.md").read_text()
+    assert "| sq/wav2vec2-ref | max | w8a8 | 12.00 | +2.00 |" in report
+    assert "**simulated**" in report and "`enc.0`" in report and "hello word" in report
+    assert "MinMax (`max`) calibration alone takes 0.5 s" in report
+    assert not list(out.parent.glob(".*partial"))  # no temp directory left next to it
+
+
+def test_simulate_backend_never_lowers(tmp_path, monkeypatch):
+    install_fakes(monkeypatch)
+    result = runner.run_recipe(make_recipe(tmp_path, backend="simulate", bits=["w8a8"], methods=["max"]),
+                               progress=False)
+    assert [r["simulated"] for r in result.rows] == [True]
+
+
+def test_a_failure_midway_leaves_no_output_directory(tmp_path, monkeypatch):
+    install_fakes(monkeypatch)
+    calls = {"n": 0}
+
+    def failing_quantize(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure")
+        return original(*args, **kwargs)
+
+    original = pipeline.quantize_ctc_pt2e
+    monkeypatch.setattr(pipeline, "quantize_ctc_pt2e", failing_quantize)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        runner.run_recipe(make_recipe(tmp_path), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_nan_metric_leaves_no_output_directory(tmp_path, monkeypatch):
+    install_fakes(monkeypatch, wer_of=lambda bundle: math.nan if bundle.quantized else 0.1)
+    with pytest.raises(RuntimeError, match="max w8a8 WER is nan"):
+        runner.run_recipe(make_recipe(tmp_path, methods=["fp", "max"]), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failure_while_writing_removes_the_temp_directory(tmp_path, monkeypatch):
+    install_fakes(monkeypatch)
+    (tmp_path / "out").mkdir()  # exists before: must stay; "nested" is created by the run: must go
+
+    def broken_plot(run, out):
+        (out / "half.png").write_bytes(b"x")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(runner, "_plot", broken_plot)
+    with pytest.raises(OSError, match="disk full"):
+        runner.run_recipe(make_recipe(tmp_path), progress=False)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_whisper_and_unimplemented_methods_are_refused_before_any_work(tmp_path, monkeypatch):
+    install_fakes(monkeypatch)
+    with pytest.raises(RecipeError, match="Whisper recipes are not supported yet; use a CTC model"):
+        runner.run_recipe(make_recipe(tmp_path, model="openai/whisper-tiny.en"), progress=False)
+    # A local directory does not say "whisper" in its name: the kind is checked after loading.
+    monkeypatch.setattr(models, "load_model", lambda name: FakeBundle(name, "whisper"))
+    with pytest.raises(RecipeError, match="is a whisper model: Whisper recipes are not supported yet"):
+        runner.run_recipe(make_recipe(tmp_path, model="./local-model"), progress=False)
+
+    monkeypatch.setattr(runner, "_find_spec", lambda module: False)
+    with pytest.raises(RecipeError) as info:
+        runner.check_runnable(make_recipe(tmp_path, methods=["fp", "inc_kl", "quanto_absmax"]))
+    assert "methods[1]: 'inc_kl' needs neural_compressor, which is not installed; run `pip install sq-plugin[inc]`" \
+        in str(info.value)
+    assert "methods[2]: 'quanto_absmax' needs optimum.quanto" in str(info.value) and "optimum-quanto" in str(info.value)
+
+    monkeypatch.setattr(runner, "_find_spec", lambda module: True)
+    with pytest.raises(RecipeError, match="'inc_minmax' is not implemented yet"):
+        runner.check_runnable(make_recipe(tmp_path, methods=["inc_minmax"]))
+    assert not (tmp_path / "out").exists()
