@@ -5,3 +5,11 @@ needs Intel Neural Compressor (`pip install sq-plugin[inc]`).
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # lazy: `import sq_plugin` must not import torchao
+    if name in ("save", "load"):
+        from sq_plugin import artifact
+
+        return getattr(artifact, name)
+    raise AttributeError(f"module 'sq_plugin' has no attribute {name!r}")
