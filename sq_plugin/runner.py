@@ -334,11 +334,7 @@ def _plot(run: RunResult, out: Path) -> list[str]:
         ax2.set_ylabel("activation range width (hi - lo)")
         ax2.set_xlabel("layer (network order)")
         ax2.legend()
-        fig.tight_layout()
-        name = f"stablequant_layers_{_slug(key)}.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        files.append(name)
+        files.append(_save_figure(plt, fig, out, f"stablequant_layers_{_slug(key)}.png"))
 
     for model in run.fp:
         rows = [r for r in run.rows if r["model"] == model and r["method"] != "fp"]
@@ -359,12 +355,16 @@ def _plot(run: RunResult, out: Path) -> list[str]:
         ax.set_ylabel("WER (%)")
         ax.set_title(f"{model}: WER per method and bits")
         ax.legend()
-        fig.tight_layout()
-        name = f"wer_by_method_{_slug(model)}.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        files.append(name)
+        files.append(_save_figure(plt, fig, out, f"wer_by_method_{_slug(model)}.png"))
     return files
+
+
+def _save_figure(plt: Any, fig: Any, out: Path, name: str) -> str:
+    """Lay out, write and close one plot; returns its file name."""
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
 
 
 def _fmt(x: float | None, spec: str = ".1f") -> str:
