@@ -19,6 +19,7 @@ two callables for the data: `run_calibration()` (pushes the calibration set thro
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 from sq_plugin.core.quant import check_bits
 from sq_plugin.core.ranges import RangeRule, check_percentile, compute_range
 from sq_plugin.core.stats import DEFAULT_BINS, Histogram
+from sq_plugin.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
 from sq_plugin.simulate import LayerQuant, quantizable_layers, simulate, strip_weight_norm
 
 DEFAULT_PERCENTILES = (100.0, 99.99, 99.9, 99.8, 99.5, 99.0)
@@ -91,6 +93,7 @@ class SearchResult:
     layers: list[LayerDecision]
     seconds: dict[str, float]
     evaluations: int
+    cache: dict[str, float] = field(default_factory=dict)  # prefix-cache counters (empty: no cache)
 
     @property
     def flagged(self) -> list[str]:
@@ -105,7 +108,7 @@ class SearchResult:
         return {
             "config": self.config.to_dict(), "fp_metric": self.fp_metric, "max_metric": self.max_metric,
             "final_metric": self.final_metric, "flagged": self.flagged, "seconds": self.seconds,
-            "evaluations": self.evaluations,
+            "evaluations": self.evaluations, "cache": self.cache,
             "layers": [{**asdict(d), "candidates": {str(k): v for k, v in d.candidates.items()}} for d in self.layers],
         }
 
@@ -139,11 +142,16 @@ def _checked(value: float, what: str) -> float:
 
 def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], None], metric: Callable[[], float],
                        config: SearchConfig | None = None, *, layers: Sequence[str] | None = None,
-                       progress: bool = True) -> SearchResult:
+                       progress: bool = True, replay_blocks: Sequence[str] | str | None = None,
+                       cache_budget_mb: float = DEFAULT_BUDGET_MB) -> SearchResult:
     """Run screen -> clip -> MSE on `model` (modified only inside the calls; restored after).
 
     layers: module names to quantize (default: every Linear and Conv1d). Weight-norm
     parametrizations are folded into plain weights first (same outputs).
+    replay_blocks: "auto" (every module in an nn.ModuleList) or block names: evaluations replay the
+    recorded outputs of blocks whose preceding layers are unchanged (`PrefixCache`; exact). Only for
+    metrics that push the same batches every time through pure blocks (no KV cache). None: off.
+    cache_budget_mb: memory for those recorded outputs; past it, blocks are recomputed.
     """
     config = config or SearchConfig()
     strip_weight_norm(model)
@@ -154,14 +162,26 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
     seconds: dict[str, float] = {}
     evaluations = 0
 
+    cache: PrefixCache | None = None
+
     def evaluate(plan: dict[str, LayerQuant], what: str) -> float:
         nonlocal evaluations
         evaluations += 1
-        with simulate(model, plan), torch.inference_mode():
+        replay = cache.active(plan) if cache is not None else contextlib.nullcontext()
+        with simulate(model, plan), torch.inference_mode(), replay:
             return _checked(metric(), what)
 
     start = time.perf_counter()
-    hists = collect_input_histograms(model, run_calibration, names, bins=config.bins)
+    hists: dict[str, Histogram] = {}
+
+    def statistics() -> None:
+        hists.update(collect_input_histograms(model, run_calibration, names, bins=config.bins))
+
+    if replay_blocks is None:
+        statistics()
+    else:  # the statistics pass also traces the order of blocks and layers
+        blocks = None if replay_blocks == "auto" else list(replay_blocks)
+        cache = PrefixCache.for_model(model, names, statistics, blocks=blocks, budget_mb=cache_budget_mb)
     seconds["statistics"] = time.perf_counter() - start
 
     def act_range(name: str, rule: RangeRule) -> tuple[float, float]:
@@ -213,5 +233,8 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
         for n in names
     ]
     seconds["total"] = float(np.sum(list(seconds.values())))
+    cache_stats = {} if cache is None else {
+        "blocks": len(cache.blocks), "budget_mb": cache.budget_bytes / 2**20, "peak_mb": cache.peak_bytes / 2**20,
+        "replayed_calls": cache.replayed_calls, "computed_calls": cache.computed_calls}
     return SearchResult(config=config, fp_metric=fp_metric, max_metric=max_metric, final_metric=final_metric,
-                        layers=decisions, seconds=seconds, evaluations=evaluations)
+                        layers=decisions, seconds=seconds, evaluations=evaluations, cache=cache_stats)
