@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from sq_plugin.core.ranges import RangeRule
+from sq_plugin.prefix_cache import DEFAULT_BUDGET_MB
 from sq_plugin.search import SearchConfig, SearchResult, stablequant_search
 from sq_plugin.speech.audio import SAMPLE_RATE
-from sq_plugin.speech.evaluate import evaluate, transcribe
+from sq_plugin.speech.evaluate import evaluate, transcribe, uses_attention_mask
 from sq_plugin.speech.models import SpeechModel
 
 METRICS = ("wer", "cer")
@@ -42,16 +43,25 @@ def _require_utterances(utterances: Sequence[Any], what: str) -> None:
         raise ValueError(f"the {what} set is empty: pass at least one utterance (the recipes use a few hundred)")
 
 
-def ctc_input(bundle: SpeechModel, audio: np.ndarray) -> torch.Tensor:
-    """(1, samples) normalized input_values, exactly as the evaluator feeds one utterance."""
+def ctc_inputs(bundle: SpeechModel, audio: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """The positional inputs of one utterance, exactly as the evaluator feeds it: (1, samples)
+    normalized input_values, plus an all-ones attention mask for models that take one."""
     fe = bundle.processor.feature_extractor
-    values = np.asarray(fe(audio, sampling_rate=SAMPLE_RATE).input_values[0], dtype=np.float32)
-    return torch.from_numpy(values)[None, :]
+    values = torch.from_numpy(np.asarray(fe(audio, sampling_rate=SAMPLE_RATE).input_values[0], dtype=np.float32))
+    values = values[None, :]
+    if uses_attention_mask(bundle):
+        return values, torch.ones(values.shape, dtype=torch.long)
+    return (values,)
 
 
 def search_ctc(bundle: SpeechModel, calibration: Sequence[Any], config: SearchConfig | None = None, *,
-               metric: str = "wer", batch_size: int = 8, progress: bool = True) -> SearchResult:
-    """StableQuant's search on a CTC model, scored by WER (or CER) on the calibration utterances."""
+               metric: str = "wer", batch_size: int = 8, progress: bool = True, prefix_cache: bool = True,
+               cache_budget_mb: float = DEFAULT_BUDGET_MB) -> SearchResult:
+    """StableQuant's search on a CTC model, scored by WER (or CER) on the calibration utterances.
+
+    prefix_cache: replay the outputs of unchanged conv / Transformer layers between evaluations
+    (exact; `sq_plugin.prefix_cache`), keeping at most `cache_budget_mb` of them.
+    """
     _require_ctc(bundle)
     _require_utterances(calibration, "calibration")
     if metric not in METRICS:
@@ -68,7 +78,8 @@ def search_ctc(bundle: SpeechModel, calibration: Sequence[Any], config: SearchCo
         return result.wer if metric == "wer" else result.cer
 
     bundle.model.eval()
-    return stablequant_search(bundle.model, run_calibration, score, config, progress=progress)
+    return stablequant_search(bundle.model, run_calibration, score, config, progress=progress,
+                              replay_blocks="auto" if prefix_cache else None, cache_budget_mb=cache_budget_mb)
 
 
 @dataclass
@@ -109,15 +120,15 @@ def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_ru
     _require_utterances(calibration, "calibration")
     lower = (a_bits == 8 and w_bits == 8) if lower is None else lower
     model = bundle.model.eval()
-    example = ctc_input(bundle, calibration[0].audio)
+    example = ctc_inputs(bundle, calibration[0].audio)
     start = time.perf_counter()
     config = stablequant_x86_config(act_rule, a_bits=a_bits, w_bits=w_bits)
     if observer is not None:  # a baseline: the same specs with another activation observer
         act = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=observer)
         config = dataclasses.replace(config, input_activation=act, output_activation=act)
     quantizer = stablequant_x86_quantizer(config, per_layer, a_bits=a_bits, w_bits=w_bits)
-    prepared = prepare_stablequant(model, (example,), quantizer)
-    calibrate(prepared, (ctc_input(bundle, u.audio) for u in calibration))
+    prepared = prepare_stablequant(model, example, quantizer)
+    calibrate(prepared, (ctc_inputs(bundle, u.audio) for u in calibration))
     converted = convert_pt2e(prepared)
     calib_seconds = time.perf_counter() - start
     counts = count_quantized_ops(converted)
@@ -127,7 +138,7 @@ def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_ru
         return QuantizedModel(quantized, "pt2e fake-quant simulation (float q/dq)", True, counts, 0,
                               calib_seconds, 0.0, converted)
     start = time.perf_counter()
-    compiled, report = lower_x86(converted, (example,))
+    compiled, report = lower_x86(converted, example)
     lower_seconds = time.perf_counter() - start
     quantized = dataclasses.replace(bundle, model=compiled, info=info)
     return QuantizedModel(quantized, report.backend, False, counts, report.int8_kernels, calib_seconds,

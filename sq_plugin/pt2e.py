@@ -215,12 +215,12 @@ def export_for_quantization(model: torch.nn.Module, example_inputs: tuple, *,
                             dynamic_dims: dict[int, int] | None = None) -> torch.fx.GraphModule:
     """`torch.export` a speech model for PT2E (eval mode, weight norm folded, dynamic audio length).
 
-    `dynamic_dims` maps input index -> dynamic dimension; default {0: 1}: the time axis of a
-    (batch, samples) waveform. `Dim.AUTO` is used because a named `Dim` with bounds fails on the conv
-    stride arithmetic of wav2vec2-style front ends.
+    `dynamic_dims` maps input index -> dynamic dimension; default: dimension 1 of every input, the
+    time axis of a (batch, samples) waveform and of its attention mask. `Dim.AUTO` is used because a
+    named `Dim` with bounds fails on the conv stride arithmetic of wav2vec2-style front ends.
     """
     model = strip_weight_norm(model.eval())
-    dims = {0: 1} if dynamic_dims is None else dynamic_dims
+    dims = {i: 1 for i in range(len(example_inputs))} if dynamic_dims is None else dynamic_dims
     dynamic_shapes = tuple({dims[i]: Dim.AUTO} if i in dims else None for i in range(len(example_inputs)))
     return torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes).module()
 

@@ -204,10 +204,18 @@ def ctc_greedy_decode(frame_ids: Sequence[int], tokenizer: Any) -> str:
     return tokenizer.decode(ids, group_tokens=False, skip_special_tokens=True).strip()
 
 
+def uses_attention_mask(bundle: SpeechModel) -> bool:
+    """Whether the CTC model takes an attention mask with padded input (the processor's flag, the HF
+    convention: True for layer-norm models such as hubert-large-ls960-ft and our references; False for
+    group-norm wav2vec2-base, which was trained on zero-padded batches without one)."""
+    return bool(getattr(bundle.processor.feature_extractor, "return_attention_mask", False))
+
+
 def _transcribe_ctc(bundle: SpeechModel, audios: list[np.ndarray], batch_size: int, bar: Any,
                     pad_to_multiple: int | None = None) -> list[str]:
     fe, tokenizer = bundle.processor.feature_extractor, bundle.processor.tokenizer
     kernels, strides = _conv_stack(bundle)
+    with_mask = uses_attention_mask(bundle)
     order = sorted(range(len(audios)), key=lambda i: len(audios[i]))  # similar lengths -> little padding
     results: list[str] = [""] * len(audios)
     for start in range(0, len(order), batch_size):
@@ -220,10 +228,13 @@ def _transcribe_ctc(bundle: SpeechModel, audios: list[np.ndarray], batch_size: i
         if pad_to_multiple:  # bucketed lengths: a statically compiled INT8 model compiles once per bucket
             length = -(-length // pad_to_multiple) * pad_to_multiple
         batch = np.zeros((len(idx), length), dtype=np.float32)
+        mask = np.zeros((len(idx), length), dtype=np.int64)
         for row, f in enumerate(feats):
             batch[row, : len(f)] = f
-        # input_values only: the same call must work for a torch.export'ed / quantized GraphModule.
-        logits = _logits_of(bundle.model(torch.from_numpy(batch)))
+            mask[row, : len(f)] = 1
+        # Positional arguments only: the same call must work for a torch.export'ed / quantized GraphModule.
+        args = (torch.from_numpy(batch), torch.from_numpy(mask)) if with_mask else (torch.from_numpy(batch),)
+        logits = _logits_of(bundle.model(*args))
         frame_ids = logits.argmax(dim=-1).cpu().numpy()
         for row, i in enumerate(idx):
             n_valid = min(ctc_num_frames(len(feats[row]), kernels, strides), frame_ids.shape[1])
