@@ -11,7 +11,7 @@ core's (`sq_plugin.core.quant`) and matches what `convert_pt2e` produces for the
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,22 +61,34 @@ def fake_quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
                          qmin, qmax, axis=0)
 
 
-@contextlib.contextmanager
-def simulate(model: torch.nn.Module, plan: dict[str, LayerQuant]) -> Iterator[None]:
-    """Within the block, the layers named in `plan` run fake-quantized; everything is restored after."""
-    layers = quantizable_layers(model)
+def _check_plan(layers: dict[str, torch.nn.Module], plan: dict[str, LayerQuant]) -> None:
     unknown = sorted(set(plan) - set(layers))
     if unknown:
         raise KeyError(f"not quantizable layers of this model: {unknown[:5]}; choose from Linear/Conv1d module "
                        "names, e.g. " + ", ".join(list(layers)[:3]))
-    saved: dict[str, torch.Tensor] = {}
+
+
+def _swap_weight(module: torch.nn.Module, weight: torch.nn.Parameter) -> torch.nn.Parameter:
+    # A new Parameter on this module only: a weight tied to another module (Whisper's proj_out and
+    # its token embedding) must not change there.
+    old = module._parameters["weight"]
+    module._parameters["weight"] = weight
+    return old
+
+
+@contextlib.contextmanager
+def simulate(model: torch.nn.Module, plan: dict[str, LayerQuant]) -> Iterator[None]:
+    """Within the block, the layers named in `plan` run fake-quantized; everything is restored after."""
+    layers = quantizable_layers(model)
+    _check_plan(layers, plan)
+    saved: dict[str, torch.nn.Parameter] = {}
     handles = []
     try:
         for name, spec in plan.items():
             module = layers[name]
             if spec.quantize_weight:
-                saved[name] = module.weight.data
-                module.weight.data = fake_quantize_weight(module.weight.data, spec.w_bits)
+                fq = torch.nn.Parameter(fake_quantize_weight(module.weight, spec.w_bits), requires_grad=False)
+                saved[name] = _swap_weight(module, fq)
             if spec.act_range is not None:
                 handles.append(module.register_forward_pre_hook(_input_hook(spec)))
         yield
@@ -84,7 +96,47 @@ def simulate(model: torch.nn.Module, plan: dict[str, LayerQuant]) -> Iterator[No
         for handle in handles:
             handle.remove()
         for name, weight in saved.items():
-            layers[name].weight.data = weight
+            _swap_weight(layers[name], weight)
+
+
+def apply_fake_quant(model: torch.nn.Module, plan: dict[str, LayerQuant]) -> torch.nn.Module:
+    """Fake-quantize the layers of `plan` permanently, in place (use on a copy): what `simulate` does
+    inside its block, for a model that is then evaluated or served as a simulation."""
+    layers = quantizable_layers(model)
+    _check_plan(layers, plan)
+    for name, spec in plan.items():
+        module = layers[name]
+        if spec.quantize_weight:
+            _swap_weight(module, torch.nn.Parameter(fake_quantize_weight(module.weight, spec.w_bits),
+                                                    requires_grad=False))
+        if spec.act_range is not None:
+            module.register_forward_pre_hook(_input_hook(spec))
+    return model
+
+
+def observer_ranges(model: torch.nn.Module, run_calibration: Callable[[], None], layers: Sequence[str],
+                    make_observer: Callable[[], torch.nn.Module]) -> dict[str, tuple[float, float]]:
+    """Feed every layer's input activation to its own observer (e.g. torchao's HistogramObserver) in
+    one float pass, and return the range its qparams encode: (qmin - zp) * scale .. (qmax - zp) * scale."""
+    modules = quantizable_layers(model)
+    observers = {name: make_observer() for name in layers}
+    handles = []
+    for name in layers:
+        def hook(_m: torch.nn.Module, args: tuple, name: str = name) -> None:
+            observers[name](args[0].detach())
+        handles.append(modules[name].register_forward_pre_hook(hook))
+    try:
+        with torch.inference_mode():
+            run_calibration()
+    finally:
+        for handle in handles:
+            handle.remove()
+    ranges = {}
+    for name, obs in observers.items():
+        scale, zp = obs.calculate_qparams()
+        scale_f, zp_f = float(scale.reshape(-1)[0]), float(zp.reshape(-1)[0])
+        ranges[name] = ((obs.quant_min - zp_f) * scale_f, (obs.quant_max - zp_f) * scale_f)
+    return ranges
 
 
 def _input_hook(spec: LayerQuant):  # type: ignore[no-untyped-def]

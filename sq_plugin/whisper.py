@@ -1,0 +1,189 @@
+"""Whisper (encoder-decoder) through StableQuant's search and a fake-quant simulation.
+
+    bundle = load_model("openai/whisper-tiny.en")
+    result = search_whisper(bundle, dev, SearchConfig(threshold=0.01), metric="tf_loss")
+    quantized = quantize_whisper_simulated(bundle, dev, per_layer=result.per_layer_rules())
+    evaluate(quantized.bundle, test, batch_size=16)          # greedy generate, fake-quantized layers
+
+Metrics for the search. The paper screens by WER, which for Whisper means autoregressive decoding
+of the whole calibration set per candidate (about 1 s per utterance per evaluation on one CPU
+core, with ~70 layers to screen). So two teacher-forced proxies are offered, one encoder pass plus
+one decoder pass over the reference transcript, with the float encoder output replayed for
+decoder-layer candidates (`sq_plugin.prefix_cache`):
+
+- `tf_loss`: mean cross-entropy (nats per token) of the float model's own greedy transcript of
+  each calibration clip; threshold in nats. The float model's transcript, not the reference: the
+  screen asks how much quantizing a layer changes the output, and Whisper's cased, punctuated
+  output is far from our lowercase references, whose loss would swamp that change.
+- `tf_token_error`: fraction of those tokens whose teacher-forced argmax differs (WER-like units).
+- `wer` / `cer`: greedy `generate`, as the paper; slow, and no prefix replay (the KV cache is state).
+
+Quantization here is a simulation (fake-quant weights per output channel and input activations per
+tensor, `sq_plugin.simulate`), labelled so in every report: it measures accuracy, not speed. The
+encoder's real INT8 path is `benchmarks/latency.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sq_plugin.core.quant import quant_bounds
+from sq_plugin.core.ranges import RangeRule, compute_range
+from sq_plugin.pipeline import QuantizedModel
+from sq_plugin.prefix_cache import DEFAULT_BUDGET_MB
+from sq_plugin.search import SearchConfig, SearchResult, collect_input_histograms, stablequant_search
+from sq_plugin.simulate import LayerQuant, apply_fake_quant, observer_ranges, quantizable_layers, strip_weight_norm
+from sq_plugin.speech.audio import SAMPLE_RATE
+from sq_plugin.speech.evaluate import evaluate, transcribe
+from sq_plugin.speech.models import SpeechModel
+
+TEACHER_FORCED_METRICS = ("tf_loss", "tf_token_error")
+WHISPER_METRICS = ("wer", "cer", *TEACHER_FORCED_METRICS)
+SIMULATED_BACKEND = "fake-quant simulation (float weights/activations rounded to the grid)"
+EVAL_BATCH = 16  # generate() batch for evaluation
+
+
+@dataclass
+class TeacherForcedBatch:
+    """Log-mel features, the decoder input (prompt + reference tokens) and the next-token labels
+    (-100 where the row is padding)."""
+
+    input_features: torch.Tensor
+    decoder_input_ids: torch.Tensor
+    labels: torch.Tensor
+
+
+def _require_whisper(bundle: SpeechModel) -> None:
+    if bundle.kind != "whisper":
+        raise ValueError(f"{bundle.name}: this path takes Whisper models; got kind={bundle.kind!r}")
+
+
+def teacher_forced_batches(bundle: SpeechModel, utterances: Sequence[Any], *, batch_size: int = 8,
+                           texts: Sequence[str] | None = None) -> list[TeacherForcedBatch]:
+    """Batches for teacher-forced scoring: the tokenizer's prompt (<|startoftranscript|>
+    <|notimestamps|>) + " " + text + <|endoftext|>, shifted by one for the labels. text: the
+    reference transcript, or `texts[i]` (e.g. the float model's own transcripts)."""
+    _require_whisper(bundle)
+    if not utterances:
+        raise ValueError("the calibration set is empty: pass at least one utterance")
+    if texts is not None and len(texts) != len(utterances):
+        raise ValueError(f"got {len(texts)} texts for {len(utterances)} utterances")
+    texts = list(texts) if texts is not None else [u.text for u in utterances]
+    fe, tokenizer = bundle.processor.feature_extractor, bundle.processor.tokenizer
+    pad = tokenizer.eos_token_id
+    batches = []
+    for start in range(0, len(utterances), batch_size):
+        chunk = utterances[start : start + batch_size]
+        feats = fe([u.audio for u in chunk], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+        ids = [tokenizer(" " + t.strip()).input_ids for t in texts[start : start + batch_size]]
+        length = max(len(x) for x in ids) - 1
+        dec = torch.full((len(chunk), length), pad, dtype=torch.long)
+        labels = torch.full((len(chunk), length), -100, dtype=torch.long)
+        for row, x in enumerate(ids):
+            dec[row, : len(x) - 1] = torch.tensor(x[:-1])
+            labels[row, : len(x) - 1] = torch.tensor(x[1:])
+        batches.append(TeacherForcedBatch(feats.to(torch.float32), dec, labels))
+    return batches
+
+
+def _forward(model: torch.nn.Module, batch: TeacherForcedBatch) -> torch.Tensor:
+    # use_cache=False: no KV cache object is updated in place, so decoder layers are pure functions
+    # of their inputs (what the prefix cache needs).
+    return model(input_features=batch.input_features, decoder_input_ids=batch.decoder_input_ids,
+                 use_cache=False).logits
+
+
+def teacher_forced_scores(model: torch.nn.Module, batches: Sequence[TeacherForcedBatch]) -> dict[str, float]:
+    """{"tf_loss": mean cross-entropy per reference token, "tf_token_error": argmax error rate}."""
+    total_loss, errors, tokens = 0.0, 0, 0
+    with torch.inference_mode():
+        for batch in batches:
+            logits = _forward(model, batch).float()
+            mask = batch.labels != -100
+            total_loss += float(torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), ignore_index=-100, reduction="sum"))
+            errors += int(((logits.argmax(-1) != batch.labels) & mask).sum())
+            tokens += int(mask.sum())
+    return {"tf_loss": total_loss / tokens, "tf_token_error": errors / tokens}
+
+
+def search_whisper(bundle: SpeechModel, calibration: Sequence[Any], config: SearchConfig | None = None, *,
+                   metric: str = "tf_loss", batch_size: int = 8, progress: bool = True, prefix_cache: bool = True,
+                   cache_budget_mb: float = DEFAULT_BUDGET_MB) -> SearchResult:
+    """StableQuant's search on Whisper (encoder convs and Linears, decoder Linears, proj_out).
+
+    metric: see the module docstring; the threshold of `config` is in the metric's units."""
+    _require_whisper(bundle)
+    if metric not in WHISPER_METRICS:
+        raise ValueError(f"unknown Whisper search metric {metric!r}; choose one of {', '.join(WHISPER_METRICS)}")
+    model = bundle.model.eval()
+    # Statistics: teacher-forced on the references (as quantize_whisper_simulated calibrates).
+    calib_batches = teacher_forced_batches(bundle, calibration, batch_size=1)
+
+    def run_calibration() -> None:
+        for batch in calib_batches:  # one at a time: no padded decoder positions in the statistics
+            _forward(model, batch)
+
+    if metric in TEACHER_FORCED_METRICS:
+        targets = transcribe(bundle, [u.audio for u in calibration], batch_size=EVAL_BATCH, progress=False)
+        tf_batches = teacher_forced_batches(bundle, calibration, batch_size=batch_size, texts=targets)
+
+        def score() -> float:
+            return teacher_forced_scores(model, tf_batches)[metric]
+        replay = "auto" if prefix_cache else None
+    else:
+        def score() -> float:
+            result = evaluate(bundle, calibration, batch_size=EVAL_BATCH, progress=False)
+            return result.wer if metric == "wer" else result.cer
+        replay = None  # generate() updates a KV cache in place: replaying decoder layers would be wrong
+    return stablequant_search(model, run_calibration, score, config, progress=progress, replay_blocks=replay,
+                              cache_budget_mb=cache_budget_mb)
+
+
+def quantize_whisper_simulated(bundle: SpeechModel, calibration: Sequence[Any], *, act_rule: RangeRule | None = None,
+                               per_layer: dict[str, RangeRule] | None = None, observer: Any = None,
+                               a_bits: int = 8, w_bits: int = 8, bins: int | None = None) -> QuantizedModel:
+    """A fake-quantized copy of a Whisper model (every Conv1d and Linear): weights per output channel,
+    symmetric MinMax; input activations per tensor with ranges from `per_layer` rules (StableQuant),
+    one `act_rule` (default MAX), or a torchao `observer` constructor (a baseline such as
+    `HistogramObserver.with_args(eps=2**-12)`), calibrated teacher-forced on `calibration`."""
+    _require_whisper(bundle)
+    start = time.perf_counter()
+    model = strip_weight_norm(copy.deepcopy(bundle.model)).eval()
+    layers = list(quantizable_layers(model))
+    batches = teacher_forced_batches(bundle, calibration, batch_size=1)
+
+    def run_calibration() -> None:
+        for batch in batches:
+            _forward(model, batch)
+
+    if observer is not None:
+        qmin, qmax = quant_bounds(a_bits, signed=False)
+        ranges = observer_ranges(model, run_calibration, layers, lambda: observer(
+            dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=qmin, quant_max=qmax))
+    else:
+        kwargs = {"bins": bins} if bins is not None else {}
+        hists = collect_input_histograms(model, run_calibration, layers, **kwargs)
+        ranges = {}
+        for name in layers:
+            rule = (per_layer or {}).get(name, act_rule or RangeRule("max"))
+            lo, hi = compute_range(hists[name], rule, bits=a_bits, symmetric=False, signed=False,
+                                   name=f"{name} (input)")
+            ranges[name] = (float(lo[0]), float(hi[0]))
+    apply_fake_quant(model, {n: LayerQuant(act_range=ranges[n], a_bits=a_bits, w_bits=w_bits) for n in layers})
+    calib_seconds = time.perf_counter() - start
+    quantized = dataclasses.replace(bundle, model=model)
+    counts = {"fake_quant_linear": sum(isinstance(m, torch.nn.Linear) for m in quantizable_layers(model).values()),
+              "fake_quant_conv1d": sum(isinstance(m, torch.nn.Conv1d) for m in quantizable_layers(model).values())}
+    return QuantizedModel(quantized, SIMULATED_BACKEND, True, counts, 0, calib_seconds, 0.0, None)
+
+
+__all__ = ["SIMULATED_BACKEND", "TEACHER_FORCED_METRICS", "WHISPER_METRICS", "TeacherForcedBatch",
+           "quantize_whisper_simulated", "search_whisper", "teacher_forced_batches", "teacher_forced_scores"]

@@ -1,0 +1,144 @@
+"""Whisper through the search and the fake-quant simulation, on a tiny random Whisper with the real
+tiny.en processor (tokenizer + log-mel features, offline)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from sq_plugin.core import RangeRule
+from sq_plugin.search import SearchConfig
+from sq_plugin.simulate import quantizable_layers
+from sq_plugin.whisper import (
+    SIMULATED_BACKEND,
+    quantize_whisper_simulated,
+    search_whisper,
+    teacher_forced_batches,
+    teacher_forced_scores,
+)
+
+
+@dataclasses.dataclass
+class Utt:
+    id: str
+    audio: np.ndarray
+    text: str
+
+
+@pytest.fixture(scope="module")
+def tiny_whisper():
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from sq_plugin.speech.models import SpeechModel
+    from sq_plugin.speech.whisper_ct2 import build_whisper_processor, default_model_dir
+
+    processor = build_whisper_processor(default_model_dir())
+    config = WhisperConfig(vocab_size=51864, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
+                           max_source_positions=1500, max_target_positions=64, decoder_start_token_id=50257,
+                           pad_token_id=50256, bos_token_id=50257, eos_token_id=50256)
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(config).eval()
+    model.generation_config.max_length = 8
+    return SpeechModel("tiny-whisper", "whisper", model, processor)
+
+
+@pytest.fixture(scope="module")
+def utterances():
+    gen = np.random.default_rng(0)
+    texts = ["she returned past the small city", "a bird", "the big bird came back across the big village"]
+    return [Utt(f"u{i}", (0.1 * gen.standard_normal(16000 * (i + 1))).astype(np.float32), t)
+            for i, t in enumerate(texts)]
+
+
+def test_teacher_forced_batches_shift_the_transcript_by_one(tiny_whisper, utterances):
+    tok = tiny_whisper.processor.tokenizer
+    (batch,) = teacher_forced_batches(tiny_whisper, utterances, batch_size=3)
+    assert batch.input_features.shape == (3, 80, 3000)
+    ids = tok(" a bird").input_ids  # <|startoftranscript|> <|notimestamps|> ... <|endoftext|>
+    assert ids[:2] == [50257, 50362] and ids[-1] == 50256
+    n = len(ids) - 1
+    assert batch.decoder_input_ids[1, :n].tolist() == ids[:-1] and batch.labels[1, :n].tolist() == ids[1:]
+    assert (batch.labels[1, n:] == -100).all()  # padding is not scored
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        teacher_forced_batches(tiny_whisper, [])
+
+
+def test_teacher_forced_scores_match_a_direct_cross_entropy(tiny_whisper, utterances):
+    batches = teacher_forced_batches(tiny_whisper, utterances, batch_size=2)
+    scores = teacher_forced_scores(tiny_whisper.model, batches)
+    losses, tokens = 0.0, 0
+    for u in utterances:  # one at a time, no padding at all
+        (b,) = teacher_forced_batches(tiny_whisper, [u], batch_size=1)
+        with torch.no_grad():
+            logits = tiny_whisper.model(input_features=b.input_features, decoder_input_ids=b.decoder_input_ids).logits
+        losses += float(torch.nn.functional.cross_entropy(logits[0], b.labels[0], reduction="sum"))
+        tokens += b.labels.shape[1]
+    assert scores["tf_loss"] == pytest.approx(losses / tokens, rel=1e-4)
+    assert 0.0 <= scores["tf_token_error"] <= 1.0
+
+
+def test_search_on_whisper_with_prefix_replay_equals_without(tiny_whisper, utterances):
+    config = SearchConfig(w_bits=4, a_bits=4, threshold=0.001, percentiles=(100.0, 99.0))
+    cached = search_whisper(tiny_whisper, utterances, config, progress=False)
+    plain = search_whisper(tiny_whisper, utterances, config, progress=False, prefix_cache=False)
+    layers = quantizable_layers(tiny_whisper.model)
+    assert [d.name for d in cached.layers] == list(layers)
+    assert {"model.encoder.conv1", "model.encoder.conv2", "proj_out"} <= set(layers)
+    assert cached.flagged == plain.flagged and cached.per_layer_rules() == plain.per_layer_rules()
+    assert cached.final_metric == plain.final_metric and cached.cache["replayed_calls"] > 0
+    assert cached.fp_metric < cached.max_metric  # W4A4 with MAX ranges hurts even this random model
+    with pytest.raises(ValueError, match="unknown Whisper search metric 'bleu'"):
+        search_whisper(tiny_whisper, utterances, config, metric="bleu")
+
+
+def test_simulated_whisper_quantizes_every_layer_and_leaves_the_original_alone(tiny_whisper, utterances):
+    model = tiny_whisper.model
+    embedding = model.model.decoder.embed_tokens.weight.detach().clone()
+    before = teacher_forced_scores(model, teacher_forced_batches(tiny_whisper, utterances))
+    q8 = quantize_whisper_simulated(tiny_whisper, utterances, a_bits=8, w_bits=8)
+    q4 = quantize_whisper_simulated(tiny_whisper, utterances, a_bits=4, w_bits=4)
+    assert q8.simulated and q8.backend == SIMULATED_BACKEND and q8.int8_kernels == 0
+    n = len(quantizable_layers(model))
+    assert q8.op_counts["fake_quant_linear"] + q8.op_counts["fake_quant_conv1d"] == n
+    assert teacher_forced_scores(model, teacher_forced_batches(tiny_whisper, utterances)) == before
+    # proj_out is tied to the token embedding: its fake-quantized copy must not leak into the embedding
+    assert torch.equal(q4.bundle.model.model.decoder.embed_tokens.weight, embedding)
+    assert not torch.equal(q4.bundle.model.proj_out.weight, embedding)
+    batches = teacher_forced_batches(tiny_whisper, utterances)
+    logits = {k: torch.cat([tiny_whisper.model(input_features=b.input_features,
+                                               decoder_input_ids=b.decoder_input_ids).logits.flatten()
+                            for b in batches]).detach() if k == "fp" else
+              torch.cat([q.bundle.model(input_features=b.input_features,
+                                        decoder_input_ids=b.decoder_input_ids).logits.flatten()
+                         for b in batches]).detach() for k, q in (("fp", None), ("w8", q8), ("w4", q4))}
+    err8 = float((logits["w8"] - logits["fp"]).norm() / logits["fp"].norm())
+    err4 = float((logits["w4"] - logits["fp"]).norm() / logits["fp"].norm())
+    assert 0 < err8 < 0.05 and err4 > 3 * err8
+
+
+def test_simulated_whisper_with_a_torchao_observer_and_per_layer_rules(tiny_whisper, utterances):
+    from torchao.quantization.pt2e import HistogramObserver
+
+    hist = quantize_whisper_simulated(tiny_whisper, utterances, observer=HistogramObserver.with_args(eps=2**-12))
+    assert hist.simulated
+    (batch,) = teacher_forced_batches(tiny_whisper, utterances[:1])
+
+    def conv1_input_grid(quantized):  # the distinct values conv1 sees after its input fake-quant hook
+        seen = []
+        conv1 = quantized.bundle.model.model.encoder.conv1
+        handle = conv1.register_forward_pre_hook(lambda _m, args: seen.append(args[0]), prepend=False)
+        with torch.no_grad():
+            quantized.bundle.model(input_features=batch.input_features, decoder_input_ids=batch.decoder_input_ids)
+        handle.remove()
+        return seen[0].unique()
+
+    full = quantize_whisper_simulated(tiny_whisper, utterances[:1], a_bits=4, w_bits=4)
+    clipped = quantize_whisper_simulated(tiny_whisper, utterances[:1], a_bits=4, w_bits=4,
+                                         per_layer={"model.encoder.conv1": RangeRule("percentile", percentile=90.0)})
+    grid_full, grid_clipped = conv1_input_grid(full), conv1_input_grid(clipped)
+    assert len(grid_full) <= 16 and len(grid_clipped) <= 16  # 4-bit activations
+    assert float(grid_clipped.max() - grid_clipped.min()) < 0.9 * float(grid_full.max() - grid_full.min())
+    with pytest.raises(ValueError, match="takes Whisper models"):
+        quantize_whisper_simulated(dataclasses.replace(tiny_whisper, kind="ctc"), utterances)
