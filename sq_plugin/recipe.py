@@ -160,8 +160,12 @@ def _check_fits(dataset: str, size: int) -> None:
 class StableQuantOptions(_Strict):
     threshold: float = 0.0025  # 0.25 % absolute WER, the paper's value
     percentiles: tuple[Percentile, ...] = DEFAULT_PERCENTILES
-    metric: Literal["wer", "cer"] = "wer"
+    # wer/cer: decode the calibration set per candidate (the paper). tf_loss / tf_token_error:
+    # Whisper only, teacher-forced proxies (see sq_plugin.whisper); threshold in their units.
+    metric: Literal["wer", "cer", "tf_loss", "tf_token_error"] = "wer"
     mse_grid: int = Field(default=100, ge=1)
+    # Memory for replaying unchanged layer outputs between the search's evaluations (prefix cache).
+    cache_budget_mb: float = Field(default=1024.0, ge=0)
 
     @field_validator("threshold")
     @classmethod

@@ -11,9 +11,13 @@ Methods (activation ranges; weights are always per-channel MinMax, symmetric):
 - stablequant: the layer-adaptive search (`search_ctc`), then PT2E with its per-layer rules;
 - max / percentile / mse: the project's PT2E observers with one rule for every layer;
 - moving_average / histogram: torchao's own observers (histogram = L2 search, the x86 default);
-- inc_minmax / inc_kl / quanto_absmax: not implemented yet (refused before any work starts).
-Backend x86 lowers W8A8 to oneDNN INT8 kernels; below 8 bits, or with backend "simulate", the
-converted q/dq graph runs as a float fake-quant simulation, labelled `simulated`.
+- inc_minmax / inc_kl: Intel Neural Compressor 3.10's built-in static quant as shipped (W8A8 only;
+  it leaves standalone Conv1d float); quanto_absmax: optimum-quanto W8A8 (absmax + EMA).
+CTC models: backend x86 lowers W8A8 to oneDNN INT8 kernels; below 8 bits, or with backend
+"simulate", the converted q/dq graph runs as a float fake-quant simulation, labelled `simulated`.
+Whisper: every method runs as a fake-quant simulation of all its Conv1d/Linear layers (labelled);
+INC and quanto are CTC-only here. A (method, bits) pair a framework cannot express (INC/quanto
+below 8 bits) is skipped and listed in the report with the reason, not silently dropped.
 """
 
 from __future__ import annotations
@@ -43,9 +47,9 @@ N_EXAMPLES = 5
 
 # Methods that need an optional framework, and how to get it.
 _OPTIONAL: dict[str, tuple[str, str]] = {
-    "inc_minmax": ("neural_compressor", "pip install sq-plugin[inc]"),
-    "inc_kl": ("neural_compressor", "pip install sq-plugin[inc]"),
-    "quanto_absmax": ("optimum.quanto", "pip install optimum-quanto"),
+    "inc_minmax": ("neural_compressor", 'pip install "sq-plugin[inc]"'),
+    "inc_kl": ("neural_compressor", 'pip install "sq-plugin[inc]"'),
+    "quanto_absmax": ("optimum.quanto", 'pip install "sq-plugin[quanto]"'),
 }
 
 
@@ -59,6 +63,7 @@ class RunResult:
     fp: dict[str, dict[str, float]]  # model -> {wer, cer, n}
     searches: dict[str, dict[str, Any]] = field(default_factory=dict)  # "<model> <bits>" -> SearchResult.to_dict()+
     examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # model -> example transcripts
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # {model, method, bits, reason}
     peak_rss_mb: float = 0.0
     seconds: float = 0.0
 
@@ -70,14 +75,29 @@ def _find_spec(module: str) -> bool:
         return False
 
 
+CTC_ONLY_METHODS = ("inc_minmax", "inc_kl", "quanto_absmax")
+
+
+def _is_whisper(model: str) -> bool:
+    return "whisper" in model.lower()
+
+
 def check_runnable(recipe: Recipe) -> None:
     """Refuse, before loading anything, what this version cannot run (RecipeError: CLI exit 2)."""
+    from sq_plugin.whisper import TEACHER_FORCED_METRICS
+
     source = f"{recipe.name or 'recipe'}.yaml"
     errors = []
+    metric = recipe.method_options.stablequant.metric
     for model in recipe.models:
-        if "whisper" in model.lower():
-            errors.append(f"model: {model!r}: Whisper recipes are not supported yet; use a CTC model "
-                          "(sq/wav2vec2-ref, sq/hubert-ref, facebook/wav2vec2-base-960h, ...)")
+        if _is_whisper(model):
+            bad = [m for m in recipe.methods if m in CTC_ONLY_METHODS]
+            if bad:
+                errors.append(f"model: {model!r}: methods {bad} run on CTC models only (INC/quanto baselines); "
+                              "drop them or the Whisper model")
+        elif "stablequant" in recipe.methods and metric in TEACHER_FORCED_METRICS:
+            errors.append(f"method_options.stablequant.metric: {metric!r} is a Whisper proxy; model {model!r} "
+                          "is a CTC model: use wer or cer")
     for i, method in enumerate(recipe.methods):
         if method not in _OPTIONAL:
             continue
@@ -85,9 +105,6 @@ def check_runnable(recipe: Recipe) -> None:
         if not _find_spec(module):
             errors.append(f"methods[{i}]: {method!r} needs {module}, which is not installed; run `{install}` "
                           "or drop the method")
-        else:
-            errors.append(f"methods[{i}]: {method!r} is not implemented yet in sq_plugin (only torchao PT2E "
-                          "methods run); drop it from the recipe")
     if errors:
         raise RecipeError(source, errors)
 
@@ -170,26 +187,84 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, log: Callable[[str], No
     return run
 
 
+def _unsupported(method: str, w_bits: int, a_bits: int) -> str | None:
+    """Why a framework baseline cannot run at these bits (None: it can)."""
+    if method in ("inc_minmax", "inc_kl") and (w_bits, a_bits) != (8, 8):
+        return "INC 3.10 static quant is int8-only (its observers use the full 8-bit grid)"
+    if method == "quanto_absmax" and (w_bits, a_bits) != (8, 8):
+        return "optimum-quanto quantizes activations to int8 or float8 only"
+    return None
+
+
+def _search(bundle: Any, calibration: Sequence[Any], recipe: Recipe, w_bits: int, a_bits: int, progress: bool) -> Any:
+    from sq_plugin.pipeline import search_ctc
+    from sq_plugin.search import SearchConfig
+
+    opts = recipe.method_options.stablequant
+    config = SearchConfig(w_bits=w_bits, a_bits=a_bits, threshold=opts.threshold, percentiles=tuple(opts.percentiles),
+                          mse_grid=opts.mse_grid)
+    if bundle.kind == "whisper":
+        from sq_plugin.whisper import search_whisper
+
+        return search_whisper(bundle, calibration, config, metric=opts.metric, progress=progress,
+                              cache_budget_mb=opts.cache_budget_mb)
+    return search_ctc(bundle, calibration, config, metric=opts.metric, progress=progress,
+                      cache_budget_mb=opts.cache_budget_mb)
+
+
+def _quantize(bundle: Any, method: str, recipe: Recipe, calibration: Sequence[Any], w_bits: int, a_bits: int,
+              lower: bool | None, per_layer: dict[str, Any] | None) -> Any:
+    """One quantized model (a `QuantizedModel`) for `method` at these bits."""
+    kwargs: dict[str, Any] = {"per_layer": per_layer} if method == "stablequant" else {}
+    if bundle.kind == "whisper":
+        from sq_plugin.whisper import quantize_whisper_simulated
+
+        if method != "stablequant":
+            kwargs = _quantize_kwargs(method, recipe)
+        return quantize_whisper_simulated(bundle, calibration, a_bits=a_bits, w_bits=w_bits, **kwargs)
+    if method in ("inc_minmax", "inc_kl"):
+        from sq_plugin.inc import quantize_ctc_inc
+
+        return quantize_ctc_inc(bundle, calibration, act_algo=method.removeprefix("inc_"), a_bits=a_bits,
+                                w_bits=w_bits, lower=lower)
+    if method == "quanto_absmax":
+        from sq_plugin.quanto import quantize_ctc_quanto
+
+        return quantize_ctc_quanto(bundle, calibration, a_bits=a_bits, w_bits=w_bits)
+    from sq_plugin.pipeline import quantize_ctc_pt2e
+
+    if method != "stablequant":
+        kwargs = _quantize_kwargs(method, recipe)
+    return quantize_ctc_pt2e(bundle, calibration, a_bits=a_bits, w_bits=w_bits, lower=lower, **kwargs)
+
+
 def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluation: Sequence[Any],
                say: Callable[[str], None], progress: bool) -> None:
     """FP once, then every bits x method of one model; appends to `run` (rows, fp, searches, examples)."""
     import torch
 
-    from sq_plugin.pipeline import EVAL_KWARGS, quantize_ctc_pt2e, search_ctc
-    from sq_plugin.search import SearchConfig
+    from sq_plugin.pipeline import EVAL_KWARGS
     from sq_plugin.speech.evaluate import evaluate
     from sq_plugin.speech.models import load_model
 
     recipe = run.recipe
     say(f"loading {model}")
     bundle = load_model(model)
-    if bundle.kind != "ctc":
-        raise RecipeError(f"{recipe.name or 'recipe'}.yaml",
-                          [f"model: {model!r} is a {bundle.kind} model: Whisper recipes are not supported yet; "
-                           "use a CTC model"])
-    # batch_size=1 everywhere: the quantized graphs run one utterance at a time, and the FP reference
-    # must see the same (unpadded) inputs for the difference to measure quantization only.
-    fp = evaluate(bundle, evaluation, progress=False, **EVAL_KWARGS)
+    if bundle.kind == "whisper":
+        from sq_plugin.whisper import EVAL_BATCH
+
+        # Whisper pads every clip to 30 s itself; batches only change the speed of generate().
+        eval_kwargs: dict[str, Any] = {"batch_size": EVAL_BATCH}
+        baseline_methods = [m for m in recipe.quantized_methods if m in CTC_ONLY_METHODS]
+        if baseline_methods:  # a name without "whisper" that loaded a Whisper model
+            raise RecipeError(f"{recipe.name or 'recipe'}.yaml",
+                              [f"model: {model!r} is a Whisper model; methods {baseline_methods} run on CTC "
+                               "models only"])
+    else:
+        # batch_size=1 with 2-s buckets: the quantized graphs run one utterance at a time, and the FP
+        # reference must see the same inputs for the difference to measure quantization only.
+        eval_kwargs = dict(EVAL_KWARGS)
+    fp = evaluate(bundle, evaluation, progress=False, **eval_kwargs)
     fp_wer, fp_cer = _finite(fp.wer, f"{model} FP WER"), _finite(fp.cer, f"{model} FP CER")
     run.fp[model] = {"wer": fp_wer, "cer": fp_cer, "n": fp.n}
     say(f"{model} fp: WER {fp_wer:.4f} CER {fp_cer:.4f} on {fp.n} utterances ({fp.seconds:.0f} s)")
@@ -206,24 +281,26 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
     for bits in recipe.bits:
         for method in recipe.quantized_methods:
             label = f"{method} {bits.label}"
+            reason = _unsupported(method, bits.w, bits.a)
+            if reason is not None:
+                run.skipped.append({"model": model, "method": method, "bits": bits.label, "reason": reason})
+                say(f"{model} {label}: skipped: {reason}")
+                continue
             search_seconds = None
+            per_layer = None
             if method == "stablequant":
-                opts = recipe.method_options.stablequant
-                config = SearchConfig(w_bits=bits.w, a_bits=bits.a, threshold=opts.threshold,
-                                      percentiles=tuple(opts.percentiles), mse_grid=opts.mse_grid)
-                say(f"{model} {label}: searching ({len(calibration)} calibration utterances, metric {opts.metric})")
+                say(f"{model} {label}: searching ({len(calibration)} calibration utterances, metric "
+                    f"{recipe.method_options.stablequant.metric})")
                 t0 = time.perf_counter()
-                search = search_ctc(bundle, calibration, config, metric=opts.metric, progress=progress)
+                search = _search(bundle, calibration, recipe, bits.w, bits.a, progress)
                 search_seconds = time.perf_counter() - t0
                 run.searches[f"{model} {bits.label}"] = {**search.to_dict(), "model": model, "bits": bits.label,
                                                          "wall_seconds": search_seconds}
                 say(f"{model} {label}: search {search_seconds:.0f} s, {search.evaluations} evaluations, flagged "
                     f"{search.flagged or 'none'}")
-                kwargs: dict[str, Any] = {"per_layer": search.per_layer_rules()}
-            else:
-                kwargs = _quantize_kwargs(method, recipe)
-            quantized = quantize_ctc_pt2e(bundle, calibration, a_bits=bits.a, w_bits=bits.w, lower=lower, **kwargs)
-            result = evaluate(quantized.bundle, evaluation, progress=False, **EVAL_KWARGS)
+                per_layer = search.per_layer_rules()
+            quantized = _quantize(bundle, method, recipe, calibration, bits.w, bits.a, lower, per_layer)
+            result = evaluate(quantized.bundle, evaluation, progress=False, **eval_kwargs)
             wer_q = _finite(result.wer, f"{model} {label} WER")
             cer_q = _finite(result.cer, f"{model} {label} CER")
             run.rows.append({"model": model, "method": method, "w_bits": bits.w, "a_bits": bits.a,
@@ -281,7 +358,8 @@ def write_outputs(run: RunResult) -> Path:
     try:
         payload = {
             "recipe": recipe.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fp": run.fp,
-            "rows": run.rows, "searches": run.searches, "examples": run.examples, "peak_rss_mb": run.peak_rss_mb,
+            "rows": run.rows, "searches": run.searches, "examples": run.examples, "skipped": run.skipped,
+            "peak_rss_mb": run.peak_rss_mb,
             "seconds": run.seconds, "versions": _versions(),
         }
         # allow_nan=False: the rows were checked finite; anything else here is a bug, not a report.
@@ -396,6 +474,10 @@ def _report_md(run: RunResult, plots: Sequence[str]) -> str:
             f"{(row['cer'] - row['fp_cer']) * 100:+.2f} | {backend} | {row['int8_kernels']} | "
             f"{_fmt(row['calib_seconds'])} | {_fmt(row['search_seconds'])} |")
     lines.append("")
+    if run.skipped:
+        lines += ["Not run (the framework cannot express these bits):", ""]
+        lines += [f"- {s['model']} {s['method']} {s['bits']}: {s['reason']}" for s in run.skipped]
+        lines.append("")
 
     for key, search in run.searches.items():
         calib = {row["method"]: row["calib_seconds"] for row in run.rows
@@ -403,6 +485,9 @@ def _report_md(run: RunResult, plots: Sequence[str]) -> str:
         cfg = search["config"]
         secs = search["seconds"]
         minmax = f"; MinMax (`max`) calibration alone takes {calib['max']:.1f} s" if "max" in calib else ""
+        cache = search.get("cache") or {}
+        replay = (f" Prefix cache: {cache['replayed_calls']} block calls replayed, {cache['computed_calls']} computed; "
+                  f"peak {cache['peak_mb']:.0f} of {cache['budget_mb']:.0f} MiB." if cache else "")
         lines += [
             f"## StableQuant search: {key}",
             "",
@@ -410,7 +495,7 @@ def _report_md(run: RunResult, plots: Sequence[str]) -> str:
             f"candidate percentiles {cfg['percentiles']}. {search['evaluations']} evaluations in "
             f"{search['wall_seconds']:.1f} s (statistics {secs.get('statistics', 0):.1f} s, screen "
             f"{secs.get('screen', 0):.1f} s, clip {secs.get('clip', 0):.1f} s), then PT2E calibration "
-            f"{_fmt(calib.get('stablequant'))} s{minmax}.",
+            f"{_fmt(calib.get('stablequant'))} s{minmax}.{replay}",
             "",
             f"Calibration metric: FP {search['fp_metric']:.4f}, all layers MAX {search['max_metric']:.4f}, "
             f"StableQuant {search['final_metric']:.4f}. Flagged layers: {', '.join(search['flagged']) or 'none'}.",

@@ -47,13 +47,14 @@ def test_bad_recipe_exits_2_with_one_line(tmp_path, capsys):
         assert err.startswith("stablequant: error: recipe.yaml: methods[1]: unknown method 'kll'; choose one of")
 
 
-def test_bad_override_and_whisper_exit_2_before_any_work(tmp_path, capsys):
+def test_bad_override_and_unrunnable_method_exit_2_before_any_work(tmp_path, capsys):
     path = write(tmp_path, TINY)
     assert main(["run", str(path), "--calib-size", "0", "--output-dir", str(tmp_path / "out")]) == 2
     assert "calibration.size: size must be an integer >= 1 (got 0)" in capsys.readouterr().err
-    whisper = write(tmp_path, TINY.replace("sq/wav2vec2-ref", "openai/whisper-tiny.en"), "w.yaml")
+    whisper = write(tmp_path, TINY.replace("sq/wav2vec2-ref", "openai/whisper-tiny.en").replace(
+        "methods: [", "methods: [inc_minmax, "), "w.yaml")
     assert main(["run", str(whisper), "--output-dir", str(tmp_path / "out")]) == 2
-    assert "Whisper recipes are not supported yet; use a CTC model" in capsys.readouterr().err
+    assert "methods ['inc_minmax'] run on CTC models only" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

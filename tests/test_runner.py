@@ -57,7 +57,8 @@ def install_fakes(monkeypatch, *, wer_of=lambda bundle: 0.1 if not bundle.quanti
                                        "pt2e fake-quant simulation", not real, {"linear": 4}, 4 if real else 0,
                                        0.5, 0.1)
 
-    def fake_search(bundle, calibration, config=None, *, metric="wer", batch_size=8, progress=True):
+    def fake_search(bundle, calibration, config=None, *, metric="wer", batch_size=8, progress=True,
+                    cache_budget_mb=1024.0):
         layers = [LayerDecision("enc.0", "Linear", 0.11, 0.01, True, 99.9, (-1.0, 2.0), (-3.0, 9.0), {100.0: 0.2}),
                   LayerDecision("enc.1", "Linear", 0.10, 0.0, False, 100.0, (-1.0, 1.0), (-1.0, 1.0), {})]
         return SearchResult(config or SearchConfig(), 0.1, 0.2, 0.11, layers,
@@ -137,23 +138,79 @@ def test_a_failure_while_writing_removes_the_temp_directory(tmp_path, monkeypatc
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_whisper_and_unimplemented_methods_are_refused_before_any_work(tmp_path, monkeypatch):
+def test_unrunnable_combinations_are_refused_before_any_work(tmp_path, monkeypatch):
     install_fakes(monkeypatch)
-    with pytest.raises(RecipeError, match="Whisper recipes are not supported yet; use a CTC model"):
-        runner.run_recipe(make_recipe(tmp_path, model="openai/whisper-tiny.en"), progress=False)
+    monkeypatch.setattr(runner, "_find_spec", lambda module: True)
+    with pytest.raises(RecipeError, match=r"methods \['inc_kl'\] run on CTC models only"):
+        runner.run_recipe(make_recipe(tmp_path, model="openai/whisper-tiny.en", methods=["fp", "inc_kl"]),
+                          progress=False)
     # A local directory does not say "whisper" in its name: the kind is checked after loading.
     monkeypatch.setattr(models, "load_model", lambda name: FakeBundle(name, "whisper"))
-    with pytest.raises(RecipeError, match="is a whisper model: Whisper recipes are not supported yet"):
-        runner.run_recipe(make_recipe(tmp_path, model="./local-model"), progress=False)
+    with pytest.raises(RecipeError, match=r"is a Whisper model; methods \['quanto_absmax'\] run on CTC models only"):
+        runner.run_recipe(make_recipe(tmp_path, model="./local-model", methods=["quanto_absmax"]), progress=False)
+    recipe = make_recipe(tmp_path, methods=["stablequant"])
+    recipe = recipe.model_copy(update={"method_options": recipe.method_options.model_copy(update={
+        "stablequant": recipe.method_options.stablequant.model_copy(update={"metric": "tf_loss"})})})
+    with pytest.raises(RecipeError, match="'tf_loss' is a Whisper proxy; model 'sq/wav2vec2-ref' is a CTC model"):
+        runner.check_runnable(recipe)
 
     monkeypatch.setattr(runner, "_find_spec", lambda module: False)
     with pytest.raises(RecipeError) as info:
         runner.check_runnable(make_recipe(tmp_path, methods=["fp", "inc_kl", "quanto_absmax"]))
-    assert "methods[1]: 'inc_kl' needs neural_compressor, which is not installed; run `pip install sq-plugin[inc]`" \
+    assert """methods[1]: 'inc_kl' needs neural_compressor, which is not installed; run `pip install "sq-plugin[inc]"`""" \
         in str(info.value)
-    assert "methods[2]: 'quanto_absmax' needs optimum.quanto" in str(info.value) and "optimum-quanto" in str(info.value)
-
-    monkeypatch.setattr(runner, "_find_spec", lambda module: True)
-    with pytest.raises(RecipeError, match="'inc_minmax' is not implemented yet"):
-        runner.check_runnable(make_recipe(tmp_path, methods=["inc_minmax"]))
+    assert "methods[2]: 'quanto_absmax' needs optimum.quanto" in str(info.value) and "sq-plugin[quanto]" in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_framework_baselines_run_at_w8a8_and_are_listed_as_skipped_below(tmp_path, monkeypatch):
+    install_fakes(monkeypatch)
+    monkeypatch.setattr(runner, "_find_spec", lambda module: True)
+    calls = []
+
+    def fake_inc(bundle, calibration, *, act_algo, a_bits=8, w_bits=8, lower=None):
+        calls.append(("inc", act_algo, w_bits, a_bits))
+        return pipeline.QuantizedModel(FakeBundle(bundle.name, quantized="yes"), "inc: x86-onednn-int8", False,
+                                       {"linear": 4}, 4, 0.5, 0.1)
+
+    import sq_plugin.inc as inc
+
+    monkeypatch.setattr(inc, "quantize_ctc_inc", fake_inc)
+    result = runner.run_recipe(make_recipe(tmp_path, methods=["fp", "inc_minmax", "inc_kl"]), progress=False)
+    assert calls == [("inc", "minmax", 8, 8), ("inc", "kl", 8, 8)]
+    assert [(r["method"], r["w_bits"]) for r in result.rows] == [("fp", 32), ("inc_minmax", 8), ("inc_kl", 8)]
+    assert [(s["method"], s["bits"]) for s in result.skipped] == [("inc_minmax", "w4a4"), ("inc_kl", "w4a4")]
+    report = (result.output_dir / "report.md").read_text()
+    assert "- sq/wav2vec2-ref inc_kl w4a4: INC 3.10 static quant is int8-only" in report
+    assert json.loads((result.output_dir / "results.json").read_text())["skipped"] == result.skipped
+
+
+def test_whisper_runs_every_method_as_a_labelled_simulation(tmp_path, monkeypatch):
+    install_fakes(monkeypatch)
+    import sq_plugin.whisper as whisper
+
+    seen = []
+
+    def fake_evaluate(bundle, utterances, batch_size=8, progress=True, pad_to_multiple=None):
+        assert batch_size == whisper.EVAL_BATCH and pad_to_multiple is None
+        us = [UtteranceResult(u.id, u.text, "hello world", 0.3, 0.1) for u in utterances]
+        return EvalResult(wer=0.3, cer=0.1, n=len(us), utterances=us, seconds=0.01)
+
+    def fake_quantize(bundle, calibration, *, act_rule=None, per_layer=None, observer=None, a_bits=8, w_bits=8):
+        seen.append((per_layer is not None, act_rule is not None, observer is not None, a_bits))
+        return pipeline.QuantizedModel(FakeBundle(bundle.name, quantized="yes"), whisper.SIMULATED_BACKEND, True,
+                                       {"fake_quant_linear": 4}, 0, 0.5, 0.0)
+
+    def fake_search(bundle, calibration, config=None, *, metric="tf_loss", progress=True, cache_budget_mb=1024.0):
+        assert metric == "wer"  # the recipe's metric is passed through
+        layers = [LayerDecision("enc.0", "Linear", 0.11, 0.01, True, 99.9, (-1.0, 2.0), (-3.0, 9.0), {100.0: 0.2})]
+        return SearchResult(config or SearchConfig(), 0.1, 0.2, 0.11, layers, {"total": 0.6}, 9)
+
+    monkeypatch.setattr(evaluate_mod, "evaluate", fake_evaluate)
+    monkeypatch.setattr(whisper, "quantize_whisper_simulated", fake_quantize)
+    monkeypatch.setattr(whisper, "search_whisper", fake_search)
+    result = runner.run_recipe(make_recipe(tmp_path, model="openai/whisper-tiny.en", bits=["w8a8"],
+                                           methods=["fp", "stablequant", "max", "histogram"]), progress=False)
+    assert seen == [(True, False, False, 8), (False, True, False, 8), (False, False, True, 8)]
+    assert [(r["method"], r["simulated"], r["int8_kernels"]) for r in result.rows] == [
+        ("fp", False, 0), ("stablequant", True, 0), ("max", True, 0), ("histogram", True, 0)]
