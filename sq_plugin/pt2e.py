@@ -17,6 +17,7 @@ nodes too; Inductor's x86 lowering accepts them ("conv1d/2d"), which `lower_x86`
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,20 +179,52 @@ def stablequant_x86_config(act_rule: RangeRule | None = None, weight_rule: Range
     return QuantizationConfig(act, act, weight, None, False)
 
 
-class StableQuantX86Quantizer(X86InductorQuantizer):
-    """`X86InductorQuantizer` that also annotates standalone `aten.conv1d` (wav2vec2/HuBERT front end)."""
+def cpu_has_amx() -> bool:
+    """Whether oneDNN may pick its AMX INT8 kernels here (Sapphire Rapids and newer Xeons)."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
-    def __init__(self, *, quantize_conv1d: bool = True) -> None:
+
+def grouped_qconv_is_safe() -> bool:
+    """False where oneDNN's grouped INT8 conv gives wrong results: with AMX in torch 2.13, a grouped
+    conv with a long kernel (wav2vec2/HuBERT's positional conv: 16 groups, kernel 128) comes out
+    several times its own norm away from the fake-quant graph (kernel 16 and 8+ channels per group
+    already), while the same kernels capped at AVX512-VNNI (ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI)
+    agree to rounding. Setting that variable before torch starts makes grouped convs safe again."""
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    return not cpu_has_amx() or (capped != "" and "AMX" not in capped and capped != "ALL")
+
+
+def _conv_groups(node: torch.fx.Node) -> int:
+    return int(node.args[6]) if len(node.args) > 6 else int(node.kwargs.get("groups", 1))
+
+
+class StableQuantX86Quantizer(X86InductorQuantizer):
+    """`X86InductorQuantizer` that also annotates standalone `aten.conv1d` (wav2vec2/HuBERT front end).
+
+    quantize_grouped_conv1d: None (default) quantizes grouped conv1d (the positional conv) only where
+    `grouped_qconv_is_safe()`; elsewhere it stays float and is listed in `skipped_layers`.
+    """
+
+    def __init__(self, *, quantize_conv1d: bool = True, quantize_grouped_conv1d: bool | None = None) -> None:
         super().__init__()
         self.quantize_conv1d = quantize_conv1d
+        self.quantize_grouped_conv1d = (grouped_qconv_is_safe() if quantize_grouped_conv1d is None
+                                        else quantize_grouped_conv1d)
+        self.skipped_layers: dict[str, str] = {}  # module name -> why it stays float
 
     def _annotate_with_config(self, model: torch.fx.GraphModule, quantization_config: QuantizationConfig | None,
                               filter_fn: Any) -> None:
         if self.quantize_conv1d:
             for node in model.graph.nodes:
                 if node.op == "call_function" and node.target == torch.ops.aten.conv1d.default:
-                    if not _skip_annotate([node], filter_fn):
-                        self._annotate_conv_node_helper(node, True, quantization_config)
+                    if _skip_annotate([node], filter_fn):
+                        continue
+                    if _conv_groups(node) > 1 and not self.quantize_grouped_conv1d:
+                        self.skipped_layers[_module_name(node) or node.name] = (
+                            "grouped conv1d kept float: oneDNN's AMX INT8 grouped conv is wrong in torch 2.13 "
+                            "(set ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI before starting Python to quantize it)")
+                        continue
+                    self._annotate_conv_node_helper(node, True, quantization_config)
         super()._annotate_with_config(model, quantization_config, filter_fn)
 
 
@@ -344,6 +377,23 @@ def install_conv1d_meta_fix() -> None:
     meta.calc_conv_nd_return_shape = fixed
 
 
+# INT8 kernels vs the converted fake-quant graph, relative L2 on the output: rounding ties measured
+# 0.005 on the tiny test models; a wrong kernel measured 0.74 (whole model) and 3-5 (the op alone).
+MAX_KERNEL_ERROR = 0.1
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, dict):
+        return _first_tensor(next(iter(out.values())))
+    if isinstance(out, list | tuple):
+        return _first_tensor(out[0])
+    raise TypeError(f"cannot find an output tensor in {type(out).__name__}")
+
+
 def _int8_lowered() -> int:
     from torch._dynamo.utils import counters
 
@@ -361,9 +411,12 @@ class Int8Module:
     bounded set of lengths (e.g. pad audio to whole seconds) to bound the number of compilations.
     """
 
-    def __init__(self, converted: torch.fx.GraphModule, quantized_ops: int) -> None:
+    def __init__(self, converted: torch.fx.GraphModule, quantized_ops: int, *,
+                 max_error: float | None = MAX_KERNEL_ERROR) -> None:
         self.converted = converted
         self.quantized_ops = quantized_ops
+        self.max_error = max_error
+        self.errors: dict[tuple, float] = {}  # input shapes -> relative error against the fake-quant graph
         self.compiled = torch.compile(converted, dynamic=False)
         self.shapes: set[tuple] = set()
 
@@ -386,8 +439,27 @@ class Int8Module:
                     "quantized ops: the model would run in float. Is this an x86 CPU with oneDNN "
                     "(torch.backends.mkldnn.is_available())?"
                 )
+            if self.max_error is not None:
+                self._check_against_fake_quant(key, args, out)
             self.shapes.add(key)
         return out
+
+    def _check_against_fake_quant(self, key: tuple, args: tuple, out: Any) -> None:
+        """Compare a new compilation with the converted graph (float q/dq) on the same input: INT8
+        kernels agree with it up to rounding ties; a kernel that computes something else does not."""
+        with torch.no_grad():
+            want = _first_tensor(self.converted(*args)).float()
+        got = _first_tensor(out).float()
+        error = float((got - want).norm() / want.norm().clamp_min(1e-12))
+        self.errors[key] = error
+        if not math.isfinite(error) or error > self.max_error:
+            raise RuntimeError(
+                f"the INT8 kernels compiled for input shapes {key[0]} disagree with the fake-quant graph: "
+                f"relative error {error:.3g} > {self.max_error} (rounding alone stays near 0.01). A oneDNN "
+                "kernel computes something else on this CPU; known case: grouped conv1d on AMX in torch 2.13 "
+                "(StableQuantX86Quantizer keeps it float by default, or set ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI "
+                "before starting Python)."
+            )
 
 
 def lower_x86(converted: torch.fx.GraphModule, example_inputs: tuple, *,

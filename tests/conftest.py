@@ -36,3 +36,21 @@ def tiny_hubert():
 
     torch.manual_seed(0)
     return HubertForCTC(tiny_ctc_config("hubert", stable=True)).eval()
+
+
+@pytest.fixture
+def conv1d_counts():
+    """`expected_conv1d_counts`, as a fixture (tests import nothing from conftest)."""
+    return expected_conv1d_counts
+
+
+def expected_conv1d_counts(n_conv1d: int = 8, n_grouped: int = 1, *, also_float: int = 0) -> dict[str, int]:
+    """The conv1d entries of `count_quantized_ops` for a tiny CTC model under StableQuantX86Quantizer:
+    the grouped positional conv stays float where oneDNN's grouped INT8 conv is wrong (AMX CPUs)."""
+    from sq_plugin.pt2e import grouped_qconv_is_safe
+
+    floats = also_float + (0 if grouped_qconv_is_safe() else n_grouped)
+    counts = {"conv1d": n_conv1d - floats}
+    if floats:
+        counts["conv1d_float"] = floats
+    return counts

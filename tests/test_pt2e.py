@@ -8,6 +8,9 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from sq_plugin.core import Histogram, RangeRule, compute_range, qparams_from_range
 from sq_plugin.pt2e import (
     PercentileObserver,
+    StableQuantX86Quantizer,
+    cpu_has_amx,
+    grouped_qconv_is_safe,
     StableQuantObserver,
     StableQuantPerChannelObserver,
     calibrate,
@@ -33,7 +36,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_wav2vec2", "tiny_hubert"])
-def test_ctc_model_end_to_end_to_int8_kernels(model_fixture, request):
+def test_ctc_model_end_to_end_to_int8_kernels(model_fixture, request, conv1d_counts):
     model = request.getfixturevalue(model_fixture)
     x = audio(16000, 0)
     with torch.no_grad():
@@ -43,11 +46,11 @@ def test_ctc_model_end_to_end_to_int8_kernels(model_fixture, request):
     converted = convert_pt2e(prepared)
 
     # (a) every Linear and every Conv1d (feature extractor + positional conv) is quantized
-    assert count_quantized_ops(converted) == {"linear": N_LINEAR, "conv1d": N_CONV1D}
+    assert count_quantized_ops(converted) == {"linear": N_LINEAR, **conv1d_counts(N_CONV1D)}
 
     # (b) real oneDNN INT8 kernels, counted by Inductor's pattern matcher
     compiled, report = lower_x86(converted, (x,))
-    assert report.qconv == N_CONV1D
+    assert report.qconv == conv1d_counts(N_CONV1D)["conv1d"]
     assert report.qlinear == N_LINEAR
 
     # (c) logits close to float, INT8 kernels agree with the fake-quant graph
@@ -108,14 +111,14 @@ def test_per_channel_observer_keeps_ch_axis_through_prepare():
     assert scale.shape == (4,)
 
 
-def test_per_layer_override_keeps_a_layer_float(tiny_hubert):
+def test_per_layer_override_keeps_a_layer_float(tiny_hubert, conv1d_counts):
     x = audio(8000, 0)
     quantizer = stablequant_x86_quantizer(per_layer={"hubert.feature_extractor.conv_layers.0.conv": None,
                                                      "lm_head": RangeRule("percentile", percentile=99.9)})
     prepared = prepare_stablequant(tiny_hubert, (x,), quantizer)
     calibrate(prepared, [x])
     counts = count_quantized_ops(convert_pt2e(prepared))
-    assert counts == {"conv1d_float": 1, "conv1d": N_CONV1D - 1, "linear": N_LINEAR}
+    assert counts == {**conv1d_counts(N_CONV1D, also_float=1), "linear": N_LINEAR}
 
 
 def test_sub_8_bit_grids_use_int8_storage_with_fewer_levels():
@@ -186,3 +189,56 @@ def test_export_helper_accepts_other_lengths(tiny_wav2vec2):
     exported = export_for_quantization(tiny_wav2vec2, (audio(8000, 0),))
     with torch.no_grad():
         assert exported(audio(12345, 1)).logits.shape[1] == 38
+
+
+class GroupedConv(torch.nn.Module):
+    """The shape of wav2vec2's positional conv, small: 4 groups of 8 channels, kernel 16."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(32, 32, 16, padding=8, groups=4)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def _grouped_conv_converted(quantize_grouped: bool):
+    torch.manual_seed(0)
+    xs = [torch.randn(1, 32, 400) for _ in range(3)]
+    quantizer = StableQuantX86Quantizer(quantize_grouped_conv1d=quantize_grouped).set_global(stablequant_x86_config())
+    prepared = prepare_pt2e(export_for_quantization(GroupedConv().eval(), (xs[0],), dynamic_dims={0: 2}), quantizer)
+    calibrate(prepared, [(x,) for x in xs])
+    return convert_pt2e(prepared), xs[0], quantizer
+
+
+def test_grouped_conv1d_is_kept_float_and_named_when_asked():
+    converted, _, quantizer = _grouped_conv_converted(False)
+    assert count_quantized_ops(converted) == {"conv1d_float": 1}
+    assert list(quantizer.skipped_layers) == ["conv"] and "AMX" in quantizer.skipped_layers["conv"]
+    # the default follows the CPU: quantized unless oneDNN would pick its AMX kernel
+    assert StableQuantX86Quantizer().quantize_grouped_conv1d == grouped_qconv_is_safe()
+    assert grouped_qconv_is_safe() or cpu_has_amx()
+
+
+def test_int8_module_raises_when_the_kernels_disagree_with_fake_quant(tiny_hubert):
+    x = audio(8000, 0)
+    prepared = prepare_stablequant(tiny_hubert, (x,))
+    calibrate(prepared, [x])
+    compiled, _ = lower_x86(convert_pt2e(prepared), (x,))
+    assert 0 <= compiled.errors[next(iter(compiled.errors))] < 0.02
+    # a kernel that computes something else (here: simulated by scaling the compiled output)
+    real = compiled.compiled
+    compiled.compiled = lambda *args: type(out := real(*args))(logits=out.logits * 1.5)
+    with pytest.raises(RuntimeError, match="disagree with the fake-quant graph"):
+        compiled(audio(12000, 1))
+
+
+@pytest.mark.skipif(not cpu_has_amx(), reason="the oneDNN grouped-conv defect needs an AMX CPU")
+def test_the_amx_grouped_conv_defect_is_caught_not_run_silently():
+    converted, x, _ = _grouped_conv_converted(True)
+    if grouped_qconv_is_safe():  # ONEDNN_MAX_CPU_ISA caps below AMX in this process
+        compiled, _ = lower_x86(converted, (x,))
+        assert compiled.errors[next(iter(compiled.errors))] < 0.02
+    else:
+        with pytest.raises(RuntimeError, match="grouped conv1d on AMX"):
+            lower_x86(converted, (x,))
