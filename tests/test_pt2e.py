@@ -8,14 +8,14 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from sq_plugin.core import Histogram, RangeRule, compute_range, qparams_from_range
 from sq_plugin.pt2e import (
     PercentileObserver,
-    StableQuantX86Quantizer,
-    cpu_has_amx,
-    grouped_qconv_is_safe,
     StableQuantObserver,
     StableQuantPerChannelObserver,
+    StableQuantX86Quantizer,
     calibrate,
     count_quantized_ops,
+    cpu_has_amx,
     export_for_quantization,
+    grouped_qconv_is_safe,
     lower_x86,
     prepare_stablequant,
     stablequant_x86_config,

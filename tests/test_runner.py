@@ -157,9 +157,10 @@ def test_unrunnable_combinations_are_refused_before_any_work(tmp_path, monkeypat
     monkeypatch.setattr(runner, "_find_spec", lambda module: False)
     with pytest.raises(RecipeError) as info:
         runner.check_runnable(make_recipe(tmp_path, methods=["fp", "inc_kl", "quanto_absmax"]))
-    assert """methods[1]: 'inc_kl' needs neural_compressor, which is not installed; run `pip install "sq-plugin[inc]"`""" \
-        in str(info.value)
-    assert "methods[2]: 'quanto_absmax' needs optimum.quanto" in str(info.value) and "sq-plugin[quanto]" in str(info.value)
+    message = str(info.value)
+    assert ("""methods[1]: 'inc_kl' needs neural_compressor, which is not installed; """
+            """run `pip install "sq-plugin[inc]"`""") in message
+    assert "methods[2]: 'quanto_absmax' needs optimum.quanto" in message and "sq-plugin[quanto]" in message
     assert not (tmp_path / "out").exists()
 
 

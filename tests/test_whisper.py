@@ -137,8 +137,8 @@ def test_simulated_whisper_with_a_torchao_observer_and_per_layer_rules(tiny_whis
         return seen[0].unique()
 
     full = quantize_whisper_simulated(tiny_whisper, utterances[:1], a_bits=4, w_bits=4)
-    clipped = quantize_whisper_simulated(tiny_whisper, utterances[:1], a_bits=4, w_bits=4,
-                                         per_layer={"model.encoder.layers.0.fc1": RangeRule("percentile", percentile=90.0)})
+    fc1_at_p90 = {"model.encoder.layers.0.fc1": RangeRule("percentile", percentile=90.0)}
+    clipped = quantize_whisper_simulated(tiny_whisper, utterances[:1], a_bits=4, w_bits=4, per_layer=fc1_at_p90)
     grid_full, grid_clipped = fc1_input_grid(full), fc1_input_grid(clipped)
     assert len(grid_full) <= 16 and len(grid_clipped) <= 16  # 4-bit activations
     assert float(grid_clipped.max() - grid_clipped.min()) < 0.9 * float(grid_full.max() - grid_full.min())

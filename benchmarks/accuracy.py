@@ -1,0 +1,181 @@
+"""Accuracy of StableQuant against the built-in PTQ baselines: methods x {W8A8, W6A6, W4A4}.
+
+Calibrate on the corpus dev split, evaluate on the test split, through the recipe runner (so every
+row is what `stablequant run` would report). CTC references: W8A8 runs on real oneDNN INT8 kernels,
+W6A6/W4A4 as a fake-quant simulation. Whisper tiny.en: every row is a simulation (labelled).
+
+    python benchmarks/accuracy.py --models sq/wav2vec2-ref,sq/hubert-ref
+    python benchmarks/accuracy.py --models openai/whisper-tiny.en --calib 32 --eval 120 \\
+        --metric tf_loss --threshold 0.01
+
+Rows are merged into benchmarks/results/accuracy.json by (model, method, w_bits, a_bits), so models
+can be run in separate processes; accuracy.md is regenerated from all rows. Each run's full report
+(per-layer cut-offs, transcripts, plots) stays in runs/accuracy/.
+
+Row keys: model, method ("fp" for the float row), w_bits, a_bits, simulated, wer, cer, fp_wer, fp_cer
+(fractions: 0.0235 = 2.35 %), calib_seconds (for stablequant: search + calibration), n_eval; plus
+backend, int8_kernels, search_seconds, eval_seconds and the run it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sq_plugin.pt2e import cpu_has_amx, grouped_qconv_is_safe
+from sq_plugin.recipe import parse_recipe
+from sq_plugin.runner import run_recipe
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ALL_METHODS = ("fp", "stablequant", "max", "moving_average", "histogram", "percentile", "mse",
+               "inc_minmax", "inc_kl", "quanto_absmax")
+WHISPER_METHODS = ("fp", "stablequant", "max", "moving_average", "histogram", "percentile", "mse")
+KEY = ("model", "method", "w_bits", "a_bits")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def to_row(run_row: dict[str, Any], run_dir: str, command: str) -> dict[str, Any]:
+    search = run_row.get("search_seconds")
+    calib = run_row.get("calib_seconds")
+    return {
+        "model": run_row["model"], "method": run_row["method"], "w_bits": run_row["w_bits"],
+        "a_bits": run_row["a_bits"], "simulated": run_row["simulated"], "wer": run_row["wer"], "cer": run_row["cer"],
+        "fp_wer": run_row["fp_wer"], "fp_cer": run_row["fp_cer"],
+        "calib_seconds": None if calib is None else calib + (search or 0.0), "n_eval": run_row["n_eval"],
+        "backend": run_row["backend"], "int8_kernels": run_row["int8_kernels"], "search_seconds": search,
+        "eval_seconds": run_row.get("eval_seconds"), "run": run_dir, "command": command,
+    }
+
+
+def merge(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keyed = {tuple(r[k] for k in KEY): r for r in old}
+    keyed.update({tuple(r[k] for k in KEY): r for r in new})
+    return list(keyed.values())
+
+
+def _bits(row: dict[str, Any]) -> str:
+    return "fp32" if row["method"] == "fp" else f"W{row['w_bits']}A{row['a_bits']}"
+
+
+def table(rows: list[dict[str, Any]], searches: dict[str, dict[str, Any]]) -> str:
+    """The markdown table of BENCHMARKS.md: one block per model, rows by bits then method."""
+    order = {m: i for i, m in enumerate(ALL_METHODS)}
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    lines = ["| model | bits | method | runs on | WER % | ΔWER pp | CER % | ΔCER pp | calib s | n |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for model in models:
+        mrows = sorted((r for r in rows if r["model"] == model),
+                       key=lambda r: (-r["w_bits"], -r["a_bits"], order.get(r["method"], 99)))
+        for r in mrows:
+            if r["method"] == "fp":
+                runs_on = "float32"
+            elif r["simulated"]:
+                runs_on = "simulated"
+            else:
+                runs_on = f"INT8 ({r['int8_kernels']} kernels)"
+            name = f"**{r['method']}**" if r["method"] == "stablequant" else r["method"]
+            calib = "-" if r["calib_seconds"] is None else f"{r['calib_seconds']:.1f}"
+            lines.append(f"| {model} | {_bits(r)} | {name} | {runs_on} | {r['wer'] * 100:.2f} | "
+                         f"{(r['wer'] - r['fp_wer']) * 100:+.2f} | {r['cer'] * 100:.2f} | "
+                         f"{(r['cer'] - r['fp_cer']) * 100:+.2f} | {calib} | {r['n_eval']} |")
+    lines.append("")
+    if searches:
+        lines += ["StableQuant search, per model and bits (calibration metric; flagged layers and their cut-off):", "",
+                  "| model | bits | metric (threshold) | FP | all MAX | StableQuant | flagged | clipped (percentile) "
+                  "| evaluations | search s | search / (MinMax calib + 1 eval) |",
+                  "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+        for s in searches.values():
+            flagged = [d for d in s["layers"] if d["flagged"]]
+            clipped = [f"`{d['name']}` ({d['percentile']:g})" for d in flagged if d["percentile"] < 100]
+            shown = ", ".join(clipped[:6]) + (f", … {len(clipped) - 6} more" if len(clipped) > 6 else "")
+            ratio = "-" if s.get("cost_ratio") is None else f"{s['cost_ratio']:.2f}x"
+            lines.append(f"| {s['model']} | {s['bits']} | {s['metric']} ({s['threshold']:g}) | {s['fp_metric']:.4f} | "
+                         f"{s['max_metric']:.4f} | {s['final_metric']:.4f} | {len(flagged)} | {shown or 'none'} | "
+                         f"{s['evaluations']} | {s['wall_seconds']:.0f} | {ratio} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="sq/wav2vec2-ref,sq/hubert-ref")
+    parser.add_argument("--methods", default=None, help="comma list (default: all that run on the model kind)")
+    parser.add_argument("--bits", default="w8a8,w6a6,w4a4")
+    parser.add_argument("--calib", type=int, default=200, help="calibration utterances (dev split)")
+    parser.add_argument("--eval", type=int, default=600, help="evaluation utterances (test split)")
+    parser.add_argument("--metric", default="wer", help="StableQuant search metric (wer, cer, tf_loss, tf_token_error)")
+    parser.add_argument("--threshold", type=float, default=0.0025, help="screen threshold, in the metric's units")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="accuracy")
+    parser.add_argument("--table-only", action="store_true", help="only rewrite OUT.md from OUT.json")
+    args = parser.parse_args()
+    if args.table_only:
+        payload = json.loads((RESULTS / f"{args.out}.json").read_text())
+        atomic_write(RESULTS / f"{args.out}.md", table(payload["rows"], payload["searches"]))
+        return
+    torch.set_num_threads(args.threads)
+    command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
+
+    models = args.models.split(",")
+    whisper = any("whisper" in m for m in models)
+    methods = args.methods.split(",") if args.methods else list(WHISPER_METHODS if whisper else ALL_METHODS)
+    recipe = parse_recipe({
+        "name": f"{args.out}-{'whisper' if whisper else 'ctc'}", "model": models,
+        "calibration": {"dataset": "corpus-dev", "size": args.calib},
+        "evaluation": {"dataset": "corpus-test", "size": args.eval},
+        "methods": methods, "bits": args.bits.split(","), "backend": "x86", "threads": args.threads,
+        "method_options": {"stablequant": {"metric": args.metric, "threshold": args.threshold}},
+        "output_dir": "runs/accuracy",
+    }, source="benchmarks/accuracy.py")
+    run = run_recipe(recipe)
+    rows = [to_row(r, str(run.output_dir), command) for r in run.rows]
+
+    # Search cost: the search's wall time against MinMax (method "max") calibration + one evaluation,
+    # same model, bits and run.
+    searches = {}
+    for key, s in run.searches.items():
+        mx = next((r for r in run.rows if r["model"] == s["model"] and r["method"] == "max"
+                   and f"w{r['w_bits']}a{r['a_bits']}" == s["bits"]), None)
+        cost = None if mx is None else s["wall_seconds"] / (mx["calib_seconds"] + mx["eval_seconds"])
+        searches[key] = {"model": s["model"], "bits": s["bits"], "metric": args.metric, "fp_metric": s["fp_metric"],
+                         "max_metric": s["max_metric"], "final_metric": s["final_metric"],
+                         "evaluations": s["evaluations"], "wall_seconds": s["wall_seconds"], "seconds": s["seconds"],
+                         "cache": s.get("cache", {}), "cost_ratio": cost, "threshold": args.threshold,
+                         "layers": [{"name": d["name"], "flagged": d["flagged"], "percentile": d["percentile"],
+                                     "screen_delta": d["screen_delta"]} for d in s["layers"]]}
+
+    path = RESULTS / f"{args.out}.json"
+    old = json.loads(path.read_text()) if path.exists() else {"rows": [], "searches": {}, "runs": []}
+    payload = {
+        "rows": merge(old["rows"], rows),
+        "searches": {**old.get("searches", {}), **searches},
+        "runs": [*old.get("runs", []), {
+            "command": command, "output_dir": str(run.output_dir), "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
+            # AMX CPUs keep the grouped positional conv float (oneDNN defect; sq_plugin.pt2e)
+            "cpu_amx": cpu_has_amx(), "grouped_conv1d_int8": grouped_qconv_is_safe(), "threads": args.threads,
+            "peak_rss_mb": run.peak_rss_mb, "seconds": run.seconds, "skipped": run.skipped}],
+    }
+    atomic_write(path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    atomic_write(RESULTS / f"{args.out}.md", table(payload["rows"], payload["searches"]))
+    print(table(payload["rows"], payload["searches"]))
+
+
+if __name__ == "__main__":
+    main()
