@@ -102,7 +102,8 @@ def table(rows: list[dict[str, Any]], searches: dict[str, dict[str, Any]]) -> st
                   "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
         for s in searches.values():
             flagged = [d for d in s["layers"] if d["flagged"]]
-            clipped = [f"`{d['name']}` ({d['percentile']:g})" for d in flagged if d["percentile"] < 100]
+            clipped = [f"`{d['name']}` ({'float' if d.get('keep_float') else format(d['percentile'], 'g')})"
+                       for d in flagged if d["percentile"] < 100 or d.get("keep_float")]
             shown = ", ".join(clipped[:6]) + (f", … {len(clipped) - 6} more" if len(clipped) > 6 else "")
             ratio = "-" if s.get("cost_ratio") is None else f"{s['cost_ratio']:.2f}x"
             lines.append(f"| {s['model']} | {s['bits']} | {s['metric']} ({s['threshold']:g}) | {s['fp_metric']:.4f} | "
@@ -119,10 +120,14 @@ def main() -> None:
     parser.add_argument("--bits", default="w8a8,w6a6,w4a4")
     parser.add_argument("--calib", type=int, default=200, help="calibration utterances (dev split)")
     parser.add_argument("--eval", type=int, default=600, help="evaluation utterances (test split)")
-    parser.add_argument("--metric", default="wer", help="StableQuant search metric (wer, cer, tf_loss, tf_token_error)")
+    parser.add_argument("--metric", default="wer",
+                        help="StableQuant search metric (wer, cer, ctc_loss, tf_loss, tf_token_error)")
     parser.add_argument("--threshold", type=float, default=0.0025, help="screen threshold, in the metric's units")
+    parser.add_argument("--float-fallback", action="store_true",
+                        help="StableQuant option (not in the paper): flagged layers may stay float")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="accuracy")
+    parser.add_argument("--out", default="accuracy", help="results name; use another for ablations (e.g. "
+                        "accuracy_ablation) so that accuracy.json keeps the default method's rows")
     parser.add_argument("--table-only", action="store_true", help="only rewrite OUT.md from OUT.json")
     args = parser.parse_args()
     if args.table_only:
@@ -140,7 +145,8 @@ def main() -> None:
         "calibration": {"dataset": "corpus-dev", "size": args.calib},
         "evaluation": {"dataset": "corpus-test", "size": args.eval},
         "methods": methods, "bits": args.bits.split(","), "backend": "x86", "threads": args.threads,
-        "method_options": {"stablequant": {"metric": args.metric, "threshold": args.threshold}},
+        "method_options": {"stablequant": {"metric": args.metric, "threshold": args.threshold,
+                                            "float_fallback": args.float_fallback}},
         "output_dir": "runs/accuracy",
     }, source="benchmarks/accuracy.py")
     run = run_recipe(recipe)
@@ -157,7 +163,9 @@ def main() -> None:
                          "max_metric": s["max_metric"], "final_metric": s["final_metric"],
                          "evaluations": s["evaluations"], "wall_seconds": s["wall_seconds"], "seconds": s["seconds"],
                          "cache": s.get("cache", {}), "cost_ratio": cost, "threshold": args.threshold,
+                         "float_fallback": run.recipe.method_options.stablequant.float_fallback,
                          "layers": [{"name": d["name"], "flagged": d["flagged"], "percentile": d["percentile"],
+                                     "keep_float": d["keep_float"],
                                      "screen_delta": d["screen_delta"]} for d in s["layers"]]}
 
     path = RESULTS / f"{args.out}.json"

@@ -160,10 +160,13 @@ def _check_fits(dataset: str, size: int) -> None:
 class StableQuantOptions(_Strict):
     threshold: float = 0.0025  # 0.25 % absolute WER, the paper's value
     percentiles: tuple[Percentile, ...] = DEFAULT_PERCENTILES
-    # wer/cer: decode the calibration set per candidate (the paper). tf_loss / tf_token_error:
-    # Whisper only, teacher-forced proxies (see sq_plugin.whisper); threshold in their units.
-    metric: Literal["wer", "cer", "tf_loss", "tf_token_error"] = "wer"
+    # wer/cer: decode the calibration set per candidate (the paper). ctc_loss: CTC models only, CTC
+    # loss per reference character (sq_plugin.pipeline). tf_loss / tf_token_error: Whisper only,
+    # teacher-forced proxies (sq_plugin.whisper). The threshold is in the metric's units.
+    metric: Literal["wer", "cer", "ctc_loss", "tf_loss", "tf_token_error"] = "wer"
     mse_grid: int = Field(default=100, ge=1)
+    # Not in the paper: a flagged layer stays float when that beats its best cut-off by > threshold.
+    float_fallback: bool = False
     # Memory for replaying unchanged layer outputs between the search's evaluations (prefix cache).
     cache_budget_mb: float = Field(default=1024.0, ge=0)
 

@@ -95,9 +95,12 @@ def check_runnable(recipe: Recipe) -> None:
             if bad:
                 errors.append(f"model: {model!r}: methods {bad} run on CTC models only (INC/quanto baselines); "
                               "drop them or the Whisper model")
+            if "stablequant" in recipe.methods and metric == "ctc_loss":
+                errors.append(f"method_options.stablequant.metric: 'ctc_loss' needs a CTC model; {model!r} is "
+                              "Whisper: use tf_loss, tf_token_error, wer or cer")
         elif "stablequant" in recipe.methods and metric in TEACHER_FORCED_METRICS:
             errors.append(f"method_options.stablequant.metric: {metric!r} is a Whisper proxy; model {model!r} "
-                          "is a CTC model: use wer or cer")
+                          "is a CTC model: use wer, cer or ctc_loss")
     for i, method in enumerate(recipe.methods):
         if method not in _OPTIONAL:
             continue
@@ -202,7 +205,7 @@ def _search(bundle: Any, calibration: Sequence[Any], recipe: Recipe, w_bits: int
 
     opts = recipe.method_options.stablequant
     config = SearchConfig(w_bits=w_bits, a_bits=a_bits, threshold=opts.threshold, percentiles=tuple(opts.percentiles),
-                          mse_grid=opts.mse_grid)
+                          mse_grid=opts.mse_grid, float_fallback=opts.float_fallback)
     if bundle.kind == "whisper":
         from sq_plugin.whisper import search_whisper
 
@@ -498,15 +501,18 @@ def _report_md(run: RunResult, plots: Sequence[str]) -> str:
             f"{_fmt(calib.get('stablequant'))} s{minmax}.{replay}",
             "",
             f"Calibration metric: FP {search['fp_metric']:.4f}, all layers MAX {search['max_metric']:.4f}, "
-            f"StableQuant {search['final_metric']:.4f}. Flagged layers: {', '.join(search['flagged']) or 'none'}.",
+            f"StableQuant {search['final_metric']:.4f}. Flagged layers: {', '.join(search['flagged']) or 'none'}."
+            + (f" Kept float (float_fallback): {', '.join(search['float_layers'])}." if search.get("float_layers")
+               else ""),
             "",
             "| layer | kind | screen Δ | flagged | percentile | range (lo, hi) | MAX range (lo, hi) |",
             "|---|---|---:|---|---:|---|---|",
         ]
         for d in sorted(search["layers"], key=lambda d: not d["flagged"]):  # flagged first, then network order
+            cut_off = "float" if d.get("keep_float") else format(d["percentile"], "g")
             lines.append(
                 f"| `{d['name']}` | {d['kind']} | {d['screen_delta']:+.4f} | {'yes' if d['flagged'] else ''} | "
-                f"{d['percentile']:g} | ({d['act_range'][0]:.3g}, {d['act_range'][1]:.3g}) | "
+                f"{cut_off} | ({d['act_range'][0]:.3g}, {d['act_range'][1]:.3g}) | "
                 f"({d['max_range'][0]:.3g}, {d['max_range'][1]:.3g}) |")
         lines.append("")
 

@@ -45,6 +45,10 @@ class SearchConfig:
     threshold: flag a layer when metric(quantized layer alone) - metric(float) > threshold.
         In the metric's units: 0.0025 = 0.25 % absolute WER when the metric is WER as a fraction.
     percentiles: candidate cut-offs for flagged layers (100 = no clipping) — must include 100.
+    float_fallback: not in the paper (off by default). A flagged layer is also tried in float, and
+        stays float when that beats its best cut-off by more than `threshold`: the mixed-precision
+        escape for a layer no clipping saves (wav2vec2's waveform conv at 8 bits; it is 1 input
+        channel, so keeping it float costs almost nothing in speed or size).
     """
 
     w_bits: int = 8
@@ -53,6 +57,7 @@ class SearchConfig:
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
     mse_grid: int = 100
     bins: int = DEFAULT_BINS
+    float_fallback: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, name="w_bits")
@@ -82,6 +87,8 @@ class LayerDecision:
     act_range: tuple[float, float]
     max_range: tuple[float, float]
     candidates: dict[float, float] = field(default_factory=dict)  # percentile -> metric (flagged layers)
+    keep_float: bool = False  # float_fallback chose float for this layer
+    float_metric: float | None = None  # the whole-model metric with this layer float (float_fallback)
 
 
 @dataclass
@@ -99,15 +106,22 @@ class SearchResult:
     def flagged(self) -> list[str]:
         return [d.name for d in self.layers if d.flagged]
 
-    def per_layer_rules(self) -> dict[str, RangeRule]:
-        """The activation rule of every layer, for `stablequant_x86_quantizer(per_layer=...)`."""
-        return {d.name: RangeRule("percentile_then_mse", percentile=d.percentile, mse_grid=self.config.mse_grid)
+    @property
+    def float_layers(self) -> list[str]:
+        return [d.name for d in self.layers if d.keep_float]
+
+    def per_layer_rules(self) -> dict[str, RangeRule | None]:
+        """The activation rule of every layer, for `stablequant_x86_quantizer(per_layer=...)`; None for a
+        layer that stays float (float_fallback)."""
+        return {d.name: None if d.keep_float else
+                RangeRule("percentile_then_mse", percentile=d.percentile, mse_grid=self.config.mse_grid)
                 for d in self.layers}
 
     def to_dict(self) -> dict:
         return {
             "config": self.config.to_dict(), "fp_metric": self.fp_metric, "max_metric": self.max_metric,
-            "final_metric": self.final_metric, "flagged": self.flagged, "seconds": self.seconds,
+            "final_metric": self.final_metric, "flagged": self.flagged, "float_layers": self.float_layers,
+            "seconds": self.seconds,
             "evaluations": self.evaluations, "cache": self.cache,
             "layers": [{**asdict(d), "candidates": {str(k): v for k, v in d.candidates.items()}} for d in self.layers],
         }
@@ -208,11 +222,14 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
     chosen = {n: 100.0 for n in names}
     ranges = {n: act_range(n, RangeRule("percentile_then_mse", 100.0, config.mse_grid)) for n in names}
 
+    float_layers: set[str] = set()
+
     def whole_model() -> dict[str, LayerQuant]:
-        return {n: quant(n, ranges[n]) for n in names}
+        return {n: quant(n, ranges[n]) for n in names if n not in float_layers}
 
     max_metric = evaluate({n: quant(n, max_ranges[n]) for n in names}, "the whole model (MAX)")
     candidates: dict[str, dict[float, float]] = {}
+    float_metrics: dict[str, float] = {}
     candidate_ps = sorted(set(config.percentiles), reverse=True)
     for name in tqdm(flagged, desc="clip", disable=not progress):
         results: dict[float, float] = {}
@@ -223,13 +240,19 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
         chosen[name] = best
         ranges[name] = act_range(name, RangeRule("percentile_then_mse", best, config.mse_grid))
         candidates[name] = results
+        if config.float_fallback:
+            float_layers.add(name)
+            float_metrics[name] = evaluate(whole_model(), f"layer {name} in float")
+            if not float_metrics[name] < results[best] - config.threshold:
+                float_layers.discard(name)
     final_metric = evaluate(whole_model(), "the final model")
     seconds["clip"] = time.perf_counter() - start
 
     decisions = [
         LayerDecision(name=n, kind=type(modules[n]).__name__, screen_metric=screen[n],
                       screen_delta=screen[n] - fp_metric, flagged=n in flagged, percentile=chosen[n],
-                      act_range=ranges[n], max_range=max_ranges[n], candidates=candidates.get(n, {}))
+                      act_range=ranges[n], max_range=max_ranges[n], candidates=candidates.get(n, {}),
+                      keep_float=n in float_layers, float_metric=float_metrics.get(n))
         for n in names
     ]
     seconds["total"] = float(np.sum(list(seconds.values())))

@@ -148,7 +148,7 @@ def search_whisper(bundle: SpeechModel, calibration: Sequence[Any], config: Sear
 
 
 def quantize_whisper_simulated(bundle: SpeechModel, calibration: Sequence[Any], *, act_rule: RangeRule | None = None,
-                               per_layer: dict[str, RangeRule] | None = None, observer: Any = None,
+                               per_layer: dict[str, RangeRule | None] | None = None, observer: Any = None,
                                a_bits: int = 8, w_bits: int = 8, bins: int | None = None) -> QuantizedModel:
     """A fake-quantized copy of a Whisper model (every Conv1d and Linear): weights per output channel,
     symmetric MinMax; input activations per tensor with ranges from `per_layer` rules (StableQuant),
@@ -174,14 +174,19 @@ def quantize_whisper_simulated(bundle: SpeechModel, calibration: Sequence[Any], 
         ranges = {}
         for name in layers:
             rule = (per_layer or {}).get(name, act_rule or RangeRule("max"))
+            if rule is None:  # kept float (StableQuant's float_fallback)
+                continue
             lo, hi = compute_range(hists[name], rule, bits=a_bits, symmetric=False, signed=False,
                                    name=f"{name} (input)")
             ranges[name] = (float(lo[0]), float(hi[0]))
-    apply_fake_quant(model, {n: LayerQuant(act_range=ranges[n], a_bits=a_bits, w_bits=w_bits) for n in layers})
+    apply_fake_quant(model, {n: LayerQuant(act_range=ranges[n], a_bits=a_bits, w_bits=w_bits) for n in ranges})
     calib_seconds = time.perf_counter() - start
     quantized = dataclasses.replace(bundle, model=model)
-    counts = {"fake_quant_linear": sum(isinstance(m, torch.nn.Linear) for m in quantizable_layers(model).values()),
-              "fake_quant_conv1d": sum(isinstance(m, torch.nn.Conv1d) for m in quantizable_layers(model).values())}
+    modules = quantizable_layers(model)
+    counts = {"fake_quant_linear": sum(isinstance(modules[n], torch.nn.Linear) for n in ranges),
+              "fake_quant_conv1d": sum(isinstance(modules[n], torch.nn.Conv1d) for n in ranges)}
+    if len(ranges) < len(modules):
+        counts["float"] = len(modules) - len(ranges)
     return QuantizedModel(quantized, SIMULATED_BACKEND, True, counts, 0, calib_seconds, 0.0, None)
 
 

@@ -153,6 +153,11 @@ def test_unrunnable_combinations_are_refused_before_any_work(tmp_path, monkeypat
         "stablequant": recipe.method_options.stablequant.model_copy(update={"metric": "tf_loss"})})})
     with pytest.raises(RecipeError, match="'tf_loss' is a Whisper proxy; model 'sq/wav2vec2-ref' is a CTC model"):
         runner.check_runnable(recipe)
+    whisper = make_recipe(tmp_path, model="openai/whisper-tiny.en", methods=["stablequant"])
+    whisper = whisper.model_copy(update={"method_options": whisper.method_options.model_copy(update={
+        "stablequant": whisper.method_options.stablequant.model_copy(update={"metric": "ctc_loss"})})})
+    with pytest.raises(RecipeError, match="'ctc_loss' needs a CTC model; 'openai/whisper-tiny.en' is Whisper"):
+        runner.check_runnable(whisper)
 
     monkeypatch.setattr(runner, "_find_spec", lambda module: False)
     with pytest.raises(RecipeError) as info:

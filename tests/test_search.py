@@ -100,3 +100,41 @@ def test_simulate_rejects_unknown_layers():
     with pytest.raises(KeyError, match="not quantizable layers"):
         with simulate(model, {"fc9": LayerQuant(act_range=(0.0, 1.0))}):
             pass
+
+
+class OutlierThatMatters(ThreeLayers):
+    """fc2's rare 500s now reach the output: no cut-off of fc2's input can be right, MAX ranges are coarse."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.no_grad():
+            self.fc2.weight[:, 0] = 0.02
+
+
+def test_float_fallback_keeps_a_layer_float_only_where_no_cut_off_saves_it():
+    # harmless outlier: the cut-off fixes fc2, so the fallback changes nothing but one evaluation
+    model, run_calibration, metric = make_problem()
+    plain = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0), progress=False)
+    fallback = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0, float_fallback=True),
+                                  progress=False)
+    assert fallback.float_layers == [] and fallback.evaluations == plain.evaluations + 1
+    assert fallback.final_metric == plain.final_metric
+
+    # an outlier that matters: clipping hurts, MAX is coarse -> fc2 stays float, and that is better
+    model = OutlierThatMatters().eval()
+    data = torch.randn(2000, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(data)
+
+    @torch.no_grad()
+    def relative_error():
+        return float((model(data) - reference).norm() / reference.norm() * 100)
+
+    config = SearchConfig(threshold=2.0, float_fallback=True)
+    result = stablequant_search(model, lambda: model(data), relative_error, config, progress=False)
+    fc2 = next(d for d in result.layers if d.name == "fc2")
+    assert result.flagged == ["fc2"] and result.float_layers == ["fc2"] and fc2.keep_float
+    assert result.final_metric < result.max_metric / 10
+    assert fc2.float_metric < min(fc2.candidates.values()) - config.threshold
+    assert result.per_layer_rules()["fc2"] is None and result.final_metric == pytest.approx(fc2.float_metric)
+    assert result.to_dict()["float_layers"] == ["fc2"]
