@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.0025, help="screen threshold, in the metric's units")
     parser.add_argument("--float-fallback", action="store_true",
                         help="StableQuant option (not in the paper): flagged layers may stay float")
+    parser.add_argument("--keep-float", default="", help="StableQuant option: comma list of layer globs kept float")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="accuracy", help="results name; use another for ablations (e.g. "
                         "accuracy_ablation) so that accuracy.json keeps the default method's rows")
@@ -146,7 +147,8 @@ def main() -> None:
         "evaluation": {"dataset": "corpus-test", "size": args.eval},
         "methods": methods, "bits": args.bits.split(","), "backend": "x86", "threads": args.threads,
         "method_options": {"stablequant": {"metric": args.metric, "threshold": args.threshold,
-                                            "float_fallback": args.float_fallback}},
+                                            "float_fallback": args.float_fallback,
+                                            "keep_float": [g for g in args.keep_float.split(",") if g]}},
         "output_dir": "runs/accuracy",
     }, source="benchmarks/accuracy.py")
     run = run_recipe(recipe)
@@ -164,6 +166,7 @@ def main() -> None:
                          "evaluations": s["evaluations"], "wall_seconds": s["wall_seconds"], "seconds": s["seconds"],
                          "cache": s.get("cache", {}), "cost_ratio": cost, "threshold": args.threshold,
                          "float_fallback": run.recipe.method_options.stablequant.float_fallback,
+                         "keep_float": run.recipe.method_options.stablequant.keep_float,
                          "layers": [{"name": d["name"], "flagged": d["flagged"], "percentile": d["percentile"],
                                      "keep_float": d["keep_float"],
                                      "screen_delta": d["screen_delta"]} for d in s["layers"]]}

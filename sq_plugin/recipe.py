@@ -167,6 +167,8 @@ class StableQuantOptions(_Strict):
     mse_grid: int = Field(default=100, ge=1)
     # Not in the paper: a flagged layer stays float when that beats its best cut-off by > threshold.
     float_fallback: bool = False
+    # Layers (names or globs) that stay float, outside the search: user-chosen mixed precision.
+    keep_float: list[str] = Field(default_factory=list)
     # Memory for replaying unchanged layer outputs between the search's evaluations (prefix cache).
     cache_budget_mb: float = Field(default=1024.0, ge=0)
 

@@ -205,7 +205,8 @@ def _search(bundle: Any, calibration: Sequence[Any], recipe: Recipe, w_bits: int
 
     opts = recipe.method_options.stablequant
     config = SearchConfig(w_bits=w_bits, a_bits=a_bits, threshold=opts.threshold, percentiles=tuple(opts.percentiles),
-                          mse_grid=opts.mse_grid, float_fallback=opts.float_fallback)
+                          mse_grid=opts.mse_grid, float_fallback=opts.float_fallback,
+                          keep_float=tuple(opts.keep_float))
     if bundle.kind == "whisper":
         from sq_plugin.whisper import search_whisper
 

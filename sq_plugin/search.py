@@ -20,6 +20,7 @@ two callables for the data: `run_calibration()` (pushes the calibration set thro
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +50,8 @@ class SearchConfig:
         stays float when that beats its best cut-off by more than `threshold`: the mixed-precision
         escape for a layer no clipping saves (wav2vec2's waveform conv at 8 bits; it is 1 input
         channel, so keeping it float costs almost nothing in speed or size).
+    keep_float: layer names or fnmatch patterns (e.g. "*.conv_layers.0.conv") that stay float and
+        are left out of the search: mixed precision chosen by the user, as INC's fp32 fallback is.
     """
 
     w_bits: int = 8
@@ -58,6 +61,7 @@ class SearchConfig:
     mse_grid: int = 100
     bins: int = DEFAULT_BINS
     float_fallback: bool = False
+    keep_float: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, name="w_bits")
@@ -154,6 +158,19 @@ def _checked(value: float, what: str) -> float:
     return value
 
 
+def _matching(names: Sequence[str], patterns: Sequence[str]) -> set[str]:
+    """The layers that `patterns` (names or fnmatch patterns) select; each pattern must select one."""
+    matched: set[str] = set()
+    for pattern in patterns:
+        hits = {n for n in names if fnmatch.fnmatchcase(n, pattern)}
+        if not hits:
+            raise ValueError(f"keep_float: {pattern!r} matches no quantizable layer; layers are named like "
+                             f"{names[0]!r} (module names from model.named_modules(), or a glob such as "
+                             "'*.conv_layers.0.conv')")
+        matched |= hits
+    return matched
+
+
 def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], None], metric: Callable[[], float],
                        config: SearchConfig | None = None, *, layers: Sequence[str] | None = None,
                        progress: bool = True, replay_blocks: Sequence[str] | str | None = None,
@@ -173,6 +190,7 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
     names = list(layers) if layers is not None else list(modules)
     if not names:
         raise ValueError("the model has no Linear or Conv1d layer to quantize")
+    kept = _matching(names, config.keep_float)
     seconds: dict[str, float] = {}
     evaluations = 0
 
@@ -213,7 +231,8 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
     fp_metric = evaluate({}, "the float model")
     screen: dict[str, float] = {}
     for name in tqdm(names, desc="screen", disable=not progress):
-        screen[name] = evaluate({name: quant(name, max_ranges[name])}, f"layer {name} alone (MAX)")
+        screen[name] = fp_metric if name in kept else evaluate({name: quant(name, max_ranges[name])},
+                                                                f"layer {name} alone (MAX)")
     flagged = [n for n in names if screen[n] - fp_metric > config.threshold]
     seconds["screen"] = time.perf_counter() - start
 
@@ -222,12 +241,12 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
     chosen = {n: 100.0 for n in names}
     ranges = {n: act_range(n, RangeRule("percentile_then_mse", 100.0, config.mse_grid)) for n in names}
 
-    float_layers: set[str] = set()
+    float_layers: set[str] = set(kept)
 
     def whole_model() -> dict[str, LayerQuant]:
         return {n: quant(n, ranges[n]) for n in names if n not in float_layers}
 
-    max_metric = evaluate({n: quant(n, max_ranges[n]) for n in names}, "the whole model (MAX)")
+    max_metric = evaluate({n: quant(n, max_ranges[n]) for n in names if n not in kept}, "the whole model (MAX)")
     candidates: dict[str, dict[float, float]] = {}
     float_metrics: dict[str, float] = {}
     candidate_ps = sorted(set(config.percentiles), reverse=True)

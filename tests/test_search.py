@@ -138,3 +138,15 @@ def test_float_fallback_keeps_a_layer_float_only_where_no_cut_off_saves_it():
     assert fc2.float_metric < min(fc2.candidates.values()) - config.threshold
     assert result.per_layer_rules()["fc2"] is None and result.final_metric == pytest.approx(fc2.float_metric)
     assert result.to_dict()["float_layers"] == ["fc2"]
+
+
+def test_keep_float_layers_stay_float_and_out_of_the_search():
+    model, run_calibration, metric = make_problem()
+    result = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0, keep_float=("fc[2]",)),
+                                progress=False)
+    assert result.float_layers == ["fc2"] and result.flagged == []  # fc2, the outlier layer, was never screened
+    assert result.evaluations == 1 + 2 + 1 + 1  # fp, screen fc1 and fc3, whole model MAX, final
+    assert result.per_layer_rules() == {"fc1": RangeRule("percentile_then_mse", 100.0), "fc2": None,
+                                        "fc3": RangeRule("percentile_then_mse", 100.0)}
+    with pytest.raises(ValueError, match="keep_float: 'encoder.*' matches no quantizable layer; layers are named"):
+        stablequant_search(model, run_calibration, metric, SearchConfig(keep_float=("encoder.*",)), progress=False)
