@@ -97,13 +97,13 @@ def table(rows: list[dict[str, Any]], searches: dict[str, dict[str, Any]]) -> st
     lines.append("")
     if searches:
         lines += ["StableQuant search, per model and bits (calibration metric; flagged layers and their cut-off):", "",
-                  "| model | bits | metric (threshold) | FP | all MAX | StableQuant | flagged | clipped (percentile) "
+                  "| model | bits | metric (threshold) | FP | all MAX | StableQuant | flagged | clipped (percentile) or float "
                   "| evaluations | search s | search / (MinMax calib + 1 eval) |",
                   "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
         for s in searches.values():
             flagged = [d for d in s["layers"] if d["flagged"]]
             clipped = [f"`{d['name']}` ({'float' if d.get('keep_float') else format(d['percentile'], 'g')})"
-                       for d in flagged if d["percentile"] < 100 or d.get("keep_float")]
+                       for d in s["layers"] if d.get("keep_float") or (d["flagged"] and d["percentile"] < 100)]
             shown = ", ".join(clipped[:6]) + (f", … {len(clipped) - 6} more" if len(clipped) > 6 else "")
             ratio = "-" if s.get("cost_ratio") is None else f"{s['cost_ratio']:.2f}x"
             lines.append(f"| {s['model']} | {s['bits']} | {s['metric']} ({s['threshold']:g}) | {s['fp_metric']:.4f} | "
