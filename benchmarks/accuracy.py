@@ -97,8 +97,8 @@ def table(rows: list[dict[str, Any]], searches: dict[str, dict[str, Any]]) -> st
     lines.append("")
     if searches:
         lines += ["StableQuant search, per model and bits (calibration metric; flagged layers and their cut-off):", "",
-                  "| model | bits | metric (threshold) | FP | all MAX | StableQuant | flagged | clipped (percentile) or float "
-                  "| evaluations | search s | search / (MinMax calib + 1 eval) |",
+                  "| model | bits | metric (threshold) | FP | all MAX | StableQuant | flagged "
+                  "| clipped (percentile) or float | evaluations | search s | search / (MinMax calib + 1 eval) |",
                   "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
         for s in searches.values():
             flagged = [d for d in s["layers"] if d["flagged"]]
@@ -111,6 +111,30 @@ def table(rows: list[dict[str, Any]], searches: dict[str, dict[str, Any]]) -> st
                          f"{s['evaluations']} | {s['wall_seconds']:.0f} | {ratio} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def compare(names: list[str]) -> str:
+    """One table of the W8A8 rows of several result files (ablations of StableQuant's options)."""
+    rows = []
+    for i, name in enumerate(names):
+        payload = json.loads((RESULTS / f"{name}.json").read_text())
+        rows += [((r["model"], i, ALL_METHODS.index(r["method"])), name, payload["searches"], r)
+                 for r in payload["rows"] if r["method"] != "fp" and (r["w_bits"], r["a_bits"]) == (8, 8)]
+    lines = ["| model | results | StableQuant options | method | runs on | WER % | ΔWER pp | CER % |",
+             "|---|---|---|---|---|---:|---:|---:|"]
+    for _, name, searches, r in sorted(rows, key=lambda t: t[0]):
+        options = "-"
+        if r["method"] == "stablequant":
+            search = searches[f"{r['model']} w8a8"]
+            options = f"{search['metric']} {search['threshold']:g}"
+            if search.get("float_fallback"):
+                options += ", float_fallback"
+            if search.get("keep_float"):
+                options += ", keep_float " + ", ".join(f"`{g}`" for g in search["keep_float"])
+        runs_on = "simulated" if r["simulated"] else f"INT8 ({r['int8_kernels']} kernels)"
+        lines.append(f"| {r['model']} | {name} | {options} | {r['method']} | {runs_on} | {r['wer'] * 100:.2f} | "
+                     f"{(r['wer'] - r['fp_wer']) * 100:+.2f} | {r['cer'] * 100:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -130,7 +154,14 @@ def main() -> None:
     parser.add_argument("--out", default="accuracy", help="results name; use another for ablations (e.g. "
                         "accuracy_ablation) so that accuracy.json keeps the default method's rows")
     parser.add_argument("--table-only", action="store_true", help="only rewrite OUT.md from OUT.json")
+    parser.add_argument("--compare", default=None, help="comma list of result names: print their W8A8 rows as one "
+                        "table (and write it to OUT.md)")
     args = parser.parse_args()
+    if args.compare:
+        text = compare(args.compare.split(","))
+        atomic_write(RESULTS / f"{args.out}.md", text)
+        print(text)
+        return
     if args.table_only:
         payload = json.loads((RESULTS / f"{args.out}.json").read_text())
         atomic_write(RESULTS / f"{args.out}.md", table(payload["rows"], payload["searches"]))
