@@ -24,30 +24,20 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+from common import RESULTS, atomic_write
 
 from sq_plugin.pt2e import cpu_has_amx, grouped_qconv_is_safe
 from sq_plugin.recipe import parse_recipe
 from sq_plugin.runner import run_recipe
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ALL_METHODS = ("fp", "stablequant", "max", "moving_average", "histogram", "percentile", "mse",
                "inc_minmax", "inc_kl", "quanto_absmax")
 WHISPER_METHODS = ("fp", "stablequant", "max", "moving_average", "histogram", "percentile", "mse")
 KEY = ("model", "method", "w_bits", "a_bits")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def to_row(run_row: dict[str, Any], run_dir: str, command: str) -> dict[str, Any]:

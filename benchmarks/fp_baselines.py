@@ -16,29 +16,19 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, atomic_write  # noqa: E402
 from whisper_parity import ct2_transcribe, pair_wer  # noqa: E402
 
 from sq_plugin.speech.corpus import load_split  # noqa: E402
 from sq_plugin.speech.evaluate import cer, evaluate, wer  # noqa: E402
 from sq_plugin.speech.models import load_model  # noqa: E402
 from sq_plugin.speech.whisper_ct2 import default_model_dir  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main() -> None:

@@ -33,10 +33,11 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from common import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -425,19 +426,6 @@ def run_worker(cfg: dict[str, Any], log: Any) -> dict[str, Any] | None:
         brief = {k: result[k] for k in ("median_ms", "p90_ms", "peak_rss_mb", "_setup_s") if k in result}
         print(f"[{took:6.1f}s] {label} {brief}", file=log, flush=True)
     return result
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def machine_state() -> dict[str, Any]:

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from common import RESULTS, atomic_write
 
 from sq_plugin.core.ranges import RangeRule, compute_range
 from sq_plugin.pipeline import EVAL_KWARGS, ctc_inputs, ctc_labels, ctc_loss_per_char
@@ -32,16 +30,6 @@ from sq_plugin.simulate import LayerQuant, quantizable_layers, simulate, strip_w
 from sq_plugin.speech.corpus import load_split
 from sq_plugin.speech.evaluate import evaluate
 from sq_plugin.speech.models import load_model
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main() -> None:

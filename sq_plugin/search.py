@@ -34,7 +34,7 @@ from sq_plugin.core.quant import check_bits
 from sq_plugin.core.ranges import RangeRule, check_percentile, compute_range
 from sq_plugin.core.stats import DEFAULT_BINS, Histogram
 from sq_plugin.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
-from sq_plugin.simulate import LayerQuant, quantizable_layers, simulate, strip_weight_norm
+from sq_plugin.simulate import LayerQuant, observe_inputs, quantizable_layers, simulate, strip_weight_norm
 
 DEFAULT_PERCENTILES = (100.0, 99.99, 99.9, 99.8, 99.5, 99.0)
 
@@ -134,19 +134,8 @@ class SearchResult:
 def collect_input_histograms(model: torch.nn.Module, run_calibration: Callable[[], None], layers: Sequence[str],
                              *, bins: int = DEFAULT_BINS) -> dict[str, Histogram]:
     """One pass over the calibration data, in float: a histogram of every layer's input activation."""
-    modules = quantizable_layers(model)
     hists = {name: Histogram.empty(bins=bins) for name in layers}
-    handles = []
-    for name in layers:
-        def hook(_m: torch.nn.Module, args: tuple, name: str = name) -> None:
-            hists[name].update(args[0].detach(), name=f"{name} (input)")
-        handles.append(modules[name].register_forward_pre_hook(hook))
-    try:
-        with torch.inference_mode():
-            run_calibration()
-    finally:
-        for handle in handles:
-            handle.remove()
+    observe_inputs(model, run_calibration, layers, lambda name, x: hists[name].update(x, name=f"{name} (input)"))
     return hists
 
 

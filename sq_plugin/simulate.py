@@ -118,12 +118,25 @@ def observer_ranges(model: torch.nn.Module, run_calibration: Callable[[], None],
                     make_observer: Callable[[], torch.nn.Module]) -> dict[str, tuple[float, float]]:
     """Feed every layer's input activation to its own observer (e.g. torchao's HistogramObserver) in
     one float pass, and return the range its qparams encode: (qmin - zp) * scale .. (qmax - zp) * scale."""
-    modules = quantizable_layers(model)
     observers = {name: make_observer() for name in layers}
+    observe_inputs(model, run_calibration, layers, lambda name, x: observers[name](x))
+    ranges = {}
+    for name, obs in observers.items():
+        scale, zp = obs.calculate_qparams()
+        scale_f, zp_f = float(scale.reshape(-1)[0]), float(zp.reshape(-1)[0])
+        ranges[name] = ((obs.quant_min - zp_f) * scale_f, (obs.quant_max - zp_f) * scale_f)
+    return ranges
+
+
+def observe_inputs(model: torch.nn.Module, run_calibration: Callable[[], None], layers: Sequence[str],
+                   on_input: Callable[[str, torch.Tensor], None]) -> None:
+    """Run `run_calibration` once in inference mode, calling `on_input(layer, input)` with the input
+    activation of every layer in `layers` on each call; the hooks are removed afterwards, always."""
+    modules = quantizable_layers(model)
     handles = []
     for name in layers:
         def hook(_m: torch.nn.Module, args: tuple, name: str = name) -> None:
-            observers[name](args[0].detach())
+            on_input(name, args[0].detach())
         handles.append(modules[name].register_forward_pre_hook(hook))
     try:
         with torch.inference_mode():
@@ -131,12 +144,6 @@ def observer_ranges(model: torch.nn.Module, run_calibration: Callable[[], None],
     finally:
         for handle in handles:
             handle.remove()
-    ranges = {}
-    for name, obs in observers.items():
-        scale, zp = obs.calculate_qparams()
-        scale_f, zp_f = float(scale.reshape(-1)[0]), float(zp.reshape(-1)[0])
-        ranges[name] = ((obs.quant_min - zp_f) * scale_f, (obs.quant_max - zp_f) * scale_f)
-    return ranges
 
 
 def _input_hook(spec: LayerQuant):  # type: ignore[no-untyped-def]
