@@ -417,6 +417,7 @@ class Int8Module:
         self.quantized_ops = quantized_ops
         self.max_error = max_error
         self.errors: dict[tuple, float] = {}  # input shapes -> relative error against the fake-quant graph
+        self.refused: dict[tuple, str] = {}  # input shapes whose compilation failed the check -> why
         self.compiled = torch.compile(converted, dynamic=False)
         self.shapes: set[tuple] = set()
 
@@ -428,6 +429,8 @@ class Int8Module:
         import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
 
         key = (tuple(tuple(a.shape) for a in args), torch.is_inference_mode_enabled())
+        if key in self.refused:  # the compiled graph is cached: calling it again would skip the check
+            raise RuntimeError(self.refused[key])
         before = _int8_lowered()
         with inductor_config.patch(freezing=True), dynamo_config.patch(recompile_limit=256), torch.no_grad():
             out = self.compiled(*args)
@@ -453,13 +456,14 @@ class Int8Module:
         error = float((got - want).norm() / want.norm().clamp_min(1e-12))
         self.errors[key] = error
         if not math.isfinite(error) or error > self.max_error:
-            raise RuntimeError(
+            self.refused[key] = (
                 f"the INT8 kernels compiled for input shapes {key[0]} disagree with the fake-quant graph: "
                 f"relative error {error:.3g} > {self.max_error} (rounding alone stays near 0.01). A oneDNN "
                 "kernel computes something else on this CPU; known case: grouped conv1d on AMX in torch 2.13 "
                 "(StableQuantX86Quantizer keeps it float by default, or set ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI "
                 "before starting Python)."
             )
+            raise RuntimeError(self.refused[key])
 
 
 def lower_x86(converted: torch.fx.GraphModule, example_inputs: tuple, *,

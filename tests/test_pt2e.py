@@ -231,6 +231,8 @@ def test_int8_module_raises_when_the_kernels_disagree_with_fake_quant(tiny_huber
     compiled.compiled = lambda *args: type(out := real(*args))(logits=out.logits * 1.5)
     with pytest.raises(RuntimeError, match="disagree with the fake-quant graph"):
         compiled(audio(12000, 1))
+    with pytest.raises(RuntimeError, match="disagree with the fake-quant graph"):  # and again: no cached pass
+        compiled(audio(12000, 2))
 
 
 @pytest.mark.skipif(not cpu_has_amx(), reason="the oneDNN grouped-conv defect needs an AMX CPU")
