@@ -21,7 +21,6 @@ report it.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -42,7 +41,7 @@ except ImportError as exc:  # an optional extra: say how to get it
 
 from sq_plugin.core.quant import check_bits
 from sq_plugin.core.ranges import RangeRule
-from sq_plugin.pipeline import QuantizedModel, _require_ctc, _require_utterances, ctc_inputs
+from sq_plugin.pipeline import QuantizedModel, _require_ctc, _require_utterances, ctc_inputs, finish_converted
 from sq_plugin.speech.models import SpeechModel
 
 STABLEQUANT = "stablequant"
@@ -210,8 +209,6 @@ def quantize_ctc_inc(bundle: SpeechModel, calibration: Sequence[Any], *, act_alg
                      w_bits: int = 8, lower: bool | None = None) -> QuantizedModel:
     """Baseline: INC 3.10 static quant of a CTC model (calibrated one utterance at a time), lowered
     to oneDNN INT8 kernels with `lower_x86` (default) or run as a q/dq simulation (`lower=False`)."""
-    from sq_plugin.pt2e import count_quantized_ops, lower_x86
-
     _require_ctc(bundle)
     _require_utterances(calibration, "calibration")
     _check_inc_static(act_algo, a_bits, w_bits)
@@ -222,15 +219,4 @@ def quantize_ctc_inc(bundle: SpeechModel, calibration: Sequence[Any], *, act_alg
     converted = quantize_inc_static(model, example, (ctc_inputs(bundle, u.audio) for u in calibration),
                                     act_algo=act_algo, a_bits=a_bits, w_bits=w_bits)
     calib_seconds = time.perf_counter() - start
-    counts = count_quantized_ops(converted)
-    info = {**bundle.info, "model_config": getattr(model, "config", bundle.info.get("model_config"))}
-    if not lower:
-        quantized = dataclasses.replace(bundle, model=converted, info=info)
-        return QuantizedModel(quantized, f"inc {act_algo} pt2e fake-quant simulation (float q/dq)", True, counts,
-                              0, calib_seconds, 0.0, converted)
-    start = time.perf_counter()
-    compiled, report = lower_x86(converted, example)
-    lower_seconds = time.perf_counter() - start
-    quantized = dataclasses.replace(bundle, model=compiled, info=info)
-    return QuantizedModel(quantized, f"inc {act_algo}: {report.backend}", False, counts, report.int8_kernels,
-                          calib_seconds, lower_seconds, converted)
+    return finish_converted(bundle, converted, example, calib_seconds, lower=lower, label=f"inc {act_algo}")

@@ -111,10 +111,10 @@ def search_ctc(bundle: SpeechModel, calibration: Sequence[Any], config: SearchCo
 
     if metric == "ctc_loss":
         inputs = [ctc_inputs(bundle, a) for a in audios]
-        labels = ctc_labels(bundle, calibration)
+        labels, blank = ctc_labels(bundle, calibration), _blank_id(bundle)
 
         def score() -> float:
-            return ctc_loss_per_char(bundle.model, inputs, labels, blank=_blank_id(bundle))
+            return ctc_loss_per_char(bundle.model, inputs, labels, blank=blank)
     else:
         def score() -> float:
             result = evaluate(bundle, calibration, batch_size=batch_size, progress=False)
@@ -139,6 +139,27 @@ class QuantizedModel:
     converted: Any = field(repr=False, default=None)
 
 
+def finish_converted(bundle: SpeechModel, converted: Any, example: tuple, calib_seconds: float, *, lower: bool,
+                     label: str = "") -> QuantizedModel:
+    """A `convert_pt2e` graph of `bundle.model` as a `QuantizedModel`: lowered to oneDNN INT8 kernels
+    (`lower_x86`), or run as the q/dq fake-quant simulation. `label` prefixes the backend (a baseline's name)."""
+    from sq_plugin.pt2e import count_quantized_ops, lower_x86
+
+    counts = count_quantized_ops(converted)
+    info = {**bundle.info, "model_config": getattr(bundle.model, "config", bundle.info.get("model_config"))}
+    if not lower:
+        quantized = dataclasses.replace(bundle, model=converted, info=info)
+        backend = " ".join(filter(None, (label, "pt2e fake-quant simulation (float q/dq)")))
+        return QuantizedModel(quantized, backend, True, counts, 0, calib_seconds, 0.0, converted)
+    start = time.perf_counter()
+    compiled, report = lower_x86(converted, example)
+    lower_seconds = time.perf_counter() - start
+    quantized = dataclasses.replace(bundle, model=compiled, info=info)
+    backend = f"{label}: {report.backend}" if label else report.backend
+    return QuantizedModel(quantized, backend, False, counts, report.int8_kernels, calib_seconds, lower_seconds,
+                          converted)
+
+
 def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_rule: RangeRule | None = None,
                       per_layer: dict[str, RangeRule] | None = None, observer: Any = None, a_bits: int = 8,
                       w_bits: int = 8, lower: bool | None = None) -> QuantizedModel:
@@ -150,14 +171,7 @@ def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_ru
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    from sq_plugin.pt2e import (
-        calibrate,
-        count_quantized_ops,
-        lower_x86,
-        prepare_stablequant,
-        stablequant_x86_config,
-        stablequant_x86_quantizer,
-    )
+    from sq_plugin.pt2e import calibrate, prepare_stablequant, stablequant_x86_config, stablequant_x86_quantizer
 
     _require_ctc(bundle)
     _require_utterances(calibration, "calibration")
@@ -174,15 +188,4 @@ def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_ru
     calibrate(prepared, (ctc_inputs(bundle, u.audio) for u in calibration))
     converted = convert_pt2e(prepared)
     calib_seconds = time.perf_counter() - start
-    counts = count_quantized_ops(converted)
-    info = {**bundle.info, "model_config": getattr(model, "config", bundle.info.get("model_config"))}
-    if not lower:
-        quantized = dataclasses.replace(bundle, model=converted, info=info)
-        return QuantizedModel(quantized, "pt2e fake-quant simulation (float q/dq)", True, counts, 0,
-                              calib_seconds, 0.0, converted)
-    start = time.perf_counter()
-    compiled, report = lower_x86(converted, example)
-    lower_seconds = time.perf_counter() - start
-    quantized = dataclasses.replace(bundle, model=compiled, info=info)
-    return QuantizedModel(quantized, report.backend, False, counts, report.int8_kernels, calib_seconds,
-                          lower_seconds, converted)
+    return finish_converted(bundle, converted, example, calib_seconds, lower=lower)
