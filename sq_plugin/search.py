@@ -91,7 +91,7 @@ class LayerDecision:
     act_range: tuple[float, float]
     max_range: tuple[float, float]
     candidates: dict[float, float] = field(default_factory=dict)  # percentile -> metric (flagged layers)
-    keep_float: bool = False  # float_fallback chose float for this layer
+    keep_float: bool = False  # stays float: listed in keep_float, or chosen by float_fallback
     float_metric: float | None = None  # the whole-model metric with this layer float (float_fallback)
 
 

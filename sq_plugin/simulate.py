@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -76,6 +77,17 @@ def _swap_weight(module: torch.nn.Module, weight: torch.nn.Parameter) -> torch.n
     return old
 
 
+def _fake_quantize_layer(module: torch.nn.Module, spec: LayerQuant) -> tuple[torch.nn.Parameter | None, Any]:
+    """Fake-quantize one layer's weight (a new Parameter) and hook its input. Returns the original
+    weight (None if kept) and the hook's handle (None if no input range), to undo it."""
+    old = None
+    if spec.quantize_weight:
+        fq = torch.nn.Parameter(fake_quantize_weight(module.weight, spec.w_bits), requires_grad=False)
+        old = _swap_weight(module, fq)
+    handle = module.register_forward_pre_hook(_input_hook(spec)) if spec.act_range is not None else None
+    return old, handle
+
+
 @contextlib.contextmanager
 def simulate(model: torch.nn.Module, plan: dict[str, LayerQuant]) -> Iterator[None]:
     """Within the block, the layers named in `plan` run fake-quantized; everything is restored after."""
@@ -85,12 +97,11 @@ def simulate(model: torch.nn.Module, plan: dict[str, LayerQuant]) -> Iterator[No
     handles = []
     try:
         for name, spec in plan.items():
-            module = layers[name]
-            if spec.quantize_weight:
-                fq = torch.nn.Parameter(fake_quantize_weight(module.weight, spec.w_bits), requires_grad=False)
-                saved[name] = _swap_weight(module, fq)
-            if spec.act_range is not None:
-                handles.append(module.register_forward_pre_hook(_input_hook(spec)))
+            weight, handle = _fake_quantize_layer(layers[name], spec)
+            if weight is not None:
+                saved[name] = weight
+            if handle is not None:
+                handles.append(handle)
         yield
     finally:
         for handle in handles:
@@ -105,12 +116,7 @@ def apply_fake_quant(model: torch.nn.Module, plan: dict[str, LayerQuant]) -> tor
     layers = quantizable_layers(model)
     _check_plan(layers, plan)
     for name, spec in plan.items():
-        module = layers[name]
-        if spec.quantize_weight:
-            _swap_weight(module, torch.nn.Parameter(fake_quantize_weight(module.weight, spec.w_bits),
-                                                    requires_grad=False))
-        if spec.act_range is not None:
-            module.register_forward_pre_hook(_input_hook(spec))
+        _fake_quantize_layer(layers[name], spec)
     return model
 
 

@@ -157,7 +157,8 @@ def quantize_whisper_simulated(bundle: SpeechModel, calibration: Sequence[Any], 
     _require_whisper(bundle)
     start = time.perf_counter()
     model = strip_weight_norm(copy.deepcopy(bundle.model)).eval()
-    layers = list(quantizable_layers(model))
+    modules = quantizable_layers(model)
+    layers = list(modules)
     batches = teacher_forced_batches(bundle, calibration, batch_size=1)
 
     def run_calibration() -> None:
@@ -182,7 +183,6 @@ def quantize_whisper_simulated(bundle: SpeechModel, calibration: Sequence[Any], 
     apply_fake_quant(model, {n: LayerQuant(act_range=ranges[n], a_bits=a_bits, w_bits=w_bits) for n in ranges})
     calib_seconds = time.perf_counter() - start
     quantized = dataclasses.replace(bundle, model=model)
-    modules = quantizable_layers(model)
     counts = {"fake_quant_linear": sum(isinstance(modules[n], torch.nn.Linear) for n in ranges),
               "fake_quant_conv1d": sum(isinstance(modules[n], torch.nn.Conv1d) for n in ranges)}
     if len(ranges) < len(modules):
