@@ -46,8 +46,9 @@ def main() -> None:
     bundle = load_model(args.model)
     model = strip_weight_norm(bundle.model.eval())
     dev, test = load_split("dev", limit=args.calib), load_split("test", limit=args.eval)
-    names = list(quantizable_layers(model))
-    convs = [n for n in names if isinstance(quantizable_layers(model)[n], torch.nn.Conv1d)]
+    modules = quantizable_layers(model)
+    names = list(modules)
+    convs = [n for n in names if isinstance(modules[n], torch.nn.Conv1d)]
     first = names[0]
     dev_inputs = [ctc_inputs(bundle, u.audio) for u in dev]
 
