@@ -1,0 +1,349 @@
+"""Whisper end to end on INT8 kernels: encoder and decoder as two static PT2E graphs, greedy decoding.
+
+HF `generate` runs the decoder with a growing `EncoderDecoderCache` (a new sequence length and new
+Python objects every step), which PT2E cannot export. So the decoder is rewritten here as one
+*step* with a static cache, built from the HF model's own submodules (same weights, same layer names):
+
+    WhisperEncoderKV     features [B, 80, 3000] -> cross-attention keys and values of every decoder
+                         layer, [L, B, H, 1500, D] each (the encoder and the decoder's encoder_attn
+                         k/v projections, run once per utterance)
+    WhisperDecoderStep   (token [B, 1], position [1], self keys/values [L, B, H, S, D], cross keys/values)
+                         -> (logits [B, 1, V], this token's keys and values [L, B, H, 1, D])
+
+Both have fixed shapes, so each compiles once. The step reads the self-attention cache and returns the
+new token's keys/values instead of writing into its input (graphs stay functional, which export and
+Inductor freezing need); `greedy_decode` writes them into the cache between steps. Every Linear layer
+is quantized, including the 384x51864 logits projection, which is most of a step's MACs.
+
+    from sq_plugin.whisper_int8 import quantize_whisper_int8
+    int8 = quantize_whisper_int8(bundle, calibration_features)   # StableQuant PT2E ranges, oneDNN INT8
+    tokens = int8.transcribe(features)
+    save_whisper_int8(int8, "whisper.sqa", metadata={"recipe": ...})  # two artifacts + decoding settings
+    int8 = load_whisper_int8("whisper.sqa", bundle)                 # no recalibration
+
+`greedy_decode` matches HF greedy `generate` for English-only checkpoints: prompt
+<|startoftranscript|><|notimestamps|>, the generation config's `suppress_tokens` at every step and
+`begin_suppress_tokens` at the first, stop at <|endoftext|> or after `max_length` new tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Step = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+class WhisperEncoderKV(nn.Module):
+    """The Whisper encoder followed by every decoder layer's cross-attention key/value projections."""
+
+    def __init__(self, whisper: nn.Module) -> None:
+        super().__init__()
+        self.encoder = whisper.model.encoder
+        self.decoder_layers = whisper.model.decoder.layers  # only encoder_attn.k_proj / v_proj are used here
+        config = whisper.config
+        self.heads = config.decoder_attention_heads
+        self.head_dim = config.d_model // self.heads
+
+    def forward(self, input_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.encoder(input_features).last_hidden_state
+        batch, frames, _ = hidden.shape
+        shape = (batch, frames, self.heads, self.head_dim)
+        keys = [layer.encoder_attn.k_proj(hidden).view(shape).transpose(1, 2) for layer in self.decoder_layers]
+        values = [layer.encoder_attn.v_proj(hidden).view(shape).transpose(1, 2) for layer in self.decoder_layers]
+        return torch.stack(keys), torch.stack(values)
+
+
+class WhisperDecoderStep(nn.Module):
+    """One decoder step with a static self-attention cache of `max_positions` slots."""
+
+    def __init__(self, whisper: nn.Module) -> None:
+        super().__init__()
+        self.decoder = whisper.model.decoder
+        self.proj_out = whisper.proj_out
+        config = whisper.config
+        self.heads = config.decoder_attention_heads
+        self.head_dim = config.d_model // self.heads
+        self.max_positions = config.max_target_positions
+        self.register_buffer("slots", torch.arange(self.max_positions), persistent=False)
+
+    def forward(self, token: torch.Tensor, position: torch.Tensor, self_keys: torch.Tensor,
+                self_values: torch.Tensor, cross_keys: torch.Tensor,
+                cross_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        decoder = self.decoder
+        batch = token.shape[0]
+        hidden = decoder.embed_tokens(token) * decoder.embed_scale + decoder.embed_positions.weight[position]
+        # The slot this token writes, and the slots it may attend to (itself and earlier ones).
+        write = (self.slots == position).view(1, 1, -1, 1)
+        visible = (self.slots <= position).view(1, 1, 1, -1)
+        heads_shape = (batch, 1, self.heads, self.head_dim)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(decoder.layers):
+            attn = layer.self_attn
+            x = layer.self_attn_layer_norm(hidden)
+            # HF scales q after its projection (kept: it is the order the weights were trained with).
+            q = (attn.q_proj(x) * attn.scaling).view(heads_shape).transpose(1, 2)
+            k = attn.k_proj(x).view(heads_shape).transpose(1, 2)
+            v = attn.v_proj(x).view(heads_shape).transpose(1, 2)
+            keys = torch.where(write, k, self_keys[i])
+            values = torch.where(write, v, self_values[i])
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=1.0)
+            hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(batch, 1, -1))
+            new_keys.append(k)
+            new_values.append(v)
+
+            cross = layer.encoder_attn
+            x = layer.encoder_attn_layer_norm(hidden)
+            q = (cross.q_proj(x) * cross.scaling).view(heads_shape).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, cross_keys[i], cross_values[i], scale=1.0)
+            hidden = hidden + cross.out_proj(out.transpose(1, 2).reshape(batch, 1, -1))
+
+            x = layer.final_layer_norm(hidden)
+            hidden = hidden + layer.fc2(layer.activation_fn(layer.fc1(x)))
+        logits = self.proj_out(decoder.layer_norm(hidden))
+        return logits, torch.stack(new_keys), torch.stack(new_values)
+
+
+@dataclass(frozen=True)
+class GreedySettings:
+    """What HF greedy `generate` applies for an English-only Whisper checkpoint."""
+
+    prompt: tuple[int, ...]
+    eos: int
+    suppress: tuple[int, ...]
+    begin_suppress: tuple[int, ...]
+    max_new_tokens: int
+
+    @classmethod
+    def from_model(cls, whisper: nn.Module, max_new_tokens: int | None = None) -> GreedySettings:
+        """Settings from the model's generation config. Like HF Whisper `generate`, its `max_length`
+        counts tokens after the prompt; it is capped so that every fed token has a position."""
+        gen = whisper.generation_config
+        if getattr(gen, "no_timestamps_token_id", None) is None:
+            raise ValueError("the model's generation_config has no no_timestamps_token_id: greedy_decode supports "
+                             "English-only Whisper checkpoints (prompt <|startoftranscript|><|notimestamps|>)")
+        prompt = (gen.decoder_start_token_id, gen.no_timestamps_token_id)
+        limit = max_new_tokens or gen.max_length or whisper.config.max_target_positions
+        return cls(prompt=prompt, eos=gen.eos_token_id, suppress=tuple(gen.suppress_tokens or ()),
+                   begin_suppress=tuple(gen.begin_suppress_tokens or ()),
+                   max_new_tokens=min(limit, whisper.config.max_target_positions - len(prompt) + 1))
+
+
+def empty_cache(whisper: nn.Module, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    config = whisper.config
+    heads = config.decoder_attention_heads
+    shape = (config.decoder_layers, batch, heads, config.max_target_positions, config.d_model // heads)
+    return torch.zeros(shape), torch.zeros(shape)
+
+
+def greedy_decode(encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], step: Step,
+                  features: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor],
+                  settings: GreedySettings) -> list[int]:
+    """Greedy tokens (prompt and <|endoftext|> excluded) for one utterance's features [1, 80, 3000].
+
+    `encode` and `step` are `WhisperEncoderKV` / `WhisperDecoderStep` or anything that computes the same
+    (their INT8 lowerings). `cache` is zeroed here and reused across calls (no allocation per utterance).
+    """
+    if features.shape[0] != 1:
+        raise ValueError(f"greedy_decode takes one utterance (features [1, 80, 3000]), got batch {features.shape[0]}")
+    with torch.no_grad():
+        cross_keys, cross_values = encode(features)
+        self_keys, self_values = cache
+        self_keys.zero_()
+        self_values.zero_()
+        suppress = torch.tensor(settings.suppress, dtype=torch.long)
+        begin_suppress = torch.tensor(settings.begin_suppress, dtype=torch.long)
+        tokens = list(settings.prompt)
+        token = torch.empty(1, 1, dtype=torch.long)
+        position = torch.empty(1, dtype=torch.long)
+        for pos in range(len(tokens) - 1 + settings.max_new_tokens):
+            token[0, 0] = tokens[pos]
+            position[0] = pos
+            logits, keys, values = step(token, position, self_keys, self_values, cross_keys, cross_values)
+            self_keys[:, :, :, pos] = keys[:, :, :, 0]
+            self_values[:, :, :, pos] = values[:, :, :, 0]
+            if pos + 1 < len(tokens):  # still reading the prompt
+                continue
+            scores = logits[0, -1].float().clone()
+            scores[suppress] = float("-inf")
+            if len(tokens) == len(settings.prompt):
+                scores[begin_suppress] = float("-inf")
+            nxt = int(scores.argmax())
+            if nxt == settings.eos:
+                break
+            tokens.append(nxt)
+    return tokens[len(settings.prompt):]
+
+
+def decoder_step_inputs(whisper: nn.Module, cross: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Example inputs for exporting `WhisperDecoderStep` (shapes are what matters; values are a valid step)."""
+    keys, values = empty_cache(whisper, batch=cross[0].shape[1])
+    token = torch.full((cross[0].shape[1], 1), whisper.generation_config.decoder_start_token_id, dtype=torch.long)
+    return token, torch.zeros(1, dtype=torch.long), keys, values, cross[0], cross[1]
+
+
+@dataclass
+class QuantizedWhisper:
+    """Whisper as two INT8 graphs (see the module docstring). `encode`/`step` are the lowered modules."""
+
+    model_name: str
+    whisper: nn.Module
+    encode: Callable[..., Any]
+    step: Step
+    settings: GreedySettings
+    converted: dict[str, torch.fx.GraphModule]
+    report: dict[str, Any] = field(default_factory=dict)
+    _cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def transcribe(self, features: torch.Tensor) -> list[int]:
+        if self._cache is None:
+            self._cache = empty_cache(self.whisper)
+        return greedy_decode(self.encode, self.step, features, self._cache, self.settings)
+
+
+def quantize_whisper_int8(bundle: Any, calibration_features: Sequence[torch.Tensor], *, quantizer: Any = None,
+                          lower: bool = True, max_new_tokens: int | None = None) -> QuantizedWhisper:
+    """PT2E-quantize Whisper's encoder(+cross K/V) and decoder step, calibrate them by greedy-decoding
+    `calibration_features` (each [1, 80, 3000]) through the observed graphs, convert, and (lower=True)
+    compile both to oneDNN INT8 kernels with `lower_x86` (which refuses to run them in float).
+
+    quantizer: a PT2E quantizer (default `stablequant_x86_quantizer()`: StableQuant's percentile+MSE
+    activation ranges, per-channel symmetric weights).
+    """
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from sq_plugin.pt2e import export_for_quantization, label_observers, stablequant_x86_quantizer
+
+    if not calibration_features:
+        raise ValueError("quantize_whisper_int8 needs at least one calibration utterance (log-mel features "
+                         "[1, 80, 3000]); got none")
+    whisper = bundle.model.eval()
+    settings = GreedySettings.from_model(whisper, max_new_tokens)
+    started = time.perf_counter()
+    encoder_kv = WhisperEncoderKV(whisper).eval()
+    step = WhisperDecoderStep(whisper).eval()
+    example = calibration_features[0]
+    with torch.no_grad():
+        cross = encoder_kv(example)
+    step_example = decoder_step_inputs(whisper, cross)
+    prepared = {}
+    for name, module, inputs in (("encoder", encoder_kv, (example,)), ("decoder_step", step, step_example)):
+        # Static shapes: Whisper always sees a 30 s window, and the step's cache has a fixed size.
+        exported = export_for_quantization(module, inputs, dynamic_dims={})
+        prepared[name] = prepare_pt2e(exported, quantizer or stablequant_x86_quantizer())
+        label_observers(prepared[name])
+    cache = empty_cache(whisper)
+    calibration_tokens = 0
+    for features in calibration_features:
+        calibration_tokens += len(greedy_decode(prepared["encoder"], prepared["decoder_step"], features, cache,
+                                                settings)) + 1
+    converted = {name: convert_pt2e(graph) for name, graph in prepared.items()}
+    report: dict[str, Any] = {"calibration_utterances": len(calibration_features),
+                              "calibration_decoder_steps": calibration_tokens,
+                              "quantize_s": round(time.perf_counter() - started, 1)}
+    return _assemble(bundle, converted, settings, report, lower)
+
+
+def _assemble(bundle: Any, converted: dict[str, torch.fx.GraphModule], settings: GreedySettings,
+              report: dict[str, Any], lower: bool) -> QuantizedWhisper:
+    """A QuantizedWhisper running the converted graphs as they are (lower=False: float q/dq, for checks)
+    or compiled to oneDNN INT8 kernels by `lower_x86`, which raises rather than run them in float."""
+    from sq_plugin.pt2e import lower_x86
+
+    whisper = bundle.model
+    if not lower:
+        return QuantizedWhisper(bundle.name, whisper, converted["encoder"], converted["decoder_step"], settings,
+                                converted, report)
+    # Each graph compiles once, for its only shapes: a 30 s window and the fixed-size cache.
+    features = torch.zeros(1, whisper.config.num_mel_bins, 2 * whisper.config.max_source_positions)
+    encode, encoder_report = lower_x86(converted["encoder"], (features,))
+    with torch.no_grad():
+        cross = encode(features)
+    step, step_report = lower_x86(converted["decoder_step"], decoder_step_inputs(whisper, cross))
+    report = {**report, "lowering": {
+        "encoder": {"qlinear": encoder_report.qlinear, "qconv": encoder_report.qconv},
+        "decoder_step": {"qlinear": step_report.qlinear, "qconv": step_report.qconv}}}
+    return QuantizedWhisper(bundle.name, whisper, encode, step, settings, converted, report)
+
+
+ENCODER_DIR = "encoder"
+DECODER_STEP_DIR = "decoder_step"
+SETTINGS_FILE = "greedy.json"
+
+
+def save_whisper_int8(quantized: QuantizedWhisper, path: str | os.PathLike, *, metadata: dict[str, Any]) -> Path:
+    """Write both converted graphs as `sq_plugin.artifact` directories under `path` (`encoder/`,
+    `decoder_step/`) plus the greedy settings; the whole directory appears at once (temporary sibling,
+    then one rename), replacing an existing one."""
+    from sq_plugin.artifact import save
+
+    path = Path(path)
+    whisper = quantized.whisper
+    features = torch.zeros(1, whisper.config.num_mel_bins, 2 * whisper.config.max_source_positions)
+    with torch.no_grad():
+        cross = quantized.converted["encoder"](features)
+    examples = {"encoder": (features,), "decoder_step": decoder_step_inputs(whisper, cross)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        for name, sub, fp in ((ENCODER_DIR, "encoder", WhisperEncoderKV(whisper)),
+                              (DECODER_STEP_DIR, "decoder_step", WhisperDecoderStep(whisper))):
+            save(quantized.converted[sub], tmp / name, example_inputs=examples[sub], fp_model=fp,
+                 metadata={**metadata, "model": f"{quantized.model_name}:{sub}", "model_config": whisper.config,
+                           "report": quantized.report})
+        (tmp / SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(quantized.settings)))
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_whisper_int8(path: str | os.PathLike, bundle: Any, *, lower: bool = True) -> QuantizedWhisper:
+    """Load `save_whisper_int8`'s directory for `bundle` (the same Whisper checkpoint: its config and
+    tokenizer drive decoding) and, with lower=True, compile both graphs to oneDNN INT8 kernels.
+    Raises `ArtifactError` if a part is missing, damaged, or was made for another model."""
+    from sq_plugin.artifact import ArtifactError, architecture_fingerprint, load
+
+    path = Path(path)
+    settings_file = path / SETTINGS_FILE
+    if not settings_file.is_file():
+        raise ArtifactError(f"{settings_file} is missing: {path} is not a save_whisper_int8 directory "
+                            "(re-save it with sq_plugin.whisper_int8.save_whisper_int8)")
+    try:
+        settings = GreedySettings(**{k: tuple(v) if isinstance(v, list) else v
+                                     for k, v in json.loads(settings_file.read_text()).items()})
+    except (ValueError, TypeError) as exc:
+        raise ArtifactError(f"{settings_file} cannot be read ({exc}); re-save the artifact") from exc
+    whisper = bundle.model.eval()
+    converted, meta = {}, {}
+    for name, sub, fp in ((ENCODER_DIR, "encoder", WhisperEncoderKV(whisper)),
+                          (DECODER_STEP_DIR, "decoder_step", WhisperDecoderStep(whisper))):
+        # The architecture fingerprint catches a checkpoint with other shapes; the name, another model.
+        converted[sub], meta[sub] = load(path / name, expect_model=architecture_fingerprint(fp))
+        if meta[sub]["model"] != f"{bundle.name}:{sub}":
+            raise ArtifactError(f"{path / name} was made for {meta[sub]['model']!r}, not {bundle.name}:{sub}: "
+                                f"load the artifact saved for {bundle.name}, or quantize it and save a new one")
+    report = {k: v for k, v in meta["encoder"]["user"].get("report", {}).items() if k != "lowering"}
+    return _assemble(bundle, converted, settings, report, lower)
+
+

@@ -1,0 +1,161 @@
+"""Whisper encoder + decoder step on INT8 kernels (sq_plugin.whisper_int8), on a tiny random Whisper with
+the real tiny.en processor."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sq_plugin.artifact import ArtifactError
+from sq_plugin.whisper_int8 import (
+    GreedySettings,
+    WhisperDecoderStep,
+    WhisperEncoderKV,
+    empty_cache,
+    greedy_decode,
+    load_whisper_int8,
+    quantize_whisper_int8,
+    save_whisper_int8,
+)
+
+SOT, EOT, NO_TIMESTAMPS = 50257, 50256, 50362
+
+
+def tiny_whisper_bundle(name: str = "tiny-whisper", d_model: int = 32, seed: int = 0):
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from sq_plugin.speech.models import SpeechModel
+    from sq_plugin.speech.whisper_ct2 import build_whisper_processor, default_model_dir
+
+    config = WhisperConfig(vocab_size=51864, d_model=d_model, encoder_layers=1, decoder_layers=2,
+                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                           decoder_ffn_dim=64, num_mel_bins=80, max_source_positions=1500, max_target_positions=16,
+                           decoder_start_token_id=SOT, pad_token_id=EOT, bos_token_id=SOT, eos_token_id=EOT)
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(config).eval()
+    gen = model.generation_config
+    gen.no_timestamps_token_id = NO_TIMESTAMPS
+    gen.suppress_tokens = [1, 2, 7, 50357, 50358]
+    gen.begin_suppress_tokens = [220, EOT]
+    gen.max_length = 12
+    return SpeechModel(name, "whisper", model, build_whisper_processor(default_model_dir()))
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return tiny_whisper_bundle()
+
+
+@pytest.fixture(scope="module")
+def features(bundle):
+    gen = np.random.default_rng(0)
+    fe = bundle.processor.feature_extractor
+    return [fe([(0.1 * gen.standard_normal(16000 * s)).astype(np.float32)], sampling_rate=16000,
+               return_tensors="pt").input_features for s in (1, 2, 3)]
+
+
+@pytest.fixture(scope="module")
+def int8(bundle, features):
+    return quantize_whisper_int8(bundle, features)
+
+
+def hf_greedy(bundle, feats) -> list[int]:
+    with torch.no_grad():
+        out = bundle.model.generate(feats, num_beams=1, do_sample=False, return_timestamps=False,
+                                    return_dict_in_generate=True).sequences[0].tolist()
+    assert out[:2] == [SOT, NO_TIMESTAMPS]
+    return [t for t in out[2:] if t != EOT]
+
+
+def test_float_step_decoder_reproduces_hf_greedy_generate(bundle, features):
+    settings = GreedySettings.from_model(bundle.model)
+    assert settings.prompt == (SOT, NO_TIMESTAMPS) and settings.max_new_tokens == 12
+    encode, step = WhisperEncoderKV(bundle.model).eval(), WhisperDecoderStep(bundle.model).eval()
+    cache = empty_cache(bundle.model)
+    for feats in features:
+        ours = greedy_decode(encode, step, feats, cache, settings)
+        assert ours == hf_greedy(bundle, feats)
+        assert len(ours) > 0 and not set(ours) & set(settings.suppress)
+
+
+def test_step_logits_match_hf_forward_at_every_position(bundle, features):
+    """The static-cache step equals HF's full forward over the same tokens, position by position."""
+    whisper = bundle.model
+    tokens = [SOT, NO_TIMESTAMPS, 440, 1263, 50, 9]
+    with torch.no_grad():
+        want = whisper(input_features=features[1], decoder_input_ids=torch.tensor([tokens])).logits[0]
+        encode, step = WhisperEncoderKV(whisper).eval(), WhisperDecoderStep(whisper).eval()
+        cross = encode(features[1])
+        keys, values = empty_cache(whisper)
+        for pos, token in enumerate(tokens):
+            logits, k, v = step(torch.tensor([[token]]), torch.tensor([pos]), keys, values, *cross)
+            keys[:, :, :, pos], values[:, :, :, pos] = k[:, :, :, 0], v[:, :, :, 0]
+            torch.testing.assert_close(logits[0, 0], want[pos], atol=1e-4, rtol=1e-4)
+
+
+def test_every_linear_runs_on_onednn_int8_kernels(int8):
+    # encoder: 1 layer x (q, k, v, out, fc1, fc2) + 2 decoder layers x cross (k, v); two convs.
+    # decoder step: 2 layers x (self q, k, v, out; cross q, out; fc1, fc2) + the logits projection.
+    assert int8.report["lowering"] == {"encoder": {"qlinear": 10, "qconv": 2},
+                                       "decoder_step": {"qlinear": 17, "qconv": 0}}
+    assert int8.report["calibration_utterances"] == 3 and int8.report["calibration_decoder_steps"] >= 3
+    # Each lowered graph was checked against its fake-quant graph when it compiled.
+    assert all(e < 0.1 for m in (int8.encode, int8.step) for e in m.errors.values())
+
+
+def test_int8_decoding_follows_the_fake_quant_graphs(bundle, int8, features):
+    cache = empty_cache(bundle.model)
+    agree = 0
+    for feats in features:
+        simulated = greedy_decode(int8.converted["encoder"], int8.converted["decoder_step"], feats, cache,
+                                  int8.settings)
+        agree += int8.transcribe(feats) == simulated
+    assert agree >= 2  # INT8 rounding may flip one argmax of a random model's flat logits, not most
+
+
+def test_save_load_gives_the_same_graphs_bit_for_bit(bundle, int8, features, tmp_path):
+    path = save_whisper_int8(int8, tmp_path / "w.sqa", metadata={"recipe": {"quantizer": "default"}})
+    assert sorted(p.name for p in path.iterdir()) == ["decoder_step", "encoder", "greedy.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    loaded = load_whisper_int8(path, bundle, lower=False)
+    assert loaded.settings == int8.settings
+    assert loaded.report["calibration_utterances"] == 3
+    cache = empty_cache(bundle.model)
+    for feats in features:
+        with torch.no_grad():
+            a, b = loaded.encode(feats), int8.converted["encoder"](feats)
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+        assert loaded.transcribe(feats) == greedy_decode(int8.converted["encoder"], int8.converted["decoder_step"],
+                                                         feats, cache, int8.settings)
+
+
+def test_load_refuses_another_model_and_a_broken_directory(int8, tmp_path):
+    path = save_whisper_int8(int8, tmp_path / "w.sqa", metadata={})
+    wider = tiny_whisper_bundle(d_model=48)
+    with pytest.raises(ArtifactError, match="not for"):
+        load_whisper_int8(path, wider, lower=False)
+    renamed = tiny_whisper_bundle(name="other-whisper")
+    with pytest.raises(ArtifactError, match="made for 'tiny-whisper:encoder', not other-whisper"):
+        load_whisper_int8(path, renamed, lower=False)
+    (path / "greedy.json").write_text(json.dumps({"prompt": [1]}))
+    with pytest.raises(ArtifactError, match="greedy.json cannot be read"):
+        load_whisper_int8(path, int8_bundle(int8), lower=False)
+    (path / "greedy.json").unlink()
+    with pytest.raises(ArtifactError, match="not a save_whisper_int8 directory"):
+        load_whisper_int8(path, int8_bundle(int8), lower=False)
+
+
+def int8_bundle(int8):
+    from sq_plugin.speech.models import SpeechModel
+
+    return SpeechModel(int8.model_name, "whisper", int8.whisper, None)
+
+
+def test_bad_input_is_refused_with_the_fix(bundle, features):
+    with pytest.raises(ValueError, match="at least one calibration utterance"):
+        quantize_whisper_int8(bundle, [])
+    encode, step = WhisperEncoderKV(bundle.model).eval(), WhisperDecoderStep(bundle.model).eval()
+    with pytest.raises(ValueError, match="one utterance"):
+        greedy_decode(encode, step, torch.cat([features[0]] * 2), empty_cache(bundle.model),
+                      GreedySettings.from_model(bundle.model))
