@@ -104,6 +104,18 @@ def test_every_linear_runs_on_onednn_int8_kernels(int8):
     assert all(e < 0.1 for m in (int8.encode, int8.step) for e in m.errors.values())
 
 
+def test_embedding_reads_the_int8_logits_table_instead_of_a_float_copy(int8):
+    from sq_plugin.artifact import _get_attr, _prune_unused_state
+
+    graph = int8.converted["decoder_step"]
+    lookups = [n for n in graph.graph.nodes if n.target == torch.ops.aten.embedding.default]
+    tables = [_get_attr(graph, n.args[0].target) for n in lookups if n.args[0].op == "get_attr"]
+    assert [(t.dtype, tuple(t.shape)) for t in tables] == [(torch.int8, (51864, 32))]  # rows, then their scales
+    # Exactly one vocabulary-sized tensor is left once unused FP parameters are dropped: the INT8 one.
+    vocab = [t for t in _prune_unused_state(graph).state_dict().values() if t.shape[0] == 51864 and t.dim() == 2]
+    assert [t.dtype for t in vocab] == [torch.int8]
+
+
 def test_int8_decoding_follows_the_fake_quant_graphs(bundle, int8, features):
     cache = empty_cache(bundle.model)
     agree = 0
@@ -159,3 +171,29 @@ def test_bad_input_is_refused_with_the_fix(bundle, features):
     with pytest.raises(ValueError, match="one utterance"):
         greedy_decode(encode, step, torch.cat([features[0]] * 2), empty_cache(bundle.model),
                       GreedySettings.from_model(bundle.model))
+
+
+def test_gathering_int8_rows_equals_looking_up_the_dequantized_table():
+    import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops)
+
+    from sq_plugin.whisper_int8 import gather_int8_embedding_rows
+
+    class Lookup(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            gen = torch.Generator().manual_seed(0)
+            self.register_buffer("table", torch.randint(-128, 128, (50, 8), dtype=torch.int8, generator=gen))
+            self.register_buffer("scales", torch.rand(50, generator=gen) + 0.01)
+            self.register_buffer("zero_points", torch.randint(-3, 4, (50,), generator=gen))
+
+        def forward(self, token):
+            table = torch.ops.quantized_decomposed.dequantize_per_channel.default(
+                self.table, self.scales, self.zero_points, 0, -128, 127, torch.int8)
+            return torch.ops.aten.embedding.default(table, token) * 2.0
+
+    graph = torch.fx.symbolic_trace(Lookup())
+    token = torch.tensor([[0, 7, 49]])
+    want = graph(token)
+    gather_int8_embedding_rows(graph)
+    assert not [n for n in graph.graph.nodes if "dequantize" in str(n.target)]
+    assert torch.equal(graph(token), want)
