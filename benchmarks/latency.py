@@ -405,13 +405,14 @@ def worker_main(cfg: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def run_worker(cfg: dict[str, Any], log: Any) -> dict[str, Any] | None:
-    """Run one configuration in a fresh interpreter; None (and the error logged) if it failed."""
+def run_worker(cfg: dict[str, Any], log: Any, script: Path | None = None) -> dict[str, Any] | None:
+    """Run one configuration in a fresh interpreter (`script --worker cfg`, default this script);
+    None (and the error logged) if it failed."""
     env = dict(os.environ)
     threads = str(cfg.get("threads", 1))
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)],
+    proc = subprocess.run([sys.executable, str(script or Path(__file__).resolve()), "--worker", json.dumps(cfg)],
                           capture_output=True, text=True, env=env, cwd=str(ROOT))
     took = time.perf_counter() - start
     result = None

@@ -245,17 +245,25 @@ def stablequant_x86_quantizer(config: QuantizationConfig | None = None,
 
 
 def export_for_quantization(model: torch.nn.Module, example_inputs: tuple, *,
-                            dynamic_dims: dict[int, int] | None = None) -> torch.fx.GraphModule:
+                            dynamic_dims: dict[int, int] | None = None,
+                            dynamic_batch: bool = False) -> torch.fx.GraphModule:
     """`torch.export` a speech model for PT2E (eval mode, weight norm folded, dynamic audio length).
 
     `dynamic_dims` maps input index -> dynamic dimension; default: dimension 1 of every input, the
     time axis of a (batch, samples) waveform and of its attention mask. `Dim.AUTO` is used because a
     named `Dim` with bounds fails on the conv stride arithmetic of wav2vec2-style front ends.
+    `dynamic_batch=True` also makes dimension 0 of every input dynamic, so that one graph (and one
+    saved artifact) serves any batch size. Export specializes a size-1 dimension to 1, so the
+    examples are traced repeated to batch 2; the graph then accepts batch 1 as well.
     """
     model = strip_weight_norm(model.eval())
     dims = {i: 1 for i in range(len(example_inputs))} if dynamic_dims is None else dynamic_dims
-    dynamic_shapes = tuple({dims[i]: Dim.AUTO} if i in dims else None for i in range(len(example_inputs)))
-    return torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes).module()
+    shapes: list[dict[int, Any] | None] = [{dims[i]: Dim.AUTO} if i in dims else None
+                                           for i in range(len(example_inputs))]
+    if dynamic_batch:
+        shapes = [{0: Dim.AUTO, **(s or {})} for s in shapes]
+        example_inputs = tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in example_inputs)
+    return torch.export.export(model, tuple(example_inputs), dynamic_shapes=tuple(shapes)).module()
 
 
 def label_observers(prepared: torch.fx.GraphModule) -> dict[str, str]:
@@ -284,11 +292,13 @@ def _module_name(node: torch.fx.Node) -> str | None:
 
 
 def prepare_stablequant(model: torch.nn.Module, example_inputs: tuple,
-                        quantizer: X86InductorQuantizer | None = None) -> torch.fx.GraphModule:
-    """Export + `prepare_pt2e` with StableQuant observers (default: `stablequant_x86_quantizer()`)."""
+                        quantizer: X86InductorQuantizer | None = None, *,
+                        dynamic_batch: bool = False) -> torch.fx.GraphModule:
+    """Export + `prepare_pt2e` with StableQuant observers (default: `stablequant_x86_quantizer()`).
+    `dynamic_batch`: see `export_for_quantization`."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
-    exported = export_for_quantization(model, example_inputs)
+    exported = export_for_quantization(model, example_inputs, dynamic_batch=dynamic_batch)
     prepared = prepare_pt2e(exported, quantizer or stablequant_x86_quantizer())
     label_observers(prepared)
     return prepared

@@ -191,6 +191,27 @@ def test_export_helper_accepts_other_lengths(tiny_wav2vec2):
         assert exported(audio(12345, 1)).logits.shape[1] == 38
 
 
+def test_dynamic_batch_export_serves_every_batch_size_with_the_batch_1_numbers(tiny_wav2vec2):
+    from sq_plugin.pt2e import prepare_stablequant
+
+    one = audio(8000, 0)
+    fixed = export_for_quantization(tiny_wav2vec2, (one,))
+    batched = export_for_quantization(tiny_wav2vec2, (one,), dynamic_batch=True)
+    three = torch.cat([one, audio(8000, 1), audio(8000, 2)])
+    with torch.no_grad():
+        assert torch.equal(batched(one).logits, fixed(one).logits)
+        logits = batched(three).logits
+        assert logits.shape[0] == 3
+        torch.testing.assert_close(logits[2:], fixed(three[2:]).logits, atol=1e-5, rtol=1e-5)
+        with pytest.raises(Exception):  # noqa: B017  (the batch-1 graph guards its batch size)
+            fixed(three)
+    # The prepared (observed) graph keeps the dynamic batch: calibrate with batch 1, run batch 3.
+    prepared = prepare_stablequant(tiny_wav2vec2, (one,), dynamic_batch=True)
+    with torch.no_grad():
+        prepared(one)
+        assert prepared(three).logits.shape[0] == 3
+
+
 class GroupedConv(torch.nn.Module):
     """The shape of wav2vec2's positional conv, small: 4 groups of 8 channels, kernel 16."""
 

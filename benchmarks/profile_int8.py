@@ -1,0 +1,189 @@
+"""Where the time goes: torch.profiler over FP32 `torch.compile` and the lowered INT8 model.
+
+For each model, one process builds the INT8 model (StableQuant PT2E ranges on --calib dev utterances;
+the ranges do not change the kernels' speed), lowers it with `lower_x86`, compiles the FP32 model with
+Inductor, runs --warmup untimed calls, then profiles --runs calls of each on the same input (10 s of
+test speech, batch 1; Whisper: the encoder's 30 s window). Self CPU time is summed by kind of work:
+
+    int8 linear (oneDNN qlinear)      onednn::qlinear_pointwise
+    int8 conv (oneDNN qconv)          onednn::qconv_pointwise
+    float conv (oneDNN)               aten::mkldnn_convolution (FP32 convs; in INT8: those kept float)
+    float linear / matmul             aten::addmm / mm / bmm / linear
+    float attention (SDPA)            aten::_scaled_dot_product_*
+    Inductor fused kernels            graph_*_cpp_fused_* (norms, GELU, softmax, residual adds and,
+                                      in INT8, the quantize/dequantize fused into them)
+    other (dispatch, views, guards)   the rest
+
+    python benchmarks/profile_int8.py                       # both CTC references + Whisper encoder
+    python benchmarks/profile_int8.py --models sq/hubert-ref --threads 1
+
+Writes benchmarks/results/profile.json and profile.md (atomically). The profiler adds overhead, so
+per-call totals here run a little above `latency.py`'s medians; the shares are what this is for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import RESULTS, atomic_write
+
+CTC_MODELS = ("sq/wav2vec2-ref", "sq/hubert-ref")
+WHISPER = "openai/whisper-tiny.en"
+
+KINDS = (
+    ("int8 linear (oneDNN qlinear)", lambda n: "qlinear" in n),
+    ("int8 conv (oneDNN qconv)", lambda n: "qconv" in n),
+    ("float conv (oneDNN)", lambda n: n in ("aten::mkldnn_convolution", "aten::convolution_overrideable")),
+    ("float linear / matmul", lambda n: n in ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear",
+                                              "aten::baddbmm", "aten::matmul")),
+    ("float attention (SDPA)", lambda n: n.startswith("aten::_scaled_dot_product")),
+    ("Inductor fused kernels", lambda n: n.startswith("graph_") and "_cpp_fused_" in n),
+)
+OTHER = "other (dispatch, views, guards)"
+# Profiler wrappers whose self time is the Python/C++ glue around the graph, not compute.
+WRAPPERS = ("## Call CompiledFxGraph", "Torch-Compiled Region", "TorchDynamo Cache Lookup")
+
+
+def kind_of(name: str) -> str:
+    for kind, match in KINDS:
+        if match(name):
+            return kind
+    return OTHER
+
+
+def profile_calls(fn: Any, x: Any, warmup: int, runs: int) -> tuple[dict[str, float], list[dict[str, Any]], float]:
+    """({kind: ms per call}, top ops [{name, kind, ms_per_call, calls_per_call}], wall ms per call)."""
+    import torch
+
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(runs):
+                fn(x)
+            wall = (time.perf_counter() - start) * 1000.0 / runs
+    by_kind = {kind: 0.0 for kind, _ in KINDS} | {OTHER: 0.0}
+    ops = []
+    for event in prof.key_averages():
+        ms = event.self_cpu_time_total / 1000.0 / runs
+        kind = kind_of(event.key)
+        by_kind[kind] += ms
+        ops.append({"name": event.key, "kind": kind, "ms_per_call": round(ms, 3),
+                    "calls_per_call": event.count / runs})
+    ops.sort(key=lambda o: -o["ms_per_call"])
+    return {k: round(v, 3) for k, v in by_kind.items()}, ops[:12], wall
+
+
+def worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    import torch._inductor.config as inductor_config
+
+    # Name each Inductor-generated C++ kernel in the profile (otherwise one opaque "CompiledFxGraph").
+    inductor_config.cpp.enable_kernel_profile = True
+    torch.set_num_threads(cfg["threads"])
+    from latency import _calib_ctc, _whisper_features, clip_10s, ctc_input
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from sq_plugin.pt2e import (
+        calibrate,
+        export_for_quantization,
+        lower_x86,
+        prepare_stablequant,
+        stablequant_x86_quantizer,
+        strip_weight_norm,
+    )
+    from sq_plugin.speech.corpus import load_split
+    from sq_plugin.speech.models import load_model
+
+    bundle = load_model(cfg["model"])
+    audio = clip_10s(cfg["seconds"])
+    if cfg["model"] == WHISPER:
+        fp = bundle.model.model.encoder.eval()
+        x = _whisper_features(bundle, [audio])
+        calib = [_whisper_features(bundle, [u.audio]) for u in load_split("dev", limit=cfg["calib"], progress=False)]
+        prepared = prepare_pt2e(export_for_quantization(fp, (calib[0],), dynamic_dims={}), stablequant_x86_quantizer())
+    else:
+        fp = strip_weight_norm(bundle.model)
+        x = ctc_input(bundle, audio)
+        calib = _calib_ctc(bundle, cfg["calib"])
+        prepared = prepare_stablequant(fp, (calib[0],))
+    calibrate(prepared, calib)
+    int8, report = lower_x86(convert_pt2e(prepared), (x,))
+    compiled = torch.compile(fp)
+    result: dict[str, Any] = {"model": cfg["model"], "threads": cfg["threads"], "runs": cfg["runs"],
+                              "int8_kernels": {"qlinear": report.qlinear, "qconv": report.qconv}}
+    for name, fn in (("fp32 compiled", compiled), ("int8", int8)):
+        by_kind, top, wall = profile_calls(fn, x, cfg["warmup"], cfg["runs"])
+        result[name] = {"by_kind_ms": by_kind, "top_ops": top, "wall_ms": round(wall, 2)}
+    return result
+
+
+def table(results: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for r in results:
+        fp, q = r["fp32 compiled"], r["int8"]
+        lines += [f"### {r['model']} ({r['threads']} threads; INT8 kernels {r['int8_kernels']})", "",
+                  "| kind of work | FP32 compiled ms/call | share | INT8 ms/call | share |",
+                  "|---|---:|---:|---:|---:|"]
+        fp_total, q_total = sum(fp["by_kind_ms"].values()), sum(q["by_kind_ms"].values())
+        for kind in fp["by_kind_ms"]:
+            a, b = fp["by_kind_ms"][kind], q["by_kind_ms"][kind]
+            lines.append(f"| {kind} | {a:.2f} | {a / fp_total:.0%} | {b:.2f} | {b / q_total:.0%} |")
+        lines += [f"| **sum of self CPU time** | {fp_total:.2f} | | {q_total:.2f} | |",
+                  f"| wall time per call (profiled) | {fp['wall_ms']:.2f} | | {q['wall_ms']:.2f} "
+                  f"| INT8/FP32 = {q['wall_ms'] / fp['wall_ms']:.2f}x |", "",
+                  "Top INT8 ops (ms per call): " + "; ".join(
+                      f"`{o['name'][:60]}` {o['ms_per_call']:.2f} (x{o['calls_per_call']:g})"
+                      for o in q["top_ops"][:6]),
+                  ""]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--models", nargs="+", default=[*CTC_MODELS, WHISPER])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--calib", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return
+    from latency import device_name, machine_state, run_worker
+
+    results, failures = [], []
+    state = machine_state()
+    for model in args.models:
+        runs = args.runs if model != WHISPER else max(3, args.runs // 4)
+        cfg = {"model": model, "threads": args.threads, "seconds": args.seconds, "calib": args.calib,
+               "warmup": args.warmup, "runs": runs}
+        result = run_worker(cfg, sys.stderr, script=Path(__file__).resolve())
+        (results.append(result) if result else failures.append(model))
+    lines = ["# Where the time goes: FP32 compiled vs INT8 (torch.profiler, CPU)", "",
+             f"Device: {device_name()}; {args.threads} threads; batch 1; {args.seconds:g} s of test speech "
+             f"(Whisper: its 30 s encoder window); {args.warmup} warmup + {args.runs} profiled calls "
+             f"(Whisper {max(3, args.runs // 4)}). Machine state at start: {state}.",
+             "Self CPU time of the calling thread, summed by kind of work; oneDNN and SDPA ops include their "
+             "worker threads' wall time.", "", *table(results)]
+    if failures:
+        lines += ["## Failed", "", *[f"* {f}" for f in failures], ""]
+    out = Path(args.out)
+    atomic_write(out / "profile.json", json.dumps(results, indent=1) + "\n")
+    atomic_write(out / "profile.md", "\n".join(lines) + "\n")
+    print(f"wrote {out}/profile.json and profile.md; failures: {failures or 'none'}", file=sys.stderr)
+    if failures:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
