@@ -2,25 +2,32 @@
 
 One run on one machine writes (atomically):
     benchmarks/results/latency.json  rows {"model","backend","precision","batch","audio_seconds","median_ms",
-                                     "p90_ms","threads","device","rtf","peak_rss_mb"}
+                                     "p90_ms","threads","device","rtf","peak_rss_mb"} (+ "wer" for Whisper
+                                     end to end)
     benchmarks/results/size.json     rows {"model","precision","bytes","fp32_bytes"}
     benchmarks/results/latency.md    the same as tables, INT8/float op report, ratios vs FP32 compiled
 
 Models and configurations:
-  * sq/wav2vec2-ref, sq/hubert-ref (CTC), 10 s of audio, batch 1: FP32 eager, FP32 `torch.compile`
-    (Inductor), INT8 = `stablequant_x86_quantizer()` ranges calibrated on --calib dev utterances,
-    `convert_pt2e`, saved with `sq_plugin.artifact.save`, loaded back, lowered by `lower_x86`.
-  * openai/whisper-tiny.en encoder (input_features [1, 80, 3000]): FP32 compiled vs INT8 PT2E (same
-    recipe; calibration on the dev utterances' log-mel features).
-  * Whisper end to end, one 10 s utterance, greedy, prompt <|startoftranscript|><|notimestamps|>:
-    HF FP32 eager, HF with the INT8 encoder (decoder stays float), ctranslate2 float32 and int8.
+  * sq/wav2vec2-ref, sq/hubert-ref (CTC): FP32 eager, FP32 `torch.compile` (Inductor, static shapes),
+    INT8 = `stablequant_x86_quantizer()` ranges calibrated on --calib dev utterances, exported with a
+    dynamic batch and length, `convert_pt2e`, saved with `sq_plugin.artifact.save`, loaded back and
+    lowered by `lower_x86`. Grid: --batches x --lengths at the first thread count; batch 1 x --seconds
+    at the others. Batch b of s seconds = b different stretches of test speech.
+  * openai/whisper-tiny.en end to end, greedy, prompt <|startoftranscript|><|notimestamps|>:
+    HF FP32 eager `generate`; `sq_plugin.whisper_int8` FP32 (the encoder+cross K/V and the static-cache
+    decoder step, `torch.compile`d) and INT8 (the same two graphs quantized with the StableQuant
+    recipe, calibrated by greedy-decoding dev utterances, saved, loaded and lowered to oneDNN INT8);
+    ctranslate2 float32 and int8. Latency on one --seconds clip; WER on --wer-utts test utterances
+    (first thread count only). The FP32-compiled and INT8 workers also time their encoder graph alone.
 
 Every configuration runs in its own subprocess (`--worker`): peak RSS (`resource.getrusage`) is the
-child's own and includes loading and compiling; Inductor bakes the thread count into its kernels, so
-each thread count is compiled separately. Latency: --warmup untimed runs, then --runs timed runs;
-median and p90 of wall time; rtf = median seconds / audio seconds.
+child's own and includes loading and compiling (a worker timing several shapes runs them smallest
+first, so a row's peak RSS is the peak up to and including that shape); Inductor bakes the thread
+count into its kernels, so each thread count is compiled separately. Latency: --warmup untimed runs,
+then --runs timed runs; median and p90 of wall time; rtf = median seconds / audio seconds (per
+utterance of the batch: batch x seconds of audio per call).
 
-    python benchmarks/latency.py                   # full run (~15 min on 2 cores)
+    python benchmarks/latency.py                   # full run (~35 min on 2 cores)
     python benchmarks/latency.py --quick           # smoke run: 1 thread, few runs, small calibration
     python benchmarks/latency.py --verify-artifact # also: lower_x86(loaded) == lower_x86(original), bit for bit
 """
@@ -81,7 +88,7 @@ def time_fn(fn: Any, warmup: int, runs: int) -> tuple[float, float]:
     return float(np.median(times)), float(np.percentile(times, 90))
 
 
-def clip_10s(seconds: float) -> Any:
+def speech_clip(seconds: float) -> Any:
     """`seconds` of real speech: test-split utterances concatenated (not used for calibration)."""
     import numpy as np
 
@@ -89,36 +96,49 @@ def clip_10s(seconds: float) -> Any:
 
     n = int(seconds * SR)
     parts, total = [], 0
-    for u in load_split("test", limit=40, progress=False):
+    for u in load_split("test", progress=False):
         parts.append(u.audio)
         total += len(u.audio)
         if total >= n:
             break
+    if total < n:
+        raise ValueError(f"the test split has {total / SR:.0f} s of speech, fewer than the {seconds:g} s asked for")
     return np.concatenate(parts)[:n].astype(np.float32)
 
 
 def load_clip(cfg: dict[str, Any]) -> Any:
-    """The benchmark clip, from the .npy the orchestrator wrote (so that loading the corpus, ~160 MB,
+    """The benchmark speech, from the .npy the orchestrator wrote (so that loading the corpus, ~160 MB,
     does not count in each configuration's peak RSS)."""
     import numpy as np
 
-    return np.load(cfg["clip"]) if "clip" in cfg else clip_10s(cfg["seconds"])
+    return np.load(cfg["clip"])
+
+
+def batch_audio(clip: Any, batch: int, seconds: float) -> list[Any]:
+    """`batch` different stretches of `seconds` each, taken one after the other from `clip`."""
+    n = int(seconds * SR)
+    if batch * n > len(clip):
+        raise ValueError(f"the benchmark clip has {len(clip) / SR:.0f} s, fewer than {batch} x {seconds:g} s")
+    return [clip[i * n:(i + 1) * n] for i in range(batch)]
 
 
 def make_clip(cfg: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
-    audio = clip_10s(cfg["seconds"])
+    audio = speech_clip(cfg["seconds"])
     np.save(cfg["clip"], audio)
     return {"samples": len(audio)}
 
 
 def ctc_input(bundle: Any, audio: Any) -> Any:
+    """Model input for one waveform or a list of equal-length waveforms (each normalized on its own)."""
     import numpy as np
     import torch
 
     fe = bundle.processor.feature_extractor
-    return torch.from_numpy(np.asarray(fe(audio, sampling_rate=SR).input_values[0], dtype=np.float32))[None]
+    audios = audio if isinstance(audio, list) else [audio]
+    values = fe(audios, sampling_rate=SR).input_values
+    return torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in values]))
 
 
 def float_ops(gm: Any) -> dict[str, int]:
@@ -143,10 +163,10 @@ def artifact_dir(args: argparse.Namespace, model: str) -> Path:
 
 
 def row(model: str, backend: str, precision: str, audio_seconds: float, median_ms: float, p90_ms: float,
-        threads: int, **extra: Any) -> dict[str, Any]:
-    out = {"model": model, "backend": backend, "precision": precision, "batch": 1, "audio_seconds": audio_seconds,
+        threads: int, batch: int = 1, **extra: Any) -> dict[str, Any]:
+    out = {"model": model, "backend": backend, "precision": precision, "batch": batch, "audio_seconds": audio_seconds,
            "median_ms": round(median_ms, 3), "p90_ms": round(p90_ms, 3), "threads": threads,
-           "device": device_name(), "rtf": round(median_ms / 1000.0 / audio_seconds, 5),
+           "device": device_name(), "rtf": round(median_ms / 1000.0 / (audio_seconds * batch), 5),
            "peak_rss_mb": round(peak_rss_mb(), 1)}
     out.update(extra)  # "_"-prefixed extras are reports, stripped before latency.json
     return out
@@ -164,7 +184,7 @@ def _calib_ctc(bundle: Any, n: int) -> list[Any]:
 
 
 def build_ctc(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Calibrate + convert + save the INT8 artifact of a CTC model; report ops and sizes."""
+    """Calibrate + convert + save the INT8 artifact of a CTC model (dynamic batch and length)."""
     import torch
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
@@ -176,11 +196,12 @@ def build_ctc(cfg: dict[str, Any]) -> dict[str, Any]:
     fp = strip_weight_norm(bundle.model)
     calib = _calib_ctc(bundle, cfg["calib"])
     start = time.perf_counter()
-    prepared = prepare_stablequant(fp, (calib[0],))
+    prepared = prepare_stablequant(fp, (calib[0],), dynamic_batch=True)
     calibrate(prepared, calib)
     converted = convert_pt2e(prepared)
     quant_s = time.perf_counter() - start
-    path = save(converted, cfg["artifact"], example_inputs=(calib[0],), fp_model=fp,
+    example = ctc_input(bundle, batch_audio(load_clip(cfg), 2, 2.0))  # keeps batch and length dynamic
+    path = save(converted, cfg["artifact"], example_inputs=(example,), fp_model=fp,
                 metadata={"model": cfg["model"], "recipe": {"quantizer": "stablequant_x86_quantizer()",
                                                              "calibration": f"dev[:{cfg['calib']}]"}})
     result: dict[str, Any] = {
@@ -190,7 +211,8 @@ def build_ctc(cfg: dict[str, Any]) -> dict[str, Any]:
         .stat().st_size, "fp32_param_bytes": sum(p.numel() * 4 for p in fp.parameters()),
     }
     if cfg.get("verify"):
-        result["verify"] = _verify_artifact(converted, path, ctc_input(bundle, load_clip(cfg)), torch)
+        x = ctc_input(bundle, batch_audio(load_clip(cfg), 1, cfg["seconds"]))
+        result["verify"] = _verify_artifact(converted, path, x, torch)
     return result
 
 
@@ -216,33 +238,46 @@ def _first(out: Any) -> Any:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def time_ctc(cfg: dict[str, Any]) -> dict[str, Any]:
+def time_ctc(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """One backend of one CTC model over cfg["shapes"] ([batch, seconds] pairs, smallest first)."""
     import torch
+    import torch._dynamo.config as dynamo_config
 
     from sq_plugin.pt2e import lower_x86, strip_weight_norm
     from sq_plugin.speech.models import load_model
 
     bundle = load_model(cfg["model"])
-    x = ctc_input(bundle, load_clip(cfg))
-    backend, extra = cfg["backend"], {}
-    start = time.perf_counter()
-    with torch.no_grad():
-        if backend == "eager":
-            fn, name, precision = bundle.model, "eager", "fp32"
-        elif backend == "compile":
-            fn = torch.compile(strip_weight_norm(bundle.model))
-            fn(x)
-            name, precision = "torch.compile (inductor)", "fp32"
-        else:
-            from sq_plugin.artifact import load
+    clip = load_clip(cfg)
+    backend, rows = cfg["backend"], []
+    fn: Any = None
+    for batch, seconds in cfg["shapes"]:
+        x = ctc_input(bundle, batch_audio(clip, batch, seconds))
+        extra: dict[str, Any] = {}
+        start = time.perf_counter()
+        with torch.no_grad(), dynamo_config.patch(recompile_limit=64):
+            if backend == "eager":
+                fn, name, precision = bundle.model, "eager", "fp32"
+            elif backend == "compile":
+                # Static shapes, compiled once per shape: the fair baseline for INT8 (also static).
+                if fn is None:
+                    fn = torch.compile(strip_weight_norm(bundle.model), dynamic=False)
+                fn(x)
+                name, precision = "torch.compile (inductor)", "fp32"
+            else:
+                from sq_plugin.artifact import load
 
-            module, _ = load(cfg["artifact"], expect_model=cfg["model"])
-            fn, report = lower_x86(module, (x,))
-            name, precision = "pt2e-x86 int8 (inductor freezing, oneDNN)", "int8"
-            extra["_lowering"] = {"qlinear": report.qlinear, "qconv": report.qconv, "counters": report.counters}
-        extra["_setup_s"] = round(time.perf_counter() - start, 1)
-        median, p90 = time_fn(lambda: fn(x), cfg["warmup"], cfg["runs"])
-    return row(cfg["model"], name, precision, cfg["seconds"], median, p90, cfg["threads"], **extra)
+                if fn is None:
+                    module, _ = load(cfg["artifact"], expect_model=cfg["model"])
+                    fn, report = lower_x86(module, (x,))
+                    extra["_lowering"] = {"qlinear": report.qlinear, "qconv": report.qconv,
+                                          "counters": report.counters}
+                else:
+                    fn(x)  # compiles this shape (Int8Module checks it against the fake-quant graph)
+                name, precision = "pt2e-x86 int8 (inductor freezing, oneDNN)", "int8"
+            extra["_setup_s"] = round(time.perf_counter() - start, 1)
+            median, p90 = time_fn(lambda f=fn, x=x: f(x), cfg["warmup"], cfg["runs"])
+        rows.append(row(cfg["model"], name, precision, seconds, median, p90, cfg["threads"], batch=batch, **extra))
+    return rows
 
 
 def _whisper_features(bundle: Any, audios: list[Any]) -> Any:
@@ -250,146 +285,135 @@ def _whisper_features(bundle: Any, audios: list[Any]) -> Any:
     return fe(audios, sampling_rate=SR, return_tensors="pt").input_features
 
 
-def build_whisper(cfg: dict[str, Any]) -> dict[str, Any]:
-    """INT8 artifact of the Whisper encoder: static [1, 80, 3000] input, same StableQuant recipe."""
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+def _unique_param_bytes(model: Any) -> int:
+    """FP32 bytes of a model's parameters, tied ones (Whisper's embedding = logits weight) counted once."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * 4
+    return total
 
-    from sq_plugin.artifact import artifact_bytes, save
-    from sq_plugin.pt2e import (
-        calibrate,
-        count_quantized_ops,
-        export_for_quantization,
-        label_observers,
-        stablequant_x86_quantizer,
-    )
+
+def build_whisper(cfg: dict[str, Any]) -> dict[str, Any]:
+    """INT8 Whisper (encoder + cross K/V, decoder step) with the StableQuant recipe, saved."""
+    from sq_plugin.artifact import artifact_bytes
+    from sq_plugin.pt2e import count_quantized_ops
     from sq_plugin.speech.corpus import load_split
     from sq_plugin.speech.models import load_model
+    from sq_plugin.whisper_int8 import quantize_whisper_int8, save_whisper_int8
 
     bundle = load_model(WHISPER)
-    encoder = bundle.model.model.encoder.eval()
     feats = [_whisper_features(bundle, [u.audio]) for u in load_split("dev", limit=cfg["calib"], progress=False)]
+    quantized = quantize_whisper_int8(bundle, feats, lower=False)
+    path = save_whisper_int8(quantized, cfg["artifact"], metadata={"recipe": {
+        "quantizer": "stablequant_x86_quantizer()", "calibration": f"dev[:{cfg['calib']}] greedy decoding"}})
+    return {"model": WHISPER, "quantize_s": quantized.report["quantize_s"],
+            "calibration_utterances": len(feats),
+            "calibration_decoder_steps": quantized.report["calibration_decoder_steps"],
+            "quantized_ops": {k: count_quantized_ops(g) for k, g in quantized.converted.items()},
+            "float_ops": {k: float_ops(g) for k, g in quantized.converted.items()},
+            "artifact_bytes": artifact_bytes(path), "fp32_param_bytes": _unique_param_bytes(bundle.model)}
+
+
+def _whisper_wer(transcribe: Any, bundle: Any, n: int) -> dict[str, Any]:
+    """WER of `transcribe(features) -> text` on the first n test utterances, one at a time."""
+    from sq_plugin.speech.corpus import load_split
+    from sq_plugin.speech.evaluate import wer
+
+    refs, hyps = [], []
     start = time.perf_counter()
-    # Static shape: Whisper always sees 30 s (3000 frames); the mel axis must not become dynamic.
-    exported = export_for_quantization(encoder, (feats[0],), dynamic_dims={})
-    prepared = prepare_pt2e(exported, stablequant_x86_quantizer())
-    label_observers(prepared)
-    calibrate(prepared, feats)
-    converted = convert_pt2e(prepared)
-    quant_s = time.perf_counter() - start
-    path = save(converted, cfg["artifact"], example_inputs=(feats[0],), fp_model=encoder,
-                metadata={"model": WHISPER + ":encoder", "model_config": bundle.model.config,
-                          "recipe": {"quantizer": "stablequant_x86_quantizer()",
-                                     "calibration": f"dev[:{cfg['calib']}] log-mel"}})
-    return {"model": WHISPER + " encoder", "quantize_s": round(quant_s, 1), "calibration_utterances": len(feats),
-            "quantized_ops": count_quantized_ops(converted), "float_ops": float_ops(converted),
-            "artifact_bytes": artifact_bytes(path),
-            "fp32_param_bytes": sum(p.numel() * 4 for p in encoder.parameters())}
+    for u in load_split("test", limit=n, progress=False):
+        refs.append(u.text)
+        hyps.append(transcribe(_whisper_features(bundle, [u.audio])))
+    return {"wer": round(wer(refs, hyps), 4), "wer_utterances": len(refs),
+            "_wer_s": round(time.perf_counter() - start, 1)}
 
 
-def time_whisper_encoder(cfg: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    from sq_plugin.pt2e import lower_x86
-    from sq_plugin.speech.models import load_model
-
-    bundle = load_model(WHISPER)
-    x = _whisper_features(bundle, [load_clip(cfg)])
-    extra: dict[str, Any] = {}
-    start = time.perf_counter()
-    with torch.no_grad():
-        if cfg["backend"] == "compile":
-            fn = torch.compile(bundle.model.model.encoder.eval())
-            fn(x)
-            name, precision = "torch.compile (inductor)", "fp32"
-        else:
-            from sq_plugin.artifact import load
-
-            module, _ = load(cfg["artifact"], expect_model=WHISPER + ":encoder")
-            fn, report = lower_x86(module, (x,))
-            name, precision = "pt2e-x86 int8 (inductor freezing, oneDNN)", "int8"
-            extra["_lowering"] = {"qlinear": report.qlinear, "qconv": report.qconv, "counters": report.counters}
-        extra["_setup_s"] = round(time.perf_counter() - start, 1)
-        median, p90 = time_fn(lambda: fn(x), cfg["warmup"], cfg["runs"])
-    # The encoder always processes 30 s of (padded) features; audio_seconds is the speech in it.
-    result = row(WHISPER + " (encoder, 30 s window)", name, precision, cfg["seconds"], median, p90, cfg["threads"],
-                 **extra)
-    if cfg["backend"] == "int8" and cfg.get("e2e_runs"):
-        # End to end with this INT8 encoder, in the same process: a second worker would compile it again
-        # (the slowest step). Its peak RSS is therefore this process's, encoder timing included.
-        e2e = {**cfg, "backend": "hf-int8enc", "warmup": 1, "runs": cfg["e2e_runs"]}
-        result["_more_rows"] = [time_whisper_e2e(e2e, compiled_encoder=fn)]
-    return result
-
-
-def _use_int8_encoder(hf: Any, compiled: Any) -> None:
-    """Make HF generate call the lowered INT8 encoder. The encoder module object stays (generate reads
-    conv1/conv2 strides and the config from it); only its forward is replaced."""
-    from transformers.modeling_outputs import BaseModelOutput
-
-    def forward(input_features: Any, **kwargs: Any) -> BaseModelOutput:
-        # Greedy decoding uses last_hidden_state only; attentions/hidden states are not produced.
-        return BaseModelOutput(last_hidden_state=_first(compiled(input_features)))
-
-    hf.model.encoder.forward = forward
-
-
-def time_whisper_e2e(cfg: dict[str, Any], compiled_encoder: Any = None) -> dict[str, Any]:
+def time_whisper(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """One Whisper end-to-end backend: latency on the clip, WER on test utterances; the FP32-compiled
+    and INT8 backends also time their encoder graph alone (a separate row)."""
     import numpy as np
     import torch
 
-    from sq_plugin.speech.whisper_ct2 import default_model_dir
-
-    audio = load_clip(cfg)
-    backend, threads, extra = cfg["backend"], cfg["threads"], {}
     from sq_plugin.speech.models import load_model
 
+    backend, threads = cfg["backend"], cfg["threads"]
     bundle = load_model(WHISPER)
     tok = bundle.processor.tokenizer
-    feats = _whisper_features(bundle, [audio])
+    seconds = cfg["seconds"]
+    feats = _whisper_features(bundle, batch_audio(load_clip(cfg), 1, seconds))
     prompt = tok.convert_tokens_to_ids(["<|startoftranscript|>", "<|notimestamps|>"])
+    extra: dict[str, Any] = {}
+    rows = []
     start = time.perf_counter()
     if backend.startswith("ct2"):
         import ctranslate2
 
+        from sq_plugin.speech.whisper_ct2 import default_model_dir
+
         compute_type = backend.split("-", 1)[1]
         model = ctranslate2.models.Whisper(str(default_model_dir()), device="cpu", compute_type=compute_type,
                                            intra_threads=threads)
-        storage = ctranslate2.StorageView.from_array(np.ascontiguousarray(feats.numpy(), dtype=np.float32))
 
-        def run() -> str:
+        def transcribe(features: Any) -> str:
+            storage = ctranslate2.StorageView.from_array(np.ascontiguousarray(features.numpy(), dtype=np.float32))
             result = model.generate(storage, [prompt], beam_size=1, max_length=448)
             return tok.decode(result[0].sequences_ids[0], skip_special_tokens=True).strip()
 
         name, precision = "ctranslate2", compute_type
-    else:
-        hf = bundle.model
-        if backend == "hf-int8enc":
-            from sq_plugin.artifact import load
-            from sq_plugin.pt2e import lower_x86
-
-            if compiled_encoder is None:
-                module, _ = load(cfg["artifact"], expect_model=WHISPER + ":encoder")
-                compiled_encoder, report = lower_x86(module, (feats,))
-                extra["_lowering"] = {"qlinear": report.qlinear, "qconv": report.qconv}
-            _use_int8_encoder(hf, compiled_encoder)
-            name, precision = "HF generate, PT2E int8 encoder + fp32 eager decoder", "int8 encoder / fp32 decoder"
-        else:
-            name, precision = "HF generate (eager)", "fp32"
+    elif backend == "hf":
         gen = {"max_length": 448, "return_timestamps": False, "num_beams": 1, "do_sample": False}
 
-        def run() -> str:
+        def transcribe(features: Any) -> str:
             with torch.no_grad():
-                tokens = hf.generate(feats, **gen)
+                tokens = bundle.model.generate(features, **gen)
             return tok.batch_decode(tokens, skip_special_tokens=True)[0].strip()
 
+        name, precision = "HF generate (eager)", "fp32"
+    else:
+        from sq_plugin.whisper_int8 import (
+            GreedySettings,
+            WhisperDecoderStep,
+            WhisperEncoderKV,
+            empty_cache,
+            greedy_decode,
+            load_whisper_int8,
+        )
+
+        if backend == "int8":
+            quantized = load_whisper_int8(cfg["artifact"], bundle)
+            encode, step, settings = quantized.encode, quantized.step, quantized.settings
+            extra["_lowering"] = quantized.report["lowering"]
+            name, precision = "sq_plugin greedy, PT2E int8 encoder + decoder step (oneDNN)", "int8"
+        else:
+            encode = torch.compile(WhisperEncoderKV(bundle.model).eval(), dynamic=False)
+            step = torch.compile(WhisperDecoderStep(bundle.model).eval(), dynamic=False)
+            settings = GreedySettings.from_model(bundle.model)
+            name, precision = "sq_plugin greedy, torch.compile encoder + decoder step", "fp32"
+        cache = empty_cache(bundle.model)
+
+        def transcribe(features: Any) -> str:
+            return tok.decode(greedy_decode(encode, step, features, cache, settings), skip_special_tokens=True).strip()
+
+        transcribe(feats)  # compiles both graphs
+        with torch.no_grad():
+            median, p90 = time_fn(lambda: encode(feats), cfg["warmup"], cfg["encoder_runs"])
+        encoder_backend = ("pt2e-x86 int8 (inductor freezing, oneDNN)" if backend == "int8"
+                           else "torch.compile (inductor)")
+        rows.append(row(WHISPER + " (encoder + cross K/V, 30 s window)", encoder_backend, precision, seconds,
+                        median, p90, threads))
     extra["_setup_s"] = round(time.perf_counter() - start, 1)
-    extra["_text"] = run()
-    median, p90 = time_fn(run, cfg["warmup"], cfg["runs"])
-    return row(WHISPER + " (end-to-end greedy)", name, precision, cfg["seconds"], median, p90, threads, **extra)
+    extra["_text"] = transcribe(feats)
+    median, p90 = time_fn(lambda: transcribe(feats), cfg["warmup"], cfg["runs"])
+    if cfg.get("wer_utts"):
+        extra.update(_whisper_wer(transcribe, bundle, cfg["wer_utts"]))
+    rows.insert(0, row(WHISPER + " (end-to-end greedy)", name, precision, seconds, median, p90, threads, **extra))
+    return rows
 
 
 WORKERS = {"clip": make_clip, "build_ctc": build_ctc, "time_ctc": time_ctc, "build_whisper": build_whisper,
-           "time_whisper_encoder": time_whisper_encoder, "time_whisper_e2e": time_whisper_e2e}
+           "time_whisper": time_whisper}
 
 
 def worker_main(cfg: dict[str, Any]) -> None:
@@ -424,7 +448,8 @@ def run_worker(cfg: dict[str, Any], log: Any, script: Path | None = None) -> dic
         tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-15:])
         print(f"[{took:6.1f}s] FAILED {label}\n{tail}", file=log, flush=True)
     else:
-        brief = {k: result[k] for k in ("median_ms", "p90_ms", "peak_rss_mb", "_setup_s") if k in result}
+        first = result[0] if isinstance(result, list) and result else result
+        brief = {k: first[k] for k in ("median_ms", "p90_ms", "peak_rss_mb", "_setup_s", "wer") if k in first}
         print(f"[{took:6.1f}s] {label} {brief}", file=log, flush=True)
     return result
 
@@ -444,20 +469,57 @@ def machine_state() -> dict[str, Any]:
 
 
 def ratio_table(rows: list[dict[str, Any]]) -> list[str]:
-    """Speedup = baseline median / row median, baseline = FP32 torch.compile of the same model and thread
-    count (Whisper end to end, which has no compiled row: HF FP32 eager generate)."""
-    lines = ["| model | threads | backend | precision | median ms | p90 ms | RTF | peak RSS MB "
-             "| speedup vs FP32 compiled* |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|"]
-    base = {(r["model"], r["threads"]): r["median_ms"] for r in rows
-            if r["precision"] == "fp32" and r["backend"].startswith("HF generate")}
-    base.update({(r["model"], r["threads"]): r["median_ms"] for r in rows
-                 if r["precision"] == "fp32" and r["backend"].startswith("torch.compile")})
-    for r in rows:
-        b = base.get((r["model"], r["threads"]))
+    """Speedup = baseline median / row median, baseline = FP32 torch.compile of the same model, thread
+    count, batch and audio length."""
+    lines = ["| model | threads | batch | audio s | backend | precision | median ms | p90 ms | RTF | peak RSS MB "
+             "| WER | speedup vs FP32 compiled |",
+             "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+
+    def key(r: dict[str, Any]) -> tuple:
+        return r["model"], r["threads"], r["batch"], r["audio_seconds"]
+
+    base = {key(r): r["median_ms"] for r in rows if r["precision"] == "fp32" and "torch.compile" in r["backend"]}
+    for r in sorted(rows, key=lambda r: (r["model"], -r["threads"], r["batch"], r["audio_seconds"])):
+        b = base.get(key(r))
         speed = f"{b / r['median_ms']:.2f}x" if b else "–"
-        lines.append(f"| {r['model']} | {r['threads']} | {r['backend']} | {r['precision']} | {r['median_ms']:.1f} | "
-                     f"{r['p90_ms']:.1f} | {r['rtf']:.4f} | {r['peak_rss_mb']:.0f} | {speed} |")
+        wer = f"{r['wer']:.4f}" if "wer" in r else ""
+        lines.append(f"| {r['model']} | {r['threads']} | {r['batch']} | {r['audio_seconds']:g} | {r['backend']} | "
+                     f"{r['precision']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | {r['rtf']:.4f} | "
+                     f"{r['peak_rss_mb']:.0f} | {wer} | {speed} |")
+    return lines
+
+
+def targets(rows: list[dict[str, Any]], sizes: list[dict[str, Any]], seconds: float) -> list[str]:
+    """The issue's three targets, read off this run's rows."""
+    lines = ["| target | model | threads | measured | met |", "|---|---|---:|---|---|"]
+    for r in rows:
+        if r["precision"] != "int8" or r["batch"] != 1 or r["audio_seconds"] != seconds:
+            continue
+        if r["backend"] == "ctranslate2":
+            continue
+        if r["model"].startswith(WHISPER + " (end"):
+            ct2 = [c for c in rows if c["model"] == r["model"] and c["threads"] == r["threads"]
+                   and c["backend"] == "ctranslate2" and c["precision"] == "int8"]
+            if ct2:
+                c = ct2[0]
+                faster = r["median_ms"] <= c["median_ms"]
+                wer_ok = "wer" not in r or "wer" not in c or r["wer"] <= c["wer"]
+                wer_txt = f"; WER {r['wer']:.4f} vs {c['wer']:.4f}" if "wer" in r and "wer" in c else ""
+                lines.append(f"| Whisper INT8 as fast as ctranslate2 int8, WER no worse | {WHISPER} | {r['threads']} "
+                             f"| {r['median_ms']:.0f} vs {c['median_ms']:.0f} ms{wer_txt} | "
+                             f"{'yes' if faster and wer_ok else 'no'} |")
+            continue
+        fp = [c for c in rows if c["model"] == r["model"] and c["threads"] == r["threads"] and c["batch"] == 1
+              and c["audio_seconds"] == seconds and c["precision"] == "fp32" and "torch.compile" in c["backend"]]
+        if fp:
+            ratio = r["median_ms"] / fp[0]["median_ms"]
+            lines.append(f"| INT8 <= 0.5x FP32 compiled latency ({seconds:g} s, batch 1) | {r['model']} | "
+                         f"{r['threads']} | {ratio:.2f}x | {'yes' if ratio <= 0.5 else 'no'} |")
+    for s in sizes:
+        if s["precision"] == "int8":
+            ratio = s["bytes"] / s["fp32_bytes"]
+            met = "yes" if ratio <= 0.27 else "no"
+            lines.append(f"| artifact <= 0.27x FP32 | {s['model']} | | {ratio:.3f}x | {met} |")
     return lines
 
 
@@ -465,44 +527,42 @@ def write_markdown(args: argparse.Namespace, rows: list[dict[str, Any]], sizes: 
                    builds: dict[str, dict[str, Any]], state_start: dict[str, Any], state_end: dict[str, Any],
                    failures: list[str], wall_s: float) -> str:
     lines = ["# Latency, size and memory (CPU)", ""]
-    lines += [f"Device: {device_name()}; torch threads: {args.threads}; batch 1; {args.seconds:g} s of audio; "
-              f"{args.warmup} warmup + {args.runs} timed runs (Whisper end to end: {args.e2e_runs}); "
+    lines += [f"Device: {device_name()}; torch threads: {args.threads}; CTC grid batch {args.batches} x "
+              f"{args.lengths} s at {args.threads[0]} threads, batch 1 x {args.seconds:g} s otherwise; "
+              f"{args.warmup} warmup + {args.runs} timed runs (Whisper end to end: {args.e2e_runs}, on one "
+              f"{args.seconds:g} s clip; WER on {args.wer_utts} test utterances); "
               f"{'QUICK smoke run' if args.quick else 'full run'}; wall time {wall_s / 60:.1f} min.",
               f"Machine state at start: {state_start}; at end: {state_end}.",
-              "Peak RSS: the configuration's own process (loading, compiling and running).", ""]
-    lines += ["## Latency", ""] + ratio_table(rows) + [
-        "", "\\* Whisper end to end has no compiled FP32 row: its speedups are vs HF FP32 eager generate.", ""]
+              "Peak RSS: the configuration's own process (loading, compiling and running; shapes smallest first).",
+              "", "## Targets", "", *targets(rows, sizes, args.seconds), "", "## Latency", "", *ratio_table(rows), ""]
     lines += ["## Size", "", "| model | precision | bytes | FP32 bytes | ratio |", "|---|---|---:|---:|---:|"]
     for s in sizes:
         lines.append(f"| {s['model']} | {s['precision']} | {s['bytes']} | {s['fp32_bytes']} | "
                      f"{s['bytes'] / s['fp32_bytes']:.3f} |")
     lines += ["", "INT8 size = the `sq_plugin.artifact` directory (INT8 weights + scales in safetensors, the graph, "
-              "metadata). CTC FP32 = the shipped model.safetensors; Whisper encoder FP32 = its parameters x 4 bytes.",
-              "", "## What runs in INT8", ""]
+              "metadata); Whisper: both graphs' artifacts. CTC FP32 = the shipped model.safetensors; Whisper FP32 = "
+              "its parameters x 4 bytes (the tied embedding / logits weight once).", "", "## What runs in INT8", ""]
     for name, b in builds.items():
         lines.append(f"* **{name}**: quantized in the PT2E graph: {b.get('quantized_ops')}; float compute ops left: "
                      f"{b.get('float_ops')}; calibration {b.get('calibration_utterances')} dev utterances, "
                      f"{b.get('quantize_s')} s.")
         if "verify" in b:
             lines.append(f"  artifact round trip on a {args.seconds:g} s clip: {b['verify']}")
+    seen = set()
     for r in rows:
-        if "_lowering" in r:
+        if "_lowering" in r and (r["model"], r["threads"]) not in seen:
+            seen.add((r["model"], r["threads"]))
             lines.append(f"* {r['model']} ({r['threads']} threads): oneDNN INT8 kernels lowered by Inductor: "
-                         f"qlinear={r['_lowering']['qlinear']}, qconv={r['_lowering']['qconv']}")
+                         f"{r['_lowering']}")
     lines += ["", "Float: LayerNorm/GroupNorm, GELU, softmax, the attention matmuls (q·kᵀ, attn·v: "
               "the x86 quantizer annotates linear/conv only) and residual adds; Inductor fuses the "
-              "quantize/dequantize around them. Whisper: the decoder stays float in the HF path (see below).", "",
-              "## Notes", "",
-              "* Whisper decoder: not lowered to INT8. HF `generate` runs the decoder step by step with a growing "
-              "KV cache (`EncoderDecoderCache` objects, a new sequence length per step); PT2E needs an exported "
-              "graph, i.e. a static-cache decoder-step wrapper, which is not built here. ctranslate2 int8 "
-              "quantizes both encoder and decoder (its own int8 GEMMs, weights int8, activations dynamic).",
-              "* Whisper encoder rows: the encoder always runs on a 30 s padded window ([1, 80, 3000]); "
-              "rtf uses the 10 s of speech in it.", ""]
+              "quantize/dequantize around them. On AMX CPUs the positional (grouped) conv of the CTC models "
+              "stays float too (oneDNN's INT8 grouped conv is wrong there in torch 2.13).", ""]
     texts = [(r["backend"], r["precision"], r["_text"]) for r in rows
              if "_text" in r and r["threads"] == args.threads[0]]
     if texts:
-        lines += ["Whisper transcripts of the 10 s clip:", ""] + [f"* {b} / {p}: {t!r}" for b, p, t in texts] + [""]
+        lines += [f"Whisper transcripts of the {args.seconds:g} s clip:", ""] + [
+            f"* {b} / {p}: {t!r}" for b, p, t in texts] + [""]
     if failures:
         lines += ["## Failed configurations", ""] + [f"* {f}" for f in failures] + [""]
     return "\n".join(lines)
@@ -512,10 +572,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default 2 1)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="audio length")
+    parser.add_argument("--seconds", type=float, default=10.0, help="audio length of the batch-1 rows and Whisper")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="CTC grid batch sizes (default 1 8)")
+    parser.add_argument("--lengths", type=float, nargs="+", default=None,
+                        help="CTC grid audio lengths in seconds (default 2 5 10 20)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--e2e-runs", type=int, default=None, help="timed runs of Whisper end to end")
+    parser.add_argument("--wer-utts", type=int, default=None, help="test utterances for Whisper WER (default 100)")
     parser.add_argument("--calib", type=int, default=None, help="calibration utterances (default 32)")
     parser.add_argument("--models", nargs="+", default=[*CTC_MODELS, WHISPER])
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 thread, few runs, 4 calibration utts")
@@ -531,9 +595,12 @@ def main() -> None:
         return
     quick = args.quick
     args.threads = args.threads or ([1] if quick else [2, 1])
+    args.batches = args.batches or ([1, 2] if quick else [1, 8])
+    args.lengths = args.lengths or ([2.0, args.seconds] if quick else [2.0, 5.0, 10.0, 20.0])
     args.warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
     args.runs = args.runs if args.runs is not None else (3 if quick else 20)
-    args.e2e_runs = args.e2e_runs if args.e2e_runs is not None else (1 if quick else 3)
+    args.e2e_runs = args.e2e_runs if args.e2e_runs is not None else (1 if quick else 5)
+    args.wer_utts = args.wer_utts if args.wer_utts is not None else (4 if quick else 100)
     args.calib = args.calib if args.calib is not None else (4 if quick else 32)
     log = sys.stderr
     state_start = machine_state()
@@ -543,23 +610,24 @@ def main() -> None:
     sizes: list[dict[str, Any]] = []
     builds: dict[str, dict[str, Any]] = {}
     failures: list[str] = []
-    clip = str(Path(args.artifacts) / f"clip_{args.seconds:g}s.npy")
     Path(args.artifacts).mkdir(parents=True, exist_ok=True)
+    grid = sorted({(b, float(s)) for b in args.batches for s in args.lengths}, key=lambda bs: (bs[0] * bs[1], bs))
+    clip_seconds = max(max(b * s for b, s in grid), 2 * 2.0, args.seconds)
+    clip = str(Path(args.artifacts) / f"clip_{clip_seconds:g}s.npy")
     common = {"seconds": args.seconds, "warmup": args.warmup, "runs": args.runs, "clip": clip}
 
-    def add(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    def add(cfg: dict[str, Any]) -> Any:
         result = run_worker(cfg, log)
         if result is None:
             failures.append(" ".join(f"{k}={cfg[k]}" for k in ("kind", "model", "backend", "threads") if k in cfg))
         return result
 
-    if add({"kind": "clip", "clip": clip, "seconds": args.seconds}) is None:
+    if add({"kind": "clip", "clip": clip, "seconds": clip_seconds}) is None:
         sys.exit("could not build the benchmark clip from the test split")
     for model in [m for m in args.models if m in CTC_MODELS]:
         art = str(artifact_dir(args, model))
         build = add({"kind": "build_ctc", "model": model, "calib": args.calib, "artifact": art,
-                     "threads": max(args.threads), "verify": args.verify_artifact, "seconds": args.seconds,
-                     "clip": clip})
+                     "threads": max(args.threads), "verify": args.verify_artifact, **common})
         if build:
             builds[model] = build
             sizes += [{"model": model, "precision": "fp32", "bytes": build["fp32_bytes"],
@@ -567,34 +635,28 @@ def main() -> None:
                       {"model": model, "precision": "int8", "bytes": build["artifact_bytes"],
                        "fp32_bytes": build["fp32_bytes"]}]
         for threads in args.threads:
+            shapes = grid if threads == args.threads[0] else [(1, args.seconds)]
             for backend in ("eager", "compile", "int8"):
                 if backend == "int8" and not build:
                     continue
-                r = add({"kind": "time_ctc", "model": model, "backend": backend, "threads": threads, "artifact": art,
-                         **common})
-                if r:
-                    rows.append(r)
+                rows += add({"kind": "time_ctc", "model": model, "backend": backend, "threads": threads,
+                             "artifact": art, "shapes": shapes, **common}) or []
 
     if WHISPER in args.models:
         art = str(artifact_dir(args, WHISPER))
-        build = add({"kind": "build_whisper", "calib": args.calib, "artifact": art, "threads": max(args.threads)})
+        build = add({"kind": "build_whisper", "calib": args.calib, "artifact": art, "threads": max(args.threads),
+                     "clip": clip})
         if build:
-            builds[WHISPER + " encoder"] = build
-            sizes.append({"model": WHISPER + " encoder", "precision": "int8", "bytes": build["artifact_bytes"],
+            builds[WHISPER] = build
+            sizes.append({"model": WHISPER, "precision": "int8", "bytes": build["artifact_bytes"],
                           "fp32_bytes": build["fp32_param_bytes"]})
         for threads in args.threads:
-            for backend in ("compile", "int8"):
+            for backend in ("hf", "compile", "int8", "ct2-float32", "ct2-int8"):
                 if backend == "int8" and not build:
                     continue
-                r = add({"kind": "time_whisper_encoder", "backend": backend, "threads": threads, "artifact": art,
-                         **common, "runs": max(3, args.runs // 4), "e2e_runs": args.e2e_runs})
-                if r:
-                    rows += [r, *r.pop("_more_rows", [])]
-            for backend in ("hf", "ct2-float32", "ct2-int8"):  # hf-int8enc: in the INT8 encoder worker
-                r = add({"kind": "time_whisper_e2e", "backend": backend, "threads": threads, "artifact": art,
-                         "seconds": args.seconds, "warmup": 1, "runs": args.e2e_runs, "clip": clip})
-                if r:
-                    rows.append(r)
+                rows += add({"kind": "time_whisper", "backend": backend, "threads": threads, "artifact": art,
+                             **common, "runs": args.e2e_runs, "encoder_runs": max(3, args.runs // 4),
+                             "wer_utts": args.wer_utts if threads == args.threads[0] else 0}) or []
 
     wall = time.perf_counter() - t0
     state_end = machine_state()

@@ -87,7 +87,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     # Name each Inductor-generated C++ kernel in the profile (otherwise one opaque "CompiledFxGraph").
     inductor_config.cpp.enable_kernel_profile = True
     torch.set_num_threads(cfg["threads"])
-    from latency import _calib_ctc, _whisper_features, clip_10s, ctc_input
+    from latency import _calib_ctc, _whisper_features, ctc_input, speech_clip
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from sq_plugin.pt2e import (
@@ -102,7 +102,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     from sq_plugin.speech.models import load_model
 
     bundle = load_model(cfg["model"])
-    audio = clip_10s(cfg["seconds"])
+    audio = speech_clip(cfg["seconds"])
     if cfg["model"] == WHISPER:
         fp = bundle.model.model.encoder.eval()
         x = _whisper_features(bundle, [audio])

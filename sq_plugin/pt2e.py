@@ -422,8 +422,9 @@ class Int8Module:
     """
 
     def __init__(self, converted: torch.fx.GraphModule, quantized_ops: int, *,
-                 max_error: float | None = MAX_KERNEL_ERROR) -> None:
+                 max_error: float | None = MAX_KERNEL_ERROR, cpp_wrapper: bool = False) -> None:
         self.converted = converted
+        self.cpp_wrapper = cpp_wrapper
         self.quantized_ops = quantized_ops
         self.max_error = max_error
         self.errors: dict[tuple, float] = {}  # input shapes -> relative error against the fake-quant graph
@@ -442,7 +443,8 @@ class Int8Module:
         if key in self.refused:  # the compiled graph is cached: calling it again would skip the check
             raise RuntimeError(self.refused[key])
         before = _int8_lowered()
-        with inductor_config.patch(freezing=True), dynamo_config.patch(recompile_limit=256), torch.no_grad():
+        with inductor_config.patch(freezing=True, cpp_wrapper=self.cpp_wrapper), \
+                dynamo_config.patch(recompile_limit=256), torch.no_grad():
             out = self.compiled(*args)
         if key not in self.shapes:
             lowered = _int8_lowered() - before
@@ -477,19 +479,22 @@ class Int8Module:
 
 
 def lower_x86(converted: torch.fx.GraphModule, example_inputs: tuple, *,
-              require_int8: bool = True) -> tuple[Int8Module, LoweringReport]:
+              require_int8: bool = True, cpp_wrapper: bool = False) -> tuple[Int8Module, LoweringReport]:
     """Compile a converted model with Inductor freezing so q/dq patterns become oneDNN INT8 kernels.
 
     Runs `example_inputs` once (that is when compilation happens) and returns an `Int8Module` and a
     `LoweringReport` of that compilation. If the graph has quantized ops but nothing was lowered to
     INT8, it raises instead of silently running the model in float (`require_int8=False` reports it).
+    `cpp_wrapper=True` has Inductor call the kernels from generated C++ instead of Python: it costs
+    compile time and saves per-call overhead, which matters for graphs of many small kernels (a
+    decoder step).
     """
     install_conv1d_meta_fix()
     quantized = sum(v for k, v in count_quantized_ops(converted).items() if not k.endswith("_float"))
     from torch._dynamo.utils import counters
 
     counters.clear()
-    module = Int8Module(converted, quantized if require_int8 else 0)
+    module = Int8Module(converted, quantized if require_int8 else 0, cpp_wrapper=cpp_wrapper)
     module(*example_inputs)
     report = LoweringReport({k: int(v) for k, v in counters["inductor"].items() if k.startswith(("qlinear", "qconv"))})
     return module, report

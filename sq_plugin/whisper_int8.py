@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 Step = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -64,6 +63,16 @@ class WhisperEncoderKV(nn.Module):
         keys = [layer.encoder_attn.k_proj(hidden).view(shape).transpose(1, 2) for layer in self.decoder_layers]
         values = [layer.encoder_attn.v_proj(hidden).view(shape).transpose(1, 2) for layer in self.decoder_layers]
         return torch.stack(keys), torch.stack(values)
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one query position, written out: for q of length 1, Inductor's code for these
+    three ops runs a decode step in 8.2 ms against 11.4 ms through `scaled_dot_product_attention`
+    (tiny.en INT8, 2 threads, this Xeon)."""
+    scores = q @ keys.transpose(-1, -2)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return scores.softmax(dim=-1) @ values
 
 
 class WhisperDecoderStep(nn.Module):
@@ -99,7 +108,7 @@ class WhisperDecoderStep(nn.Module):
             v = attn.v_proj(x).view(heads_shape).transpose(1, 2)
             keys = torch.where(write, k, self_keys[i])
             values = torch.where(write, v, self_values[i])
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=1.0)
+            out = _attend(q, keys, values, visible)
             hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(batch, 1, -1))
             new_keys.append(k)
             new_values.append(v)
@@ -107,7 +116,7 @@ class WhisperDecoderStep(nn.Module):
             cross = layer.encoder_attn
             x = layer.encoder_attn_layer_norm(hidden)
             q = (cross.q_proj(x) * cross.scaling).view(heads_shape).transpose(1, 2)
-            out = F.scaled_dot_product_attention(q, cross_keys[i], cross_values[i], scale=1.0)
+            out = _attend(q, cross_keys[i], cross_values[i], None)
             hidden = hidden + cross.out_proj(out.transpose(1, 2).reshape(batch, 1, -1))
 
             x = layer.final_layer_norm(hidden)
@@ -330,7 +339,8 @@ def _assemble(bundle: Any, converted: dict[str, torch.fx.GraphModule], settings:
     encode, encoder_report = lower_x86(converted["encoder"], (features,))
     with torch.no_grad():
         cross = encode(features)
-    step, step_report = lower_x86(converted["decoder_step"], decoder_step_inputs(whisper, cross))
+    # A decode step runs ~100 small kernels: the C++ wrapper saves ~1 ms of Python per step (8.2 -> 7.3 ms).
+    step, step_report = lower_x86(converted["decoder_step"], decoder_step_inputs(whisper, cross), cpp_wrapper=True)
     report = {**report, "lowering": {
         "encoder": {"qlinear": encoder_report.qlinear, "qconv": encoder_report.qconv},
         "decoder_step": {"qlinear": step_report.qlinear, "qconv": step_report.qconv}}}
