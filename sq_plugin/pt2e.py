@@ -27,8 +27,10 @@ from torch.export import Dim
 from torchao.quantization.pt2e.observer import UniformQuantizationObserverBase
 from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
 from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+    QUANT_ANNOTATION_KEY,
     X86InductorQuantizer,
     _skip_annotate,
+    _X86InductorQuantizationAnnotation,
 )
 
 from sq_plugin.core.quant import DEFAULT_EPS, check_bits
@@ -202,7 +204,10 @@ class StableQuantX86Quantizer(X86InductorQuantizer):
     """`X86InductorQuantizer` that also annotates standalone `aten.conv1d` (wav2vec2/HuBERT front end).
 
     quantize_grouped_conv1d: None (default) quantizes grouped conv1d (the positional conv) only where
-    `grouped_qconv_is_safe()`; elsewhere it stays float and is listed in `skipped_layers`.
+    `grouped_qconv_is_safe()`; elsewhere it runs in float and is listed in `skipped_layers`, with its
+    weight still quantized (weight-only: stored INT8 with per-channel scales, dequantized for a float
+    conv; Inductor folds the dequantize at compile time). The artifact thus stays INT8-sized, and
+    the numbers are those of the fake-quant graph's weights with a float activation.
     """
 
     def __init__(self, *, quantize_conv1d: bool = True, quantize_grouped_conv1d: bool | None = None) -> None:
@@ -221,8 +226,12 @@ class StableQuantX86Quantizer(X86InductorQuantizer):
                         continue
                     if _conv_groups(node) > 1 and not self.quantize_grouped_conv1d:
                         self.skipped_layers[_module_name(node) or node.name] = (
-                            "grouped conv1d kept float: oneDNN's AMX INT8 grouped conv is wrong in torch 2.13 "
-                            "(set ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI before starting Python to quantize it)")
+                            "grouped conv1d runs in float (INT8 weight, float activation): oneDNN's AMX INT8 "
+                            "grouped conv is wrong in torch 2.13 (set ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI before "
+                            "starting Python to quantize it)")
+                        if quantization_config is not None:
+                            node.meta[QUANT_ANNOTATION_KEY] = _X86InductorQuantizationAnnotation(
+                                input_qspec_map={node.args[1]: quantization_config.weight}, _annotated=True)
                         continue
                     self._annotate_conv_node_helper(node, True, quantization_config)
         super()._annotate_with_config(model, quantization_config, filter_fn)
@@ -325,16 +334,18 @@ _QUANT_OPS = {
 
 
 def count_quantized_ops(converted: torch.fx.GraphModule) -> dict[str, int]:
-    """Per op kind, how many take a dequantized INT8 weight ("linear") and how many stay float
-    ("linear_float"), in a `convert_pt2e` output."""
+    """Per op kind, in a `convert_pt2e` output: how many take dequantized INT8 weights and
+    activations ("linear": INT8 kernels once lowered), how many only an INT8 weight
+    ("conv1d_weight_only": float compute) and how many stay float ("linear_float")."""
     counts: dict[str, int] = {}
     for node in converted.graph.nodes:
         kind = _QUANT_OPS.get(node.target) if node.op == "call_function" else None
         if kind is None:
             continue
-        weight = node.args[1]
+        weight, activation = node.args[1], node.args[0]
         quantized = getattr(weight, "op", None) == "call_function" and "dequantize" in str(weight.target)
-        key = kind if quantized else f"{kind}_float"
+        act_quantized = getattr(activation, "op", None) == "call_function" and "dequantize" in str(activation.target)
+        key = (kind if act_quantized else f"{kind}_weight_only") if quantized else f"{kind}_float"
         counts[key] = counts.get(key, 0) + 1
     return counts
 
@@ -490,7 +501,7 @@ def lower_x86(converted: torch.fx.GraphModule, example_inputs: tuple, *,
     decoder step).
     """
     install_conv1d_meta_fix()
-    quantized = sum(v for k, v in count_quantized_ops(converted).items() if not k.endswith("_float"))
+    quantized = sum(v for k, v in count_quantized_ops(converted).items() if k in _QUANT_OPS.values())
     from torch._dynamo.utils import counters
 
     counters.clear()

@@ -46,11 +46,14 @@ def conv1d_counts():
 
 def expected_conv1d_counts(n_conv1d: int = 8, n_grouped: int = 1, *, also_float: int = 0) -> dict[str, int]:
     """The conv1d entries of `count_quantized_ops` for a tiny CTC model under StableQuantX86Quantizer:
-    the grouped positional conv stays float where oneDNN's grouped INT8 conv is wrong (AMX CPUs)."""
+    the grouped positional conv computes in float (its weight stays INT8) where oneDNN's grouped INT8
+    conv is wrong (AMX CPUs); `also_float` more are kept float altogether."""
     from sq_plugin.pt2e import grouped_qconv_is_safe
 
-    floats = also_float + (0 if grouped_qconv_is_safe() else n_grouped)
-    counts = {"conv1d": n_conv1d - floats}
-    if floats:
-        counts["conv1d_float"] = floats
+    weight_only = 0 if grouped_qconv_is_safe() else n_grouped
+    counts = {"conv1d": n_conv1d - also_float - weight_only}
+    if weight_only:
+        counts["conv1d_weight_only"] = weight_only
+    if also_float:
+        counts["conv1d_float"] = also_float
     return counts

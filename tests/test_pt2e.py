@@ -233,8 +233,11 @@ def _grouped_conv_converted(quantize_grouped: bool):
 
 
 def test_grouped_conv1d_is_kept_float_and_named_when_asked():
-    converted, _, quantizer = _grouped_conv_converted(False)
-    assert count_quantized_ops(converted) == {"conv1d_float": 1}
+    converted, x, quantizer = _grouped_conv_converted(False)
+    # float compute, INT8 weight: the conv reads a dequantized INT8 weight and a float activation
+    assert count_quantized_ops(converted) == {"conv1d_weight_only": 1}
+    (conv,) = [n for n in converted.graph.nodes if n.target == torch.ops.aten.conv1d.default]
+    assert "dequantize_per_channel" in str(conv.args[1].target) and conv.args[0].op == "placeholder"
     assert list(quantizer.skipped_layers) == ["conv"] and "AMX" in quantizer.skipped_layers["conv"]
     # the default follows the CPU: quantized unless oneDNN would pick its AMX kernel
     assert StableQuantX86Quantizer().quantize_grouped_conv1d == grouped_qconv_is_safe()
