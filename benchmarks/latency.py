@@ -552,12 +552,13 @@ def write_markdown(args: argparse.Namespace, rows: list[dict[str, Any]], sizes: 
     for r in rows:
         if "_lowering" in r and (r["model"], r["threads"]) not in seen:
             seen.add((r["model"], r["threads"]))
-            lines.append(f"* {r['model']} ({r['threads']} threads): oneDNN INT8 kernels lowered by Inductor: "
-                         f"{r['_lowering']}")
+            kernels = {k: v for k, v in r["_lowering"].items() if k != "counters"}
+            lines.append(f"* {r['model']} ({r['threads']} threads): oneDNN INT8 kernels lowered by Inductor: {kernels}")
     lines += ["", "Float: LayerNorm/GroupNorm, GELU, softmax, the attention matmuls (q·kᵀ, attn·v: "
               "the x86 quantizer annotates linear/conv only) and residual adds; Inductor fuses the "
               "quantize/dequantize around them. On AMX CPUs the positional (grouped) conv of the CTC models "
-              "stays float too (oneDNN's INT8 grouped conv is wrong there in torch 2.13).", ""]
+              "computes in float too, from its INT8 weight (oneDNN's INT8 grouped conv is wrong there in torch "
+              "2.13).", ""]
     texts = [(r["backend"], r["precision"], r["_text"]) for r in rows
              if "_text" in r and r["threads"] == args.threads[0]]
     if texts:
