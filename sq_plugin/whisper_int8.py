@@ -217,6 +217,13 @@ class QuantizedWhisper:
     _cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def transcribe(self, features: torch.Tensor) -> list[int]:
+        """Greedy tokens for one utterance's log-mel features (the processor's feature extractor output)."""
+        config = self.whisper.config
+        expected = (1, config.num_mel_bins, 2 * config.max_source_positions)
+        if tuple(features.shape) != expected:
+            raise ValueError(f"features of shape {tuple(features.shape)}; the INT8 encoder was compiled for "
+                             f"{expected}: one utterance's log-mel features from the model's feature extractor, "
+                             "which pads or cuts 16 kHz audio to 30 s (call it on one clip at a time)")
         if self._cache is None:
             self._cache = empty_cache(self.whisper)
         return greedy_decode(self.encode, self.step, features, self._cache, self.settings)

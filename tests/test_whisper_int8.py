@@ -164,7 +164,11 @@ def int8_bundle(int8):
     return SpeechModel(int8.model_name, "whisper", int8.whisper, None)
 
 
-def test_bad_input_is_refused_with_the_fix(bundle, features):
+def test_bad_input_is_refused_with_the_fix(bundle, features, int8):
+    with pytest.raises(ValueError, match=r"compiled for \(1, 80, 3000\).*one clip at a time"):
+        int8.transcribe(torch.cat([features[0]] * 2))
+    with pytest.raises(ValueError, match="feature extractor"):
+        int8.transcribe(features[0][:, :, :1500])
     with pytest.raises(ValueError, match="at least one calibration utterance"):
         quantize_whisper_int8(bundle, [])
     encode, step = WhisperEncoderKV(bundle.model).eval(), WhisperDecoderStep(bundle.model).eval()
