@@ -41,6 +41,8 @@ import lzma
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -307,15 +309,24 @@ def save(converted: torch.fx.GraphModule, path: str | os.PathLike, *, example_in
     }
 
     # Atomic: everything goes to a temporary sibling directory first, then one rename.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         (tmp / PROGRAM_FILE).write_bytes(lzma.compress(buffer.getvalue(), preset=9 | lzma.PRESET_EXTREME))
         for fname in (WEIGHTS_FILE, PROGRAM_FILE):
             meta["files"][fname] = {"bytes": (tmp / fname).stat().st_size, "sha256": _sha256(tmp / fname)}
         (tmp / METADATA_FILE).write_text(json.dumps(meta, separators=(",", ":")))
+    return path
+
+
+@contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory to fill. If the block succeeds, it takes `path`'s place in
+    one rename (an existing `path` is replaced); if it raises, it is removed and `path` is untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
         if path.exists():
             # os.replace cannot replace a non-empty directory: move the old one aside first.
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
@@ -327,7 +338,6 @@ def save(converted: torch.fx.GraphModule, path: str | os.PathLike, *, example_in
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 def artifact_bytes(path: str | os.PathLike) -> int:

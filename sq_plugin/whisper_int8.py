@@ -31,9 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,7 +361,7 @@ def save_whisper_int8(quantized: QuantizedWhisper, path: str | os.PathLike, *, m
     """Write both converted graphs as `sq_plugin.artifact` directories under `path` (`encoder/`,
     `decoder_step/`) plus the greedy settings; the whole directory appears at once (temporary sibling,
     then one rename), replacing an existing one."""
-    from sq_plugin.artifact import save
+    from sq_plugin.artifact import atomic_directory, save
 
     path = Path(path)
     whisper = quantized.whisper
@@ -371,26 +369,13 @@ def save_whisper_int8(quantized: QuantizedWhisper, path: str | os.PathLike, *, m
     with torch.no_grad():
         cross = quantized.converted["encoder"](features)
     examples = {"encoder": (features,), "decoder_step": decoder_step_inputs(whisper, cross)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(path) as tmp:
         for name, sub, fp in ((ENCODER_DIR, "encoder", WhisperEncoderKV(whisper)),
                               (DECODER_STEP_DIR, "decoder_step", WhisperDecoderStep(whisper))):
             save(quantized.converted[sub], tmp / name, example_inputs=examples[sub], fp_model=fp,
                  metadata={**metadata, "model": f"{quantized.model_name}:{sub}", "model_config": whisper.config,
                            "report": quantized.report})
         (tmp / SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(quantized.settings)))
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
