@@ -27,7 +27,7 @@ count into its kernels, so each thread count is compiled separately. Latency: --
 then --runs timed runs; median and p90 of wall time; rtf = median seconds / audio seconds (per
 utterance of the batch: batch x seconds of audio per call).
 
-    python benchmarks/latency.py                   # full run (~35 min on 2 cores)
+    python benchmarks/latency.py                   # full run (~40 min on 2 cores)
     python benchmarks/latency.py --quick           # smoke run: 1 thread, few runs, small calibration
     python benchmarks/latency.py --verify-artifact # also: lower_x86(loaded) == lower_x86(original), bit for bit
 """
