@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +86,7 @@ class StableQuantObserver(UniformQuantizationObserverBase):
         self.bins = bins
         self.layer_name = layer_name
         self.hist: Histogram | None = None
+        self._last_weight: tuple[weakref.ref, int] | None = None  # see forward
 
     @property
     def name(self) -> str:
@@ -97,10 +99,20 @@ class StableQuantObserver(UniformQuantizationObserverBase):
         if x.numel() == 0:
             return x
         axis = self._channel_axis()
+        # A weight is the same tensor on every call (a Whisper decode step runs once per token).
+        # Observing it again only scales all of its histogram counts, which no range rule sees (max,
+        # percentile and MSE are invariant to it), yet costs a pass over the tensor. Identity plus
+        # version means "this tensor, unchanged"; only per-channel (weight) observers track it.
+        if axis is not None and self._last_weight is not None:
+            ref, version = self._last_weight
+            if ref() is x and x._version == version:
+                return x
         if self.hist is None:
             rows = 1 if axis is None else x.shape[axis]
             self.hist = Histogram.empty(rows=rows, bins=self.bins)
         self.hist.update(x.detach(), name=self.name, channel_axis=axis)
+        if axis is not None:
+            self._last_weight = (weakref.ref(x), x._version)
         return x
 
     def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:

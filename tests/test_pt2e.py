@@ -93,6 +93,29 @@ def test_observer_uses_the_core_rule_and_merges_batches():
     assert float(hi) < float(data.max())
 
 
+def test_weight_observer_counts_an_unchanged_weight_once_and_a_changed_one_again():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(16, 8))
+    observer = StableQuantPerChannelObserver(ch_axis=0, method="percentile_then_mse", percentile=99.0)
+    for _ in range(3):  # a decode step observes the same weight once per token
+        observer(weight)
+    assert int(observer.hist.counts.sum()) == weight.numel()
+    once = StableQuantPerChannelObserver(ch_axis=0, method="percentile_then_mse", percentile=99.0)
+    once(weight)
+    assert all(torch.equal(a, b) for a, b in zip(observer.calculate_qparams(), once.calculate_qparams(), strict=True))
+    assert list(dict(observer.named_parameters())) == []  # the tracked weight is not registered as a parameter
+    with torch.no_grad():
+        weight.mul_(2.0)  # changed in place: observed again
+    observer(weight)
+    observer(weight.detach().clone())  # another tensor with the same values: observed too
+    assert int(observer.hist.counts.sum()) == 3 * weight.numel()
+    activations = StableQuantObserver()
+    x = torch.randn(4, 8)
+    activations(x)
+    activations(x)
+    assert int(activations.hist.counts.sum()) == 2 * x.numel()  # per-tensor (activation) observers count every call
+
+
 def test_per_channel_observer_keeps_ch_axis_through_prepare():
     class Lin(torch.nn.Module):
         def __init__(self):
