@@ -92,6 +92,13 @@ class StableQuantObserver(UniformQuantizationObserverBase):
     def name(self) -> str:
         return self.layer_name or "an unnamed PT2E observer"
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The weak reference to the last weight cannot be pickled (torch.save of a prepared model);
+        # dropping it only means that weight is counted once more after loading.
+        state = self.__dict__.copy()
+        state["_last_weight"] = None
+        return state
+
     def _channel_axis(self) -> int | None:
         return None
 

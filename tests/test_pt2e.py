@@ -1,5 +1,7 @@
 """PT2E adapter: observers inside torchao's prepare/convert, Conv1d coverage, real INT8 lowering."""
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -104,6 +106,8 @@ def test_weight_observer_counts_an_unchanged_weight_once_and_a_changed_one_again
     once(weight)
     assert all(torch.equal(a, b) for a, b in zip(observer.calculate_qparams(), once.calculate_qparams(), strict=True))
     assert list(dict(observer.named_parameters())) == []  # the tracked weight is not registered as a parameter
+    restored = pickle.loads(pickle.dumps(observer))  # torch.save of a prepared model pickles its observers
+    assert all(torch.equal(a, b) for a, b in zip(restored.calculate_qparams(), once.calculate_qparams(), strict=True))
     with torch.no_grad():
         weight.mul_(2.0)  # changed in place: observed again
     observer(weight)
