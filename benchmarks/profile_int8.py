@@ -88,16 +88,9 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     inductor_config.cpp.enable_kernel_profile = True
     torch.set_num_threads(cfg["threads"])
     from latency import _calib_ctc, _whisper_features, ctc_input, speech_clip
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    from sq_plugin.pt2e import (
-        calibrate,
-        export_for_quantization,
-        lower_x86,
-        prepare_stablequant,
-        stablequant_x86_quantizer,
-        strip_weight_norm,
-    )
+    from sq_plugin.pt2e import calibrate, lower_x86, prepare_stablequant, strip_weight_norm
     from sq_plugin.speech.corpus import load_split
     from sq_plugin.speech.models import load_model
 
@@ -107,7 +100,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         fp = bundle.model.model.encoder.eval()
         x = _whisper_features(bundle, [audio])
         calib = [_whisper_features(bundle, [u.audio]) for u in load_split("dev", limit=cfg["calib"], progress=False)]
-        prepared = prepare_pt2e(export_for_quantization(fp, (calib[0],), dynamic_dims={}), stablequant_x86_quantizer())
+        prepared = prepare_stablequant(fp, (calib[0],), dynamic_dims={})  # static: always the 30 s window
     else:
         fp = strip_weight_norm(bundle.model)
         x = ctc_input(bundle, audio)

@@ -321,12 +321,13 @@ def _module_name(node: torch.fx.Node) -> str | None:
 
 def prepare_stablequant(model: torch.nn.Module, example_inputs: tuple,
                         quantizer: X86InductorQuantizer | None = None, *,
+                        dynamic_dims: dict[int, int] | None = None,
                         dynamic_batch: bool = False) -> torch.fx.GraphModule:
-    """Export + `prepare_pt2e` with StableQuant observers (default: `stablequant_x86_quantizer()`).
-    `dynamic_batch`: see `export_for_quantization`."""
+    """Export + `prepare_pt2e` with StableQuant observers (default: `stablequant_x86_quantizer()`),
+    each observer labelled with its layer. `dynamic_dims`, `dynamic_batch`: see `export_for_quantization`."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
-    exported = export_for_quantization(model, example_inputs, dynamic_batch=dynamic_batch)
+    exported = export_for_quantization(model, example_inputs, dynamic_dims=dynamic_dims, dynamic_batch=dynamic_batch)
     prepared = prepare_pt2e(exported, quantizer or stablequant_x86_quantizer())
     label_observers(prepared)
     return prepared

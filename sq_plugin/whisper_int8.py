@@ -148,6 +148,11 @@ class GreedySettings:
                    max_new_tokens=min(limit, whisper.config.max_target_positions - len(prompt) + 1))
 
 
+def encoder_input_shape(whisper: nn.Module) -> tuple[int, int, int]:
+    """The one input shape the encoder graph takes: one utterance, Whisper's 30 s log-mel window."""
+    return 1, whisper.config.num_mel_bins, 2 * whisper.config.max_source_positions
+
+
 def empty_cache(whisper: nn.Module, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     config = whisper.config
     heads = config.decoder_attention_heads
@@ -216,8 +221,7 @@ class QuantizedWhisper:
 
     def transcribe(self, features: torch.Tensor) -> list[int]:
         """Greedy tokens for one utterance's log-mel features (the processor's feature extractor output)."""
-        config = self.whisper.config
-        expected = (1, config.num_mel_bins, 2 * config.max_source_positions)
+        expected = encoder_input_shape(self.whisper)
         if tuple(features.shape) != expected:
             raise ValueError(f"features of shape {tuple(features.shape)}; the INT8 encoder was compiled for "
                              f"{expected}: one utterance's log-mel features from the model's feature extractor, "
@@ -236,9 +240,9 @@ def quantize_whisper_int8(bundle: Any, calibration_features: Sequence[torch.Tens
     quantizer: a PT2E quantizer (default `stablequant_x86_quantizer()`: StableQuant's percentile+MSE
     activation ranges, per-channel symmetric weights).
     """
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    from sq_plugin.pt2e import export_for_quantization, label_observers, stablequant_x86_quantizer
+    from sq_plugin.pt2e import prepare_stablequant
 
     if not calibration_features:
         raise ValueError("quantize_whisper_int8 needs at least one calibration utterance (log-mel features "
@@ -246,18 +250,14 @@ def quantize_whisper_int8(bundle: Any, calibration_features: Sequence[torch.Tens
     whisper = bundle.model.eval()
     settings = GreedySettings.from_model(whisper, max_new_tokens)
     started = time.perf_counter()
-    encoder_kv = WhisperEncoderKV(whisper).eval()
-    step = WhisperDecoderStep(whisper).eval()
+    graphs = _float_graphs(whisper)
     example = calibration_features[0]
     with torch.no_grad():
-        cross = encoder_kv(example)
-    step_example = decoder_step_inputs(whisper, cross)
-    prepared = {}
-    for name, module, inputs in (("encoder", encoder_kv, (example,)), ("decoder_step", step, step_example)):
-        # Static shapes: Whisper always sees a 30 s window, and the step's cache has a fixed size.
-        exported = export_for_quantization(module, inputs, dynamic_dims={})
-        prepared[name] = prepare_pt2e(exported, quantizer or stablequant_x86_quantizer())
-        label_observers(prepared[name])
+        cross = graphs["encoder"].eval()(example)
+    inputs = {"encoder": (example,), "decoder_step": decoder_step_inputs(whisper, cross)}
+    # Static shapes: Whisper always sees a 30 s window, and the step's cache has a fixed size.
+    prepared = {name: prepare_stablequant(module, inputs[name], quantizer, dynamic_dims={})
+                for name, module in graphs.items()}
     if not read_embedding_from_quantized_logits_weight(prepared["decoder_step"]):
         raise RuntimeError("the decoder step graph has no embedding lookup that shares its table with a quantized "
                            "Linear (Whisper ties embed_tokens and proj_out); was proj_out excluded from quantization?")
@@ -340,7 +340,7 @@ def _assemble(bundle: Any, converted: dict[str, torch.fx.GraphModule], settings:
         return QuantizedWhisper(bundle.name, whisper, converted["encoder"], converted["decoder_step"], settings,
                                 converted, report)
     # Each graph compiles once, for its only shapes: a 30 s window and the fixed-size cache.
-    features = torch.zeros(1, whisper.config.num_mel_bins, 2 * whisper.config.max_source_positions)
+    features = torch.zeros(encoder_input_shape(whisper))
     encode, encoder_report = lower_x86(converted["encoder"], (features,))
     with torch.no_grad():
         cross = encode(features)
@@ -352,9 +352,13 @@ def _assemble(bundle: Any, converted: dict[str, torch.fx.GraphModule], settings:
     return QuantizedWhisper(bundle.name, whisper, encode, step, settings, converted, report)
 
 
-ENCODER_DIR = "encoder"
-DECODER_STEP_DIR = "decoder_step"
 SETTINGS_FILE = "greedy.json"
+
+
+def _float_graphs(whisper: nn.Module) -> dict[str, nn.Module]:
+    """The two float graphs by name (the name is also the artifact's subdirectory); save and load
+    fingerprint them to tie an artifact to its architecture."""
+    return {"encoder": WhisperEncoderKV(whisper), "decoder_step": WhisperDecoderStep(whisper)}
 
 
 def save_whisper_int8(quantized: QuantizedWhisper, path: str | os.PathLike, *, metadata: dict[str, Any]) -> Path:
@@ -365,14 +369,13 @@ def save_whisper_int8(quantized: QuantizedWhisper, path: str | os.PathLike, *, m
 
     path = Path(path)
     whisper = quantized.whisper
-    features = torch.zeros(1, whisper.config.num_mel_bins, 2 * whisper.config.max_source_positions)
+    features = torch.zeros(encoder_input_shape(whisper))
     with torch.no_grad():
         cross = quantized.converted["encoder"](features)
     examples = {"encoder": (features,), "decoder_step": decoder_step_inputs(whisper, cross)}
     with atomic_directory(path) as tmp:
-        for name, sub, fp in ((ENCODER_DIR, "encoder", WhisperEncoderKV(whisper)),
-                              (DECODER_STEP_DIR, "decoder_step", WhisperDecoderStep(whisper))):
-            save(quantized.converted[sub], tmp / name, example_inputs=examples[sub], fp_model=fp,
+        for sub, fp in _float_graphs(whisper).items():
+            save(quantized.converted[sub], tmp / sub, example_inputs=examples[sub], fp_model=fp,
                  metadata={**metadata, "model": f"{quantized.model_name}:{sub}", "model_config": whisper.config,
                            "report": quantized.report})
         (tmp / SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(quantized.settings)))
@@ -397,12 +400,11 @@ def load_whisper_int8(path: str | os.PathLike, bundle: Any, *, lower: bool = Tru
         raise ArtifactError(f"{settings_file} cannot be read ({exc}); re-save the artifact") from exc
     whisper = bundle.model.eval()
     converted, meta = {}, {}
-    for name, sub, fp in ((ENCODER_DIR, "encoder", WhisperEncoderKV(whisper)),
-                          (DECODER_STEP_DIR, "decoder_step", WhisperDecoderStep(whisper))):
+    for sub, fp in _float_graphs(whisper).items():
         # The architecture fingerprint catches a checkpoint with other shapes; the name, another model.
-        converted[sub], meta[sub] = load(path / name, expect_model=architecture_fingerprint(fp))
+        converted[sub], meta[sub] = load(path / sub, expect_model=architecture_fingerprint(fp))
         if meta[sub]["model"] != f"{bundle.name}:{sub}":
-            raise ArtifactError(f"{path / name} was made for {meta[sub]['model']!r}, not {bundle.name}:{sub}: "
+            raise ArtifactError(f"{path / sub} was made for {meta[sub]['model']!r}, not {bundle.name}:{sub}: "
                                 f"load the artifact saved for {bundle.name}, or quantize it and save a new one")
     report = {k: v for k, v in meta["encoder"]["user"].get("report", {}).items() if k != "lowering"}
     return _assemble(bundle, converted, settings, report, lower)
