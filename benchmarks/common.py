@@ -4,6 +4,7 @@ is on sys.path)."""
 from __future__ import annotations
 
 import os
+import platform
 import tempfile
 from pathlib import Path
 
@@ -23,3 +24,21 @@ def atomic_write(path: Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def device_name() -> str:
+    """The CPU model and the kind oneDNN runs as (`sq_plugin.x86_isa`: avx2, avx512, vnni or amx;
+    ONEDNN_MAX_CPU_ISA lowers it), e.g. "cpu: AMD EPYC (2 cores; oneDNN as avx2, ONEDNN_MAX_CPU_ISA=AVX2)"."""
+    from sq_plugin.x86_isa import x86_policy
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    policy = x86_policy()
+    cap = f", ONEDNN_MAX_CPU_ISA={policy.cap}" if policy.cap else ""
+    return f"cpu: {model} ({os.cpu_count()} cores; oneDNN as {policy.kind}{cap})"

@@ -10,8 +10,9 @@ Layout (one directory, written to a temporary sibling and moved into place with 
 
     metadata.json        format/version, model name + config, FP architecture fingerprint, per-layer
                          qparams (input scale/zero point/range, weight scale keys), op counts, the
-                         caller's metadata (recipe ...), torch/torchao versions, size + sha256 of the
-                         two files below
+                         x86 ISA policy it was made under and its activation grid, the caller's
+                         metadata (recipe ...), torch/torchao versions, size + sha256 of the two
+                         files below
     weights.safetensors  every tensor the graph reads: INT8 weights, per-channel scales/zero points,
                          float biases/norms; keyed by the graph's attribute names, which
                          metadata.json["layers"] maps to layer names. Open it with any safetensors tool.
@@ -121,7 +122,7 @@ def layer_qparams(converted: torch.fx.GraphModule) -> dict[str, dict[str, Any]]:
                   "ndim": 3},
         "weight": {"int8": "_frozen_param8", "scale": "_scale_8", "zero_point": "_zero_point_8",
                    "shape": [...], "quant_min": -128, "quant_max": 127}}, ...}
-    Layers that stay float are listed with "input"/"weight" set to None.
+    Layers that stay float are listed with "input"/"weight" set to None. Convs also carry "groups".
     """
     layers: dict[str, dict[str, Any]] = {}
     for node in converted.graph.nodes:
@@ -130,6 +131,8 @@ def layer_qparams(converted: torch.fx.GraphModule) -> dict[str, dict[str, Any]]:
             continue
         name = _module_name(node) or node.name
         entry: dict[str, Any] = {"op": kind, "input": None, "weight": None}
+        if kind.startswith("conv"):
+            entry["groups"] = int(node.args[6]) if len(node.args) > 6 else int(node.kwargs.get("groups", 1))
         x, w = node.args[0], node.args[1]
         if isinstance(x, torch.fx.Node) and x.op == "call_function" and "dequantize_per_tensor" in str(x.target):
             scale, zp, qmin, qmax = (_scalar(a) for a in x.args[1:5])
@@ -287,7 +290,8 @@ def save(converted: torch.fx.GraphModule, path: str | os.PathLike, *, example_in
     for k in narrowed:
         tensors[k] = tensors[k].to(torch.int8)
 
-    from sq_plugin.pt2e import count_quantized_ops
+    from sq_plugin.pt2e import activation_grid_bits, count_quantized_ops
+    from sq_plugin.x86_isa import x86_policy
 
     fp_fingerprint = architecture_fingerprint(fp_model) if fp_model is not None else None
     meta: dict[str, Any] = {
@@ -303,6 +307,10 @@ def save(converted: torch.fx.GraphModule, path: str | os.PathLike, *, example_in
         "op_counts": count_quantized_ops(converted),
         "layers": layer_qparams(converted),
         "int64_stored_as_int8": narrowed,
+        # The CPU kind it was made on and the activation grid in the graph. A graph on the reduced (7-bit)
+        # grid runs right on every x86 CPU; `lower_x86` refuses, naming the fix, one that this CPU's oneDNN
+        # would compute wrong (the full grid without VNNI, an INT8 grouped conv on AMX).
+        "x86_isa": {**x86_policy().to_dict(), "activation_grid_bits": activation_grid_bits(converted)},
         "versions": _versions(),
         "user": _jsonable({k: v for k, v in metadata.items() if k != "model_config"}),  # config stored once
         "files": {},

@@ -23,6 +23,10 @@ padding of M/K/N and slicing of the result (exact: zero rows/columns add nothing
 `plan_layers` reports per layer whether it runs `_int_mm` directly, padded, or stays float, and
 `PADDING_STATS` counts padded calls at run time.
 
+On CPU the same `torch._int_mm` is oneDNN's: exact with VNNI/AMX, but on x86 without VNNI it saturates
+for full-range int8 weights (`sq_plugin.x86_isa.INT_MM_SATURATES`), so CPU runs of this path check its
+numerics only on VNNI/AMX machines.
+
 Status: the config construction, the layer plan and the padding arithmetic are tested on CPU (CPU
 `torch._int_mm` has no shape constraints, so padded and unpadded results can be compared exactly).
 Execution on a CUDA GPU is untested here (no GPU on the development machine); tests that need one are

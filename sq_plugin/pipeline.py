@@ -9,6 +9,7 @@ benchmarks call. CTC models (wav2vec2 / HuBERT) for now; Whisper goes through th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ import torch
 from sq_plugin.core.ranges import RangeRule
 from sq_plugin.prefix_cache import DEFAULT_BUDGET_MB
 from sq_plugin.search import SearchConfig, SearchResult, stablequant_search
+from sq_plugin.simulate import is_parametrized, strip_weight_norm
 from sq_plugin.speech.audio import SAMPLE_RATE
 from sq_plugin.speech.evaluate import evaluate, transcribe, uses_attention_mask
 from sq_plugin.speech.models import SpeechModel
@@ -55,6 +57,14 @@ def ctc_inputs(bundle: SpeechModel, audio: np.ndarray) -> tuple[torch.Tensor, ..
     if uses_attention_mask(bundle):
         return values, torch.ones(values.shape, dtype=torch.long)
     return (values,)
+
+
+def unchanged_caller_model(bundle: SpeechModel) -> SpeechModel:
+    """The bundle to search on without touching the caller's model: the search folds weight norm in
+    place (it swaps plain weights in and out), so a parametrized model is searched as a folded copy."""
+    if not is_parametrized(bundle.model):
+        return bundle
+    return dataclasses.replace(bundle, model=strip_weight_norm(copy.deepcopy(bundle.model)))
 
 
 def _blank_id(bundle: SpeechModel) -> int:
@@ -102,6 +112,7 @@ def search_ctc(bundle: SpeechModel, calibration: Sequence[Any], config: SearchCo
     _require_utterances(calibration, "calibration")
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    bundle = unchanged_caller_model(bundle)
     audios = [u.audio for u in calibration]
 
     def run_calibration() -> None:
@@ -148,8 +159,12 @@ def finish_converted(bundle: SpeechModel, converted: Any, example: tuple, calib_
     counts = count_quantized_ops(converted)
     info = {**bundle.info, "model_config": getattr(bundle.model, "config", bundle.info.get("model_config"))}
     if not lower:
+        from sq_plugin.pt2e import activation_grid_bits
+
         quantized = dataclasses.replace(bundle, model=converted, info=info)
-        backend = " ".join(filter(None, (label, "pt2e fake-quant simulation (float q/dq)")))
+        bits = activation_grid_bits(converted)
+        grid = f", {bits}-bit activations" if bits is not None else ""
+        backend = " ".join(filter(None, (label, f"pt2e fake-quant simulation (float q/dq{grid})")))
         return QuantizedModel(quantized, backend, True, counts, 0, calib_seconds, 0.0, converted)
     start = time.perf_counter()
     compiled, report = lower_x86(converted, example)
@@ -162,12 +177,15 @@ def finish_converted(bundle: SpeechModel, converted: Any, example: tuple, calib_
 
 def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_rule: RangeRule | None = None,
                       per_layer: dict[str, RangeRule] | None = None, observer: Any = None, a_bits: int = 8,
-                      w_bits: int = 8, lower: bool | None = None) -> QuantizedModel:
+                      w_bits: int = 8, lower: bool | None = None, activation_grid: str = "auto",
+                      strict: bool = False) -> QuantizedModel:
     """PT2E quantize a CTC model: export, prepare (StableQuant observers, or `observer` for a
     baseline), calibrate one utterance at a time, convert, and (8-bit) lower to oneDNN INT8 kernels.
 
     lower: default True for W8A8, False below 8 bits, where the converted q/dq graph is run as a
     fake-quant simulation (labelled `simulated=True`).
+    activation_grid: "auto" (this CPU's x86 policy: 7-bit activations without VNNI), "full", "reduced".
+    strict: export in strict mode (see `export_for_quantization`).
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
@@ -179,12 +197,13 @@ def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_ru
     model = bundle.model.eval()
     example = ctc_inputs(bundle, calibration[0].audio)
     start = time.perf_counter()
-    config = stablequant_x86_config(act_rule, a_bits=a_bits, w_bits=w_bits)
+    config = stablequant_x86_config(act_rule, a_bits=a_bits, w_bits=w_bits, activation_grid=activation_grid)
     if observer is not None:  # a baseline: the same specs with another activation observer
         act = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=observer)
         config = dataclasses.replace(config, input_activation=act, output_activation=act)
-    quantizer = stablequant_x86_quantizer(config, per_layer, a_bits=a_bits, w_bits=w_bits)
-    prepared = prepare_stablequant(model, example, quantizer)
+    quantizer = stablequant_x86_quantizer(config, per_layer, a_bits=a_bits, w_bits=w_bits,
+                                          activation_grid=activation_grid)
+    prepared = prepare_stablequant(model, example, quantizer, strict=strict)
     calibrate(prepared, (ctc_inputs(bundle, u.audio) for u in calibration))
     converted = convert_pt2e(prepared)
     calib_seconds = time.perf_counter() - start

@@ -16,8 +16,9 @@ nodes too; Inductor's x86 lowering accepts them ("conv1d/2d"), which `lower_x86`
 
 from __future__ import annotations
 
+import copy
 import math
-import os
+import warnings
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -37,7 +38,8 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 from sq_plugin.core.quant import DEFAULT_EPS, check_bits
 from sq_plugin.core.ranges import RangeRule, compute_range
 from sq_plugin.core.stats import DEFAULT_BINS, Histogram
-from sq_plugin.simulate import strip_weight_norm
+from sq_plugin.simulate import is_parametrized, strip_weight_norm
+from sq_plugin.x86_isa import X86IsaPolicy, require_x86, x86_policy
 
 _SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
 
@@ -177,19 +179,23 @@ class MSEObserver(StableQuantObserver):
 
 
 def stablequant_x86_config(act_rule: RangeRule | None = None, weight_rule: RangeRule | None = None, *,
-                           a_bits: int = 8, w_bits: int = 8, bins: int = DEFAULT_BINS) -> QuantizationConfig:
+                           a_bits: int = 8, w_bits: int = 8, bins: int = DEFAULT_BINS,
+                           activation_grid: str = "auto") -> QuantizationConfig:
     """A `QuantizationConfig` for `X86InductorQuantizer` with StableQuant observers.
 
-    Activations: unsigned per-tensor affine on [0, 2**a_bits - 1] (what oneDNN's qlinear/qconv take).
+    Activations: unsigned per-tensor affine on [0, 2**a_bits - 1] (what oneDNN's qlinear/qconv take),
+    or on [0, 127] at 8 bits where this CPU's policy reduces the grid (`sq_plugin.x86_isa`: no VNNI).
+    activation_grid: "auto" (the policy's choice), "full" (refused without VNNI), "reduced".
     Weights: signed per-output-channel symmetric on [-2**(w_bits-1), 2**(w_bits-1) - 1].
     Bits below 8 keep int8 storage with a narrower grid: real INT8 kernels computing a W6A6/W4A4 grid.
     """
     check_bits(a_bits, name="a_bits")
     check_bits(w_bits, name="w_bits")
+    act_qmax = x86_policy(activation_grid).activation_qmax(a_bits)
     act_rule = act_rule or StableQuantObserver.default_rule
     weight_rule = weight_rule or StableQuantPerChannelObserver.default_rule
     act = QuantizationSpec(
-        dtype=torch.uint8, quant_min=0, quant_max=2**a_bits - 1, qscheme=torch.per_tensor_affine,
+        dtype=torch.uint8, quant_min=0, quant_max=act_qmax, qscheme=torch.per_tensor_affine,
         is_dynamic=False, observer_or_fake_quant_ctr=StableQuantObserver.with_args(rule=act_rule, bins=bins),
     )
     weight = QuantizationSpec(
@@ -201,8 +207,8 @@ def stablequant_x86_config(act_rule: RangeRule | None = None, weight_rule: Range
 
 
 def cpu_has_amx() -> bool:
-    """Whether oneDNN may pick its AMX INT8 kernels here (Sapphire Rapids and newer Xeons)."""
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    """Whether oneDNN picks its AMX INT8 kernels here (an AMX Xeon, not capped below AMX)."""
+    return x86_policy().kind == "amx"
 
 
 def grouped_qconv_is_safe() -> bool:
@@ -210,9 +216,9 @@ def grouped_qconv_is_safe() -> bool:
     conv with a long kernel (wav2vec2/HuBERT's positional conv: 16 groups, kernel 128) comes out
     several times its own norm away from the fake-quant graph (kernel 16 and 8+ channels per group
     already), while the same kernels capped at AVX512-VNNI (ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI)
-    agree to rounding. Setting that variable before torch starts makes grouped convs safe again."""
-    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    return not cpu_has_amx() or (capped != "" and "AMX" not in capped and capped != "ALL")
+    agree to rounding. Setting that variable before torch starts makes grouped convs safe again.
+    The rule is one row of the ISA table in `sq_plugin.x86_isa`."""
+    return x86_policy().grouped_conv_int8
 
 
 def _conv_groups(node: torch.fx.Node) -> int:
@@ -258,24 +264,31 @@ class StableQuantX86Quantizer(X86InductorQuantizer):
 
 def stablequant_x86_quantizer(config: QuantizationConfig | None = None,
                               per_layer: dict[str, QuantizationConfig | RangeRule | None] | None = None, *,
-                              a_bits: int = 8, w_bits: int = 8) -> StableQuantX86Quantizer:
+                              a_bits: int = 8, w_bits: int = 8, activation_grid: str = "auto"
+                              ) -> StableQuantX86Quantizer:
     """The quantizer with a global config and per-module overrides.
 
     `per_layer` maps a module name (e.g. "wav2vec2.feature_extractor.conv_layers.2.conv") to a full
     `QuantizationConfig`, to a `RangeRule` for that layer's input activation, or to None (keep float).
+    activation_grid: see `stablequant_x86_config`.
     """
-    quantizer = StableQuantX86Quantizer().set_global(config or stablequant_x86_config(a_bits=a_bits, w_bits=w_bits))
+    quantizer = StableQuantX86Quantizer().set_global(
+        config or stablequant_x86_config(a_bits=a_bits, w_bits=w_bits, activation_grid=activation_grid))
     for name, override in (per_layer or {}).items():
         if isinstance(override, RangeRule):
-            override = stablequant_x86_config(act_rule=override, a_bits=a_bits, w_bits=w_bits)
+            override = stablequant_x86_config(act_rule=override, a_bits=a_bits, w_bits=w_bits,
+                                              activation_grid=activation_grid)
         quantizer.set_module_name_qconfig(name, override)
     return quantizer  # type: ignore[return-value]
 
 
 def export_for_quantization(model: torch.nn.Module, example_inputs: tuple, *,
                             dynamic_dims: dict[int, int] | None = None,
-                            dynamic_batch: bool = False) -> torch.fx.GraphModule:
+                            dynamic_batch: bool = False, strict: bool = False) -> torch.fx.GraphModule:
     """`torch.export` a speech model for PT2E (eval mode, weight norm folded, dynamic audio length).
+
+    The caller's model is left as it was: weight norm is folded on a copy (only when there is
+    any), and the train/eval flag of every module is restored after the export.
 
     `dynamic_dims` maps input index -> dynamic dimension; default: dimension 1 of every input, the
     time axis of a (batch, samples) waveform and of its attention mask. `Dim.AUTO` is used because a
@@ -283,15 +296,25 @@ def export_for_quantization(model: torch.nn.Module, example_inputs: tuple, *,
     `dynamic_batch=True` also makes dimension 0 of every input dynamic, so that one graph (and one
     saved artifact) serves any batch size. Export specializes a size-1 dimension to 1, so the
     examples are traced repeated to batch 2; the graph then accepts batch 1 as well.
+    strict: `torch.export`'s strict mode (TorchDynamo tracing). Off by default; models with in-place
+    residual adds (`out += identity`) need it on, or PT2E fails with "Input partition has more than
+    one output node".
     """
-    model = strip_weight_norm(model.eval())
+    if is_parametrized(model):
+        model = strip_weight_norm(copy.deepcopy(model))
     dims = {i: 1 for i in range(len(example_inputs))} if dynamic_dims is None else dynamic_dims
     shapes: list[dict[int, Any] | None] = [{dims[i]: Dim.AUTO} if i in dims else None
                                            for i in range(len(example_inputs))]
     if dynamic_batch:
         shapes = [{0: Dim.AUTO, **(s or {})} for s in shapes]
         example_inputs = tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in example_inputs)
-    return torch.export.export(model, tuple(example_inputs), dynamic_shapes=tuple(shapes)).module()
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        return torch.export.export(model, tuple(example_inputs), dynamic_shapes=tuple(shapes), strict=strict).module()
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 def label_observers(prepared: torch.fx.GraphModule) -> dict[str, str]:
@@ -322,13 +345,24 @@ def _module_name(node: torch.fx.Node) -> str | None:
 def prepare_stablequant(model: torch.nn.Module, example_inputs: tuple,
                         quantizer: X86InductorQuantizer | None = None, *,
                         dynamic_dims: dict[int, int] | None = None,
-                        dynamic_batch: bool = False) -> torch.fx.GraphModule:
+                        dynamic_batch: bool = False, strict: bool = False) -> torch.fx.GraphModule:
     """Export + `prepare_pt2e` with StableQuant observers (default: `stablequant_x86_quantizer()`),
-    each observer labelled with its layer. `dynamic_dims`, `dynamic_batch`: see `export_for_quantization`."""
+    each observer labelled with its layer. `dynamic_dims`, `dynamic_batch`, `strict`: see
+    `export_for_quantization`."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
-    exported = export_for_quantization(model, example_inputs, dynamic_dims=dynamic_dims, dynamic_batch=dynamic_batch)
-    prepared = prepare_pt2e(exported, quantizer or stablequant_x86_quantizer())
+    exported = export_for_quantization(model, example_inputs, dynamic_dims=dynamic_dims, dynamic_batch=dynamic_batch,
+                                       strict=strict)
+    try:
+        prepared = prepare_pt2e(exported, quantizer or stablequant_x86_quantizer())
+    except ValueError as exc:
+        if strict or "more than one output node" not in str(exc):
+            raise
+        # A module called twice (torchvision's shared ReLU) or an in-place add (`out += identity`) gives a
+        # source partition with two outputs in the non-strict export; TorchDynamo's strict trace does not.
+        raise ValueError(f"{exc}: the quantizer's fusion patterns cannot read this non-strict export (a module "
+                         "used twice, or an in-place residual add). Fix: pass strict=True "
+                         "(prepare_stablequant(..., strict=True)).") from exc
     label_observers(prepared)
     return prepared
 
@@ -388,9 +422,62 @@ class LoweringReport:
     def int8_kernels(self) -> int:
         return self.qlinear + self.qconv
 
+    isa: str = ""  # the ISA policy it was lowered under, e.g. "avx2: 7-bit activations"
+
     @property
     def backend(self) -> str:
-        return "x86-onednn-int8 (inductor, freezing)"
+        return f"x86-onednn-int8 ({self.isa})" if self.isa else "x86-onednn-int8"
+
+
+def activation_grid_bits(converted: torch.fx.GraphModule) -> int | None:
+    """The widest activation grid of the INT8 ops in a converted graph, in bits (None: no quantized input)."""
+    from sq_plugin.artifact import layer_qparams
+
+    widths = [entry["input"]["quant_max"] - entry["input"]["quant_min"] + 1
+              for entry in layer_qparams(converted).values() if entry["input"] is not None]
+    return int(round(math.log2(max(widths)))) if widths else None
+
+
+def isa_problems(converted: torch.fx.GraphModule, policy: X86IsaPolicy | None = None) -> dict[str, str]:
+    """Per layer of a converted graph, why oneDNN would compute it wrong on this CPU (empty: all right).
+
+    Reads the grids in the graph itself, so it judges any PT2E graph: ours, torchao's default X86
+    config (full 0..255 activations) or a loaded artifact made on another CPU.
+    """
+    from sq_plugin.artifact import layer_qparams
+
+    policy = policy or x86_policy()
+    problems = {}
+    for name, entry in layer_qparams(converted).items():
+        act, weight = entry["input"], entry["weight"]
+        if act is None or weight is None:
+            continue  # float, or weight-only (float compute): no INT8 kernel
+        weight_absmax = max(abs(weight["quant_min"] if weight["quant_min"] is not None else -128),
+                            abs(weight["quant_max"] if weight["quant_max"] is not None else 127))
+        why = policy.op_problem(entry["op"], act["quant_max"], weight_absmax, entry.get("groups", 1))
+        if why is not None:
+            problems[name] = why
+    return problems
+
+
+def check_runs_right_here(converted: torch.fx.GraphModule) -> X86IsaPolicy:
+    """Refuse (IsaError, every layer named) a graph whose INT8 ops oneDNN would compute wrong on this
+    CPU; return the policy it will run under."""
+    from sq_plugin.x86_isa import IsaError
+
+    require_x86()
+    policy = x86_policy()
+    problems = isa_problems(converted, policy)
+    if problems:
+        listed = "; ".join(f"{name}: {why}" for name, why in list(problems.items())[:4])
+        more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+        raise IsaError(
+            f"{len(problems)} INT8 op(s) of this graph would be computed wrong by oneDNN on this CPU "
+            f"({policy.kind}{', ONEDNN_MAX_CPU_ISA=' + policy.cap if policy.cap else ''}): {listed}{more}. Fix: "
+            "quantize on this CPU with the default activation_grid='auto' (7-bit activations without VNNI, "
+            "grouped conv1d weight-only on AMX), or run the graph on a CPU of the kind it was made for; "
+            "an artifact made with 7-bit activations runs right on every x86 CPU.")
+    return policy
 
 
 def install_conv1d_meta_fix() -> None:
@@ -421,6 +508,17 @@ def install_conv1d_meta_fix() -> None:
 # INT8 kernels vs the converted fake-quant graph, relative L2 on the output: rounding ties measured
 # 0.005 on the tiny test models; a wrong kernel measured 0.74 (whole model) and 3-5 (the op alone).
 MAX_KERNEL_ERROR = 0.1
+# The known ways oneDNN computes something else than the q/dq graph, and the fix of each.
+KNOWN_KERNEL_DEFECTS = (
+    "(1) AVX2/AVX512 without VNNI: u8 x s8 products are summed in int16 pairs, which saturate on the full "
+    "0..255 activation grid (fix: quantize with activation_grid='auto' or 'reduced', 7-bit activations; "
+    "sq_plugin.x86_isa detects it, but a CPU or ONEDNN_MAX_CPU_ISA cap it does not know may slip through); "
+    "(2) AMX: grouped INT8 conv1d is wrong in torch 2.13 (fix: StableQuantX86Quantizer keeps it weight-only "
+    "by default, or set ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI before starting Python)"
+)
+# Inductor's x86 INT8 lowering builds a tensor from a tensor (torch/_inductor/mkldnn_lowerings.py);
+# harmless, and shown once per compiled layer. Only that message is silenced, only while compiling.
+_INDUCTOR_COPY_WARNING = "To copy construct from a tensor"
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
@@ -475,7 +573,8 @@ class Int8Module:
             raise RuntimeError(self.refused[key])
         before = _int8_lowered()
         with inductor_config.patch(freezing=True, cpp_wrapper=self.cpp_wrapper), \
-                dynamo_config.patch(recompile_limit=256), torch.no_grad():
+                dynamo_config.patch(recompile_limit=256), torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_INDUCTOR_COPY_WARNING, category=UserWarning)
             out = self.compiled(*args)
         if key not in self.shapes:
             lowered = _int8_lowered() - before
@@ -502,9 +601,8 @@ class Int8Module:
             self.refused[key] = (
                 f"the INT8 kernels compiled for input shapes {key[0]} disagree with the fake-quant graph: "
                 f"relative error {error:.3g} > {self.max_error} (rounding alone stays near 0.01). A oneDNN "
-                "kernel computes something else on this CPU; known case: grouped conv1d on AMX in torch 2.13 "
-                "(StableQuantX86Quantizer keeps it float by default, or set ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI "
-                "before starting Python)."
+                f"kernel computes something else on this CPU ({x86_policy().kind}). Known cases: "
+                f"{KNOWN_KERNEL_DEFECTS}."
             )
             raise RuntimeError(self.refused[key])
 
@@ -519,7 +617,10 @@ def lower_x86(converted: torch.fx.GraphModule, example_inputs: tuple, *,
     `cpp_wrapper=True` has Inductor call the kernels from generated C++ instead of Python: it costs
     compile time and saves per-call overhead, which matters for graphs of many small kernels (a
     decoder step).
+    Before compiling, `check_runs_right_here` refuses a graph whose INT8 ops this CPU's oneDNN would
+    compute wrong (`sq_plugin.x86_isa`), naming each layer and the fix.
     """
+    policy = check_runs_right_here(converted)
     install_conv1d_meta_fix()
     quantized = sum(v for k, v in count_quantized_ops(converted).items() if k in _QUANT_OPS.values())
     from torch._dynamo.utils import counters
@@ -527,5 +628,6 @@ def lower_x86(converted: torch.fx.GraphModule, example_inputs: tuple, *,
     counters.clear()
     module = Int8Module(converted, quantized if require_int8 else 0, cpp_wrapper=cpp_wrapper)
     module(*example_inputs)
-    report = LoweringReport({k: int(v) for k, v in counters["inductor"].items() if k.startswith(("qlinear", "qconv"))})
+    report = LoweringReport({k: int(v) for k, v in counters["inductor"].items() if k.startswith(("qlinear", "qconv"))},
+                            isa=policy.describe(activation_grid_bits(converted)))
     return module, report

@@ -46,6 +46,16 @@ def _check_bits(a_bits: int, w_bits: int) -> None:
                          f"qfloat8); got a_bits={a_bits}, w_bits={w_bits}. Use quantize_ctc_pt2e for W6A6/W4A4.")
 
 
+def _check_int_mm_is_exact() -> None:
+    from sq_plugin.x86_isa import INT_MM_SATURATES, IsaError, is_x86, x86_policy
+
+    policy = x86_policy()
+    if is_x86() and not policy.int32_accumulation:
+        raise IsaError(f"the optimum-quanto W8A8 baseline would compute wrong results on this CPU ({policy.kind}): "
+                       f"{INT_MM_SATURATES}. Fix: run it on a CPU with VNNI or AMX, or compare against the "
+                       "PT2E baselines (max, histogram, ...), which use 7-bit activations here.")
+
+
 def quantize_quanto(model: torch.nn.Module, batches: Iterable[tuple | torch.Tensor], *, a_bits: int = 8,
                     w_bits: int = 8, momentum: float = CALIBRATION_MOMENTUM) -> torch.nn.Module:
     """quanto W8A8 on a deep copy of `model` (quanto swaps modules in place): qint8 weights and
@@ -53,6 +63,7 @@ def quantize_quanto(model: torch.nn.Module, batches: Iterable[tuple | torch.Tens
     from sq_plugin.pt2e import calibrate
 
     _check_bits(a_bits, w_bits)
+    _check_int_mm_is_exact()
     quantized = copy.deepcopy(model).eval()
     quantize(quantized, weights=qint8, activations=qint8)
     with Calibration(momentum=momentum):

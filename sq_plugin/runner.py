@@ -108,8 +108,27 @@ def check_runnable(recipe: Recipe) -> None:
         if not _find_spec(module):
             errors.append(f"methods[{i}]: {method!r} needs {module}, which is not installed; run `{install}` "
                           "or drop the method")
+    errors += _isa_errors(recipe)
     if errors:
         raise RecipeError(source, errors)
+
+
+def _isa_errors(recipe: Recipe) -> list[str]:
+    """What the x86 backend cannot run on this machine: no x86 CPU, or the full grid without VNNI."""
+    if recipe.backend != "x86":
+        return []
+    from sq_plugin.x86_isa import IsaError, is_x86, x86_policy
+
+    if not is_x86():
+        return ["backend: 'x86' runs oneDNN INT8 kernels on an x86-64 CPU; this machine is not one: use "
+                "backend: simulate (fake-quant, labelled as such)"]
+    if recipe.activation_grid != "full" or all(bits.a < 8 for bits in recipe.bits):
+        return []
+    try:
+        x86_policy("full")
+    except IsaError as exc:
+        return [f"activation_grid: 'full': {exc}"]
+    return []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,12 +209,21 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, log: Callable[[str], No
     return run
 
 
-def _unsupported(method: str, w_bits: int, a_bits: int) -> str | None:
-    """Why a framework baseline cannot run at these bits (None: it can)."""
+def _unsupported(method: str, w_bits: int, a_bits: int, recipe: Recipe) -> str | None:
+    """Why a framework baseline cannot run at these bits, on this grid and CPU (None: it can)."""
     if method in ("inc_minmax", "inc_kl") and (w_bits, a_bits) != (8, 8):
         return "INC 3.10 static quant is int8-only (its observers use the full 8-bit grid)"
+    if method in ("inc_minmax", "inc_kl") and _activation_grid(recipe) == "reduced":
+        return ("INC 3.10 static quant always uses the full 0..255 activation grid, which cannot run on the reduced "
+                "grid this recipe uses (activation_grid, or an x86 CPU without VNNI whose oneDNN kernels saturate "
+                "on it); run it on a VNNI/AMX CPU with activation_grid: auto or full")
     if method == "quanto_absmax" and (w_bits, a_bits) != (8, 8):
         return "optimum-quanto quantizes activations to int8 or float8 only"
+    if method == "quanto_absmax":
+        from sq_plugin.x86_isa import INT_MM_SATURATES, is_x86, x86_policy
+
+        if is_x86() and not x86_policy().int32_accumulation:
+            return f"optimum-quanto W8A8 would be wrong on this CPU: {INT_MM_SATURATES}"
     return None
 
 
@@ -206,7 +234,7 @@ def _search(bundle: Any, calibration: Sequence[Any], recipe: Recipe, w_bits: int
     opts = recipe.method_options.stablequant
     config = SearchConfig(w_bits=w_bits, a_bits=a_bits, threshold=opts.threshold, percentiles=tuple(opts.percentiles),
                           mse_grid=opts.mse_grid, float_fallback=opts.float_fallback,
-                          keep_float=tuple(opts.keep_float))
+                          keep_float=tuple(opts.keep_float), activation_grid=_activation_grid(recipe))
     if bundle.kind == "whisper":
         from sq_plugin.whisper import search_whisper
 
@@ -220,12 +248,14 @@ def _quantize(bundle: Any, method: str, recipe: Recipe, calibration: Sequence[An
               lower: bool | None, per_layer: dict[str, Any] | None) -> Any:
     """One quantized model (a `QuantizedModel`) for `method` at these bits."""
     kwargs: dict[str, Any] = {"per_layer": per_layer} if method == "stablequant" else {}
+    grid = _activation_grid(recipe)
     if bundle.kind == "whisper":
         from sq_plugin.whisper import quantize_whisper_simulated
 
         if method != "stablequant":
             kwargs = _quantize_kwargs(method, recipe)
-        return quantize_whisper_simulated(bundle, calibration, a_bits=a_bits, w_bits=w_bits, **kwargs)
+        return quantize_whisper_simulated(bundle, calibration, a_bits=a_bits, w_bits=w_bits, activation_grid=grid,
+                                          **kwargs)
     if method in ("inc_minmax", "inc_kl"):
         from sq_plugin.inc import quantize_ctc_inc
 
@@ -239,7 +269,15 @@ def _quantize(bundle: Any, method: str, recipe: Recipe, calibration: Sequence[An
 
     if method != "stablequant":
         kwargs = _quantize_kwargs(method, recipe)
-    return quantize_ctc_pt2e(bundle, calibration, a_bits=a_bits, w_bits=w_bits, lower=lower, **kwargs)
+    return quantize_ctc_pt2e(bundle, calibration, a_bits=a_bits, w_bits=w_bits, lower=lower, activation_grid=grid,
+                             **kwargs)
+
+
+def _activation_grid(recipe: Recipe) -> str:
+    """The recipe's grid, "auto" resolved for this CPU ("reduced" without VNNI)."""
+    from sq_plugin.x86_isa import resolve_activation_grid
+
+    return resolve_activation_grid(recipe.activation_grid)
 
 
 def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluation: Sequence[Any],
@@ -285,7 +323,7 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
     for bits in recipe.bits:
         for method in recipe.quantized_methods:
             label = f"{method} {bits.label}"
-            reason = _unsupported(method, bits.w, bits.a)
+            reason = _unsupported(method, bits.w, bits.a, recipe)
             if reason is not None:
                 run.skipped.append({"model": model, "method": method, "bits": bits.label, "reason": reason})
                 say(f"{model} {label}: skipped: {reason}")
@@ -364,7 +402,7 @@ def write_outputs(run: RunResult) -> Path:
             "recipe": recipe.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fp": run.fp,
             "rows": run.rows, "searches": run.searches, "examples": run.examples, "skipped": run.skipped,
             "peak_rss_mb": run.peak_rss_mb,
-            "seconds": run.seconds, "versions": _versions(),
+            "seconds": run.seconds, "versions": _versions(), "x86_isa": _isa_record(recipe),
         }
         # allow_nan=False: the rows were checked finite; anything else here is a bug, not a report.
         (tmp / "results.json").write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
@@ -385,6 +423,13 @@ def write_outputs(run: RunResult) -> Path:
                 break
         raise
     return final
+
+
+def _isa_record(recipe: Recipe) -> dict[str, Any]:
+    """The CPU policy and the activation grid the run used (sq_plugin.x86_isa)."""
+    from sq_plugin.x86_isa import x86_policy
+
+    return {**x86_policy().to_dict(), "activation_grid": _activation_grid(recipe)}
 
 
 def _slug(text: str) -> str:
@@ -462,6 +507,9 @@ def _report_md(run: RunResult, plots: Sequence[str]) -> str:
         f"Calibration: {r.calibration.size} utterances of {r.calibration.dataset}; evaluation: "
         f"{n_eval} utterances of {r.evaluation.dataset}; backend `{r.backend}`; "
         f"peak RSS {run.peak_rss_mb:.0f} MiB; total {run.seconds:.0f} s.",
+        "",
+        f"CPU: x86 kind `{_isa_record(r)['kind']}`; activation grid `{_activation_grid(r)}` (recipe: "
+        f"`{r.activation_grid}`; `reduced` = 7-bit activations at W8A8, what oneDNN computes exactly without VNNI).",
         "",
         "ΔWER/ΔCER are in percentage points vs FP32 on the same utterances (batch size 1). "
         "**simulated** = fake-quant q/dq run in float (below 8 bits, or backend `simulate`); "

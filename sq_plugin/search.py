@@ -30,11 +30,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sq_plugin.core.quant import check_bits
+from sq_plugin.core.quant import activation_grid_bits, check_bits
 from sq_plugin.core.ranges import RangeRule, check_percentile, compute_range
 from sq_plugin.core.stats import DEFAULT_BINS, Histogram
 from sq_plugin.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
 from sq_plugin.simulate import LayerQuant, observe_inputs, quantizable_layers, simulate, strip_weight_norm
+from sq_plugin.x86_isa import resolve_activation_grid
 
 DEFAULT_PERCENTILES = (100.0, 99.99, 99.9, 99.8, 99.5, 99.0)
 
@@ -52,6 +53,9 @@ class SearchConfig:
         channel, so keeping it float costs almost nothing in speed or size).
     keep_float: layer names or fnmatch patterns (e.g. "*.conv_layers.0.conv") that stay float and
         are left out of the search: mixed precision chosen by the user, as INC's fp32 fallback is.
+    activation_grid: the activation grid the search scores, which must be the one that will execute:
+        "auto" (resolved at construction to this CPU's x86 policy: "reduced", 7-bit activations, on
+        x86 without VNNI, else "full"), "full" or "reduced". `act_grid_bits` is its width in bits.
     """
 
     w_bits: int = 8
@@ -62,10 +66,13 @@ class SearchConfig:
     bins: int = DEFAULT_BINS
     float_fallback: bool = False
     keep_float: tuple[str, ...] = ()
+    activation_grid: str = "auto"
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, name="w_bits")
         check_bits(self.a_bits, name="a_bits")
+        # Resolved once, so that the result records the grid that was scored.
+        object.__setattr__(self, "activation_grid", resolve_activation_grid(self.activation_grid))
         if not (isinstance(self.threshold, int | float) and math.isfinite(self.threshold) and self.threshold >= 0):
             raise ValueError(f"threshold must be a finite number >= 0 (got {self.threshold!r}); the paper uses "
                              "0.0025 (0.25 % absolute WER)")
@@ -73,6 +80,10 @@ class SearchConfig:
             raise ValueError(f"percentiles must include 100 (no clipping) (got {self.percentiles!r})")
         for p in self.percentiles:
             check_percentile(p)
+
+    @property
+    def act_grid_bits(self) -> int:
+        return activation_grid_bits(self.a_bits, self.activation_grid)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,12 +217,12 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
     seconds["statistics"] = time.perf_counter() - start
 
     def act_range(name: str, rule: RangeRule) -> tuple[float, float]:
-        lo, hi = compute_range(hists[name], rule, bits=config.a_bits, symmetric=False, signed=False,
+        lo, hi = compute_range(hists[name], rule, bits=config.act_grid_bits, symmetric=False, signed=False,
                                name=f"{name} (input)")
         return float(lo[0]), float(hi[0])
 
     def quant(name: str, rng: tuple[float, float]) -> LayerQuant:
-        return LayerQuant(act_range=rng, a_bits=config.a_bits, w_bits=config.w_bits)
+        return LayerQuant(act_range=rng, a_bits=config.act_grid_bits, w_bits=config.w_bits)
 
     max_ranges = {n: act_range(n, RangeRule("max")) for n in names}
 

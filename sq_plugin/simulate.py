@@ -22,18 +22,33 @@ from sq_plugin.core.quant import fake_quantize, qparams_from_range, quant_bounds
 QUANTIZABLE = (torch.nn.Linear, torch.nn.Conv1d)
 
 
-def strip_weight_norm(model: torch.nn.Module) -> torch.nn.Module:
-    """Fold weight-norm parametrizations into plain weights, in place (same outputs).
+def is_parametrized(model: torch.nn.Module) -> bool:
+    """Whether any module of `model` has a torch parametrization (e.g. wav2vec2's weight-norm conv)."""
+    from torch.nn.utils import parametrize
 
-    wav2vec2/HuBERT's positional conv uses `weight_norm`; folded, its weight is a plain parameter
-    that can be fake-quantized here and prepacked as an INT8 constant by the x86 lowering.
+    return any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def strip_weight_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold parametrizations (wav2vec2/HuBERT's weight norm) into plain weights, in place (same outputs).
+
+    Folded, the positional conv's weight is a plain parameter that can be fake-quantized here and
+    prepacked as an INT8 constant by the x86 lowering. Unlike `parametrize.remove_parametrizations`,
+    this never touches the class: torch creates one `Parametrized<Name>` class per module and shares
+    it with every deep copy, so deleting the property from it (as remove_parametrizations does)
+    would take `weight` away from the original model when a copy is folded.
     """
     from torch.nn.utils import parametrize
 
-    for module in model.modules():
-        if parametrize.is_parametrized(module):
-            for tensor_name in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+    for module in [m for m in model.modules() if parametrize.is_parametrized(m)]:
+        folded = {}
+        for name, chain in module.parametrizations.items():
+            requires_grad = any(p.requires_grad for p in chain.parameters())
+            folded[name] = torch.nn.Parameter(getattr(module, name).detach().clone(), requires_grad=requires_grad)
+        module.__class__ = module.__class__.__bases__[0]  # the class parametrize derived Parametrized<Name> from
+        del module._modules["parametrizations"]
+        for name, value in folded.items():
+            module.register_parameter(name, value)
     return model
 
 

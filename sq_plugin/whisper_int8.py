@@ -232,23 +232,26 @@ class QuantizedWhisper:
 
 
 def quantize_whisper_int8(bundle: Any, calibration_features: Sequence[torch.Tensor], *, quantizer: Any = None,
-                          lower: bool = True, max_new_tokens: int | None = None) -> QuantizedWhisper:
+                          lower: bool = True, max_new_tokens: int | None = None,
+                          activation_grid: str = "auto") -> QuantizedWhisper:
     """PT2E-quantize Whisper's encoder(+cross K/V) and decoder step, calibrate them by greedy-decoding
     `calibration_features` (each [1, 80, 3000]) through the observed graphs, convert, and (lower=True)
     compile both to oneDNN INT8 kernels with `lower_x86` (which refuses to run them in float).
 
     quantizer: a PT2E quantizer (default `stablequant_x86_quantizer()`: StableQuant's percentile+MSE
-    activation ranges, per-channel symmetric weights).
+    activation ranges, per-channel symmetric weights, on `activation_grid`: "auto" = 7-bit activations on
+    x86 without VNNI, where oneDNN saturates the full grid; see `sq_plugin.x86_isa`).
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    from sq_plugin.pt2e import prepare_stablequant
+    from sq_plugin.pt2e import prepare_stablequant, stablequant_x86_quantizer
 
     if not calibration_features:
         raise ValueError("quantize_whisper_int8 needs at least one calibration utterance (log-mel features "
                          "[1, 80, 3000]); got none")
     whisper = bundle.model.eval()
     settings = GreedySettings.from_model(whisper, max_new_tokens)
+    quantizer = quantizer or stablequant_x86_quantizer(activation_grid=activation_grid)
     started = time.perf_counter()
     graphs = _float_graphs(whisper)
     example = calibration_features[0]
@@ -346,7 +349,7 @@ def _assemble(bundle: Any, converted: dict[str, torch.fx.GraphModule], settings:
         cross = encode(features)
     # A decode step runs ~100 small kernels: the C++ wrapper saves ~1 ms of Python per step (8.2 -> 7.3 ms).
     step, step_report = lower_x86(converted["decoder_step"], decoder_step_inputs(whisper, cross), cpp_wrapper=True)
-    report = {**report, "lowering": {
+    report = {**report, "backend": step_report.backend, "lowering": {
         "encoder": {"qlinear": encoder_report.qlinear, "qconv": encoder_report.qconv},
         "decoder_step": {"qlinear": step_report.qlinear, "qconv": step_report.qconv}}}
     return QuantizedWhisper(bundle.name, whisper, encode, step, settings, converted, report)
@@ -406,7 +409,7 @@ def load_whisper_int8(path: str | os.PathLike, bundle: Any, *, lower: bool = Tru
         if meta[sub]["model"] != f"{bundle.name}:{sub}":
             raise ArtifactError(f"{path / sub} was made for {meta[sub]['model']!r}, not {bundle.name}:{sub}: "
                                 f"load the artifact saved for {bundle.name}, or quantize it and save a new one")
-    report = {k: v for k, v in meta["encoder"]["user"].get("report", {}).items() if k != "lowering"}
+    report = {k: v for k, v in meta["encoder"]["user"].get("report", {}).items() if k not in ("lowering", "backend")}
     return _assemble(bundle, converted, settings, report, lower)
 
 

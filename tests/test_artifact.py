@@ -20,6 +20,7 @@ from sq_plugin.artifact import (
     save,
 )
 from sq_plugin.pt2e import calibrate, count_quantized_ops, lower_x86, prepare_stablequant, strip_weight_norm
+from sq_plugin.x86_isa import x86_policy
 
 
 def audio(n: int, seed: int) -> torch.Tensor:
@@ -79,7 +80,11 @@ def test_metadata_records_model_qparams_versions_and_recipe(hubert_artifact):
     assert set(meta["versions"]) >= {"torch", "torchao"}
     layer = meta["layers"]["hubert.encoder.layers.0.attention.q_proj"]
     lo, hi = layer["input"]["range"]
-    assert lo < 0 < hi and layer["input"]["quant_max"] == 255
+    # 0..255 where oneDNN sums in int32 (VNNI/AMX), 0..127 without VNNI (sq_plugin.x86_isa)
+    policy = x86_policy()
+    assert lo < 0 < hi and layer["input"]["quant_max"] == (255 if policy.int32_accumulation else 127)
+    assert meta["x86_isa"]["kind"] == policy.kind
+    assert meta["x86_isa"]["activation_grid_bits"] == (8 if policy.int32_accumulation else 7)
     # Every quantized layer's INT8 weight is stored, as int8, in the safetensors file.
 
     tensors = load_file(str(path / WEIGHTS_FILE))

@@ -33,6 +33,7 @@ from sq_plugin.pt2e import (  # noqa: E402
     stablequant_x86_quantizer,
 )
 from sq_plugin.speech.models import SpeechModel  # noqa: E402
+from sq_plugin.x86_isa import IsaError, x86_policy  # noqa: E402
 
 N_LINEAR = 2 * 6 + 2  # per layer q,k,v,out,fc1,fc2; + feature projection + lm_head
 N_CONV1D = 7 + 1  # feature extractor + positional conv
@@ -140,6 +141,31 @@ def test_inc_quantize_and_prepare_convert_equal_the_direct_pt2e_path(tiny_wav2ve
     assert rel_err(logits(compiled), want) < 0.02 < rel_err(want, logits(model))
 
 
+def test_inc_quantize_not_inplace_leaves_the_users_model_working(tiny_wav2vec2):
+    """quantize(..., inplace=False) must not break the float model (it deep-copies, and folding weight
+    norm on the copy used to delete the shared class's `weight`); a second quantize, as autotune runs
+    one per trial, then works too."""
+    model = tiny_wav2vec2
+    want = logits(model)
+    for _ in range(2):
+        quantize(model, StableQuantConfig(), run_fn=calibrate, run_args=(BATCHES,), example_inputs=(X,),
+                 inplace=False)
+        assert torch.equal(logits(model), want)
+    assert hasattr(model.wav2vec2.encoder.pos_conv_embed.conv, "parametrizations")
+
+
+def test_activation_grid_reaches_the_inc_config(tiny_wav2vec2, monkeypatch):
+    config = StableQuantConfig(activation_grid="reduced")
+    assert StableQuantConfig.from_dict(config.to_dict()).activation_grid == "reduced"
+    prepared = prepare(tiny_wav2vec2, config, example_inputs=(X,))
+    assert {m.quant_max for m in input_observers(prepared).values()} == {127}
+    with pytest.raises(ValueError, match="activation_grid must be one of auto, full, reduced"):
+        StableQuantConfig(activation_grid="7bit")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # the policy, not the kernels: see test_x86_isa
+    with pytest.raises(RuntimeError, match="activation_grid='full' needs"):
+        prepare(tiny_wav2vec2, StableQuantConfig(activation_grid="full"), example_inputs=(X,))
+
+
 def test_dict_config_and_per_layer_rules_reach_the_observers(tiny_wav2vec2):
     model = tiny_wav2vec2
     per_layer = {"lm_head": {"method": "percentile", "percentile": 99.0}}
@@ -196,6 +222,11 @@ def test_quantize_ctc_inc_lowers_to_int8_kernels(tiny_wav2vec2):
     x = torch.from_numpy(bundle.processor.feature_extractor(calibration[0].audio, sampling_rate=16000)
                          .input_values[0])[None, :]
     ref = logits(bundle.model, x)
+    if not x86_policy().int32_accumulation:
+        # INC always quantizes activations on 0..255, which oneDNN saturates without VNNI: refused, layer by layer
+        with pytest.raises(IsaError, match=r"INT8 op\(s\) of this graph would be computed wrong .*0\.\.255"):
+            quantize_ctc_inc(bundle, calibration, act_algo="minmax")
+        return
     quantized = quantize_ctc_inc(bundle, calibration, act_algo="minmax")
     assert not quantized.simulated and "onednn-int8" in quantized.backend and "minmax" in quantized.backend
     assert quantized.op_counts == {"linear": N_LINEAR, "conv1d_float": N_CONV1D}

@@ -295,3 +295,58 @@ def test_the_amx_grouped_conv_defect_is_caught_not_run_silently():
     else:
         with pytest.raises(RuntimeError, match="grouped conv1d on AMX"):
             lower_x86(converted, (x,))
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_the_callers_model_is_never_changed(tiny_wav2vec2):
+    """Export folds weight norm on a copy: torch's parametrize shares the Parametrized<Conv1d> class
+    between a model and its deep copies, so folding the copy with remove_parametrizations used to take
+    `weight` away from the caller's positional conv. Train/eval flags are restored too."""
+    model = tiny_wav2vec2.train()
+    conv = model.wav2vec2.encoder.pos_conv_embed.conv
+    cls, before = type(conv), _state(model)
+    x = audio(16000, 0)
+    with torch.no_grad():
+        ref = model.eval()(x).logits
+    model.train()
+    for _ in range(2):  # a second quantization of the same model (what INC autotune does per trial)
+        prepared = prepare_stablequant(model, (x,))
+        calibrate(prepared, [x])
+        convert_pt2e(prepared)
+    assert type(conv) is cls and hasattr(conv, "weight") and hasattr(conv, "parametrizations")
+    assert all(m.training for m in model.modules())
+    after = _state(model)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x).logits, ref)
+
+
+class _SharedReluBlock(torch.nn.Module):
+    """torchvision's BasicBlock shape: one ReLU module called twice and an in-place residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.bn1, self.bn2 = torch.nn.BatchNorm2d(8), torch.nn.BatchNorm2d(8)
+        self.relu = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        identity = x
+        out = self.bn2(self.c2(self.relu(self.bn1(self.c1(x)))))
+        out += identity
+        return self.relu(out)
+
+
+def test_strict_export_is_an_option_and_the_non_strict_error_names_it():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), _SharedReluBlock(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 8 * 8, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="more than one output node.*Fix: pass strict=True"):
+        prepare_stablequant(model, (x,), dynamic_dims={})
+    prepared = prepare_stablequant(model, (x,), dynamic_dims={}, strict=True)
+    calibrate(prepared, [x])
+    _, report = lower_x86(convert_pt2e(prepared), (x,))
+    assert report.qconv == 3 and report.qlinear == 1

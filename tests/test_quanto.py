@@ -12,6 +12,7 @@ pytest.importorskip("optimum.quanto")
 
 from sq_plugin.quanto import count_int8_matmuls, quantize_ctc_quanto  # noqa: E402
 from sq_plugin.speech.models import SpeechModel  # noqa: E402
+from sq_plugin.x86_isa import INT_MM_SATURATES, IsaError, x86_policy  # noqa: E402
 
 N_LINEAR = 2 * 6 + 2  # per layer q,k,v,out,fc1,fc2; + feature projection + lm_head
 N_CONV1D = 7 + 1  # feature extractor + positional conv
@@ -35,6 +36,10 @@ def logits(model, x: torch.Tensor) -> torch.Tensor:
         return model(x).logits
 
 
+INT_MM_EXACT = x86_policy().int32_accumulation
+
+
+@pytest.mark.skipif(not INT_MM_EXACT, reason=f"this CPU has no VNNI: {INT_MM_SATURATES} (the refusal is tested)")
 @pytest.mark.parametrize("model_fixture", ["tiny_wav2vec2", "tiny_hubert"])
 def test_quanto_w8a8_runs_int8_matmuls_on_cpu(model_fixture, request):
     model = request.getfixturevalue(model_fixture)
@@ -55,6 +60,12 @@ def test_quanto_w8a8_runs_int8_matmuls_on_cpu(model_fixture, request):
     # quanto swaps modules in place: the adapter works on a copy, the float model is untouched
     assert torch.equal(logits(model, x), ref)
     assert count_int8_matmuls(model, (x,)) == 0
+
+
+def test_quanto_is_refused_where_cpu_int_mm_saturates(tiny_wav2vec2, monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # the policy only (see tests/test_x86_isa.py)
+    with pytest.raises(IsaError, match=r"optimum-quanto W8A8 .* wrong results on this CPU \(avx2\).*saturates.*Fix"):
+        quantize_ctc_quanto(ctc_bundle(tiny_wav2vec2), utterances(1))
 
 
 def test_quanto_baseline_is_w8a8_only(tiny_wav2vec2):

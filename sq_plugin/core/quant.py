@@ -27,6 +27,19 @@ def quant_bounds(bits: int, *, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+ACTIVATION_GRIDS = ("full", "reduced")
+REDUCED_ACTIVATION_BITS = 7  # the "reduced" grid: at most 0..127 (what x86 CPUs without VNNI compute exactly)
+
+
+def activation_grid_bits(a_bits: int, grid: str) -> int:
+    """The bits of the activation grid that executes: `a_bits` on the "full" grid, at most 7 on the
+    "reduced" one (W8A8 activations on 0..127; 6 bits and fewer are unchanged)."""
+    check_bits(a_bits, name="a_bits")
+    if grid not in ACTIVATION_GRIDS:
+        raise ValueError(f"activation grid must be one of {', '.join(ACTIVATION_GRIDS)} (got {grid!r})")
+    return min(a_bits, REDUCED_ACTIVATION_BITS) if grid == "reduced" else a_bits
+
+
 def check_bits(bits: int, *, name: str = "bits") -> None:
     if not isinstance(bits, int | np.integer) or isinstance(bits, bool) or not 2 <= bits <= 8:
         raise ValueError(f"{name} must be an integer from 2 to 8 (got {bits!r}); use 8 for real INT8 kernels")
