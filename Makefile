@@ -1,7 +1,8 @@
 # Two entry points that work on a fresh machine:
 #   make demo   installs, then quantizes a shipped wav2vec2 reference to real INT8 with StableQuant
 #               ranges and reports FP32 vs INT8 WER on the offline test split
-#   make test   installs, then runs the test suite
+#   make test   installs, then runs the test suite, and the INT8 tests once more as oneDNN runs on an
+#               x86 CPU without VNNI (ONEDNN_MAX_CPU_ISA=AVX2), whatever CPU this is
 # torch is pinned to the local CPU wheel first (2.13.0); pyproject states the supported range.
 
 PYTHON ?= python3
@@ -9,7 +10,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-avx2 test-fast lint clean
 
 install: $(STAMP)
 
@@ -23,8 +24,16 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/python -m sq_plugin.demo
 
+# oneDNN reads ONEDNN_MAX_CPU_ISA once, at process start: the capped run needs its own pytest process.
+INT8_TESTS := tests/test_x86_isa.py tests/test_pt2e.py tests/test_artifact.py tests/test_whisper_int8.py \
+	tests/test_pipeline.py tests/test_inc.py tests/test_quanto.py tests/test_cuda.py tests/test_cli.py
+
 test: install
 	$(BIN)/python -m pytest -q
+	ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -q $(INT8_TESTS)
+
+test-avx2: install
+	ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -q $(INT8_TESTS)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -469,11 +469,14 @@ def check_runs_right_here(converted: torch.fx.GraphModule) -> X86IsaPolicy:
     policy = x86_policy()
     problems = isa_problems(converted, policy)
     if problems:
-        listed = "; ".join(f"{name}: {why}" for name, why in list(problems.items())[:4])
-        more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+        by_reason: dict[str, list[str]] = {}
+        for name, why in problems.items():
+            by_reason.setdefault(why, []).append(name)
+        listed = "; ".join(f"{why}: {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                           for why, names in by_reason.items())
         raise IsaError(
             f"{len(problems)} INT8 op(s) of this graph would be computed wrong by oneDNN on this CPU "
-            f"({policy.kind}{', ONEDNN_MAX_CPU_ISA=' + policy.cap if policy.cap else ''}): {listed}{more}. Fix: "
+            f"({policy.kind}{', ONEDNN_MAX_CPU_ISA=' + policy.cap if policy.cap else ''}): {listed}. Fix: "
             "quantize on this CPU with the default activation_grid='auto' (7-bit activations without VNNI, "
             "grouped conv1d weight-only on AMX), or run the graph on a CPU of the kind it was made for; "
             "an artifact made with 7-bit activations runs right on every x86 CPU.")

@@ -209,3 +209,39 @@ def test_lowered_tiny_wav2vec2_round_trip_is_bit_for_bit(tiny_wav2vec2, tmp_path
     assert report.int8_kernels == 14 + conv1d_counts(8)["conv1d"]  # every Linear and quantized Conv1d
     with torch.no_grad():
         assert torch.equal(reloaded(x).logits, original(x).logits)
+
+
+def test_an_artifact_made_under_another_isa_policy_runs_right_or_is_refused(tmp_path, monkeypatch):
+    """A full-grid artifact (made where VNNI sums in int32) is refused by lower_x86 on a CPU without VNNI,
+    naming the fix; a reduced-grid artifact lowers everywhere and equals its fake-quant graph."""
+    from transformers import HubertForCTC
+
+    from sq_plugin.pt2e import stablequant_x86_quantizer
+    from sq_plugin.x86_isa import IsaError
+    from tests.conftest import tiny_ctc_config
+
+    torch.manual_seed(0)
+    model = HubertForCTC(tiny_ctc_config("hubert", stable=True)).eval()
+    x = audio(8000, 0)
+    paths = {}
+    for grid in ("full", "reduced"):
+        if grid == "full" and not x86_policy().int32_accumulation:
+            monkeypatch.setattr("sq_plugin.x86_isa.detect_kind", lambda flags=None, cap=None: "vnni")  # made "there"
+        prepared = prepare_stablequant(model, (x,), stablequant_x86_quantizer(activation_grid=grid))
+        calibrate(prepared, [x])
+        paths[grid] = save(convert_pt2e(prepared), tmp_path / f"{grid}.sqa", example_inputs=(x,),
+                           metadata={"model": grid})
+        monkeypatch.undo()
+    full, meta = load(paths["full"])
+    assert meta["x86_isa"]["activation_grid_bits"] == 8
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # the policy of a CPU without VNNI (kernels unchanged)
+    with pytest.raises(IsaError, match=r"22 INT8 op\(s\) .*0\.\.255.*conv_layers.0.conv.*and 19 more.*"
+                                       r"an artifact made with 7-bit activations runs"):
+        lower_x86(full, (x,))
+    monkeypatch.undo()
+    reduced, meta = load(paths["reduced"])
+    assert meta["x86_isa"]["activation_grid_bits"] == 7
+    compiled, _ = lower_x86(reduced, (x,))
+    with torch.no_grad():
+        want = reduced(x).logits
+        assert float((compiled(x).logits - want).norm() / want.norm()) < 0.02
