@@ -4,7 +4,11 @@ Importing the package imports no optional framework: `sq_plugin.pt2e` needs torc
 needs Intel Neural Compressor (`pip install sq-plugin[inc]`).
 """
 
+from sq_plugin import framework_logs
+
 __version__ = "0.1.0"
+# Before any framework import through sq_plugin: drop the frameworks' known-harmless import messages.
+framework_logs.install()
 
 
 def __getattr__(name: str):  # lazy: `import sq_plugin` must not import torchao
