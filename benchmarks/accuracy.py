@@ -32,7 +32,7 @@ from common import RESULTS, atomic_write, device_name
 
 from sq_plugin.recipe import parse_recipe
 from sq_plugin.runner import run_recipe
-from sq_plugin.x86_isa import resolve_activation_grid, x86_policy
+from sq_plugin.x86_isa import GRID_CHOICES, resolve_int8_grid, x86_policy
 
 ALL_METHODS = ("fp", "stablequant", "max", "moving_average", "histogram", "percentile", "mse",
                "inc_minmax", "inc_kl", "quanto_absmax")
@@ -140,8 +140,8 @@ def main() -> None:
     parser.add_argument("--float-fallback", action="store_true",
                         help="StableQuant option (not in the paper): flagged layers may stay float")
     parser.add_argument("--keep-float", default="", help="StableQuant option: comma list of layer globs kept float")
-    parser.add_argument("--activation-grid", default="auto", choices=("auto", "full", "reduced"),
-                        help="the recipe's activation_grid: auto = 7-bit activations on x86 without VNNI")
+    parser.add_argument("--int8-grid", default="auto", choices=GRID_CHOICES,
+                        help="the recipe's int8_grid: auto = 7-bit weights on x86 without VNNI, else full")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="accuracy", help="results name; use another for ablations (e.g. "
                         "accuracy_ablation) so that accuracy.json keeps the default method's rows")
@@ -169,7 +169,7 @@ def main() -> None:
         "calibration": {"dataset": "corpus-dev", "size": args.calib},
         "evaluation": {"dataset": "corpus-test", "size": args.eval},
         "methods": methods, "bits": args.bits.split(","), "backend": "x86", "threads": args.threads,
-        "activation_grid": args.activation_grid,
+        "int8_grid": args.int8_grid,
         "method_options": {"stablequant": {"metric": args.metric, "threshold": args.threshold,
                                             "float_fallback": args.float_fallback,
                                             "keep_float": [g for g in args.keep_float.split(",") if g]}},
@@ -203,9 +203,9 @@ def main() -> None:
         "runs": [*old.get("runs", []), {
             "command": command, "output_dir": str(run.output_dir), "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
-            # The CPU kind, and the activation grid the run used (sq_plugin.x86_isa): AMX keeps the grouped
-            # positional conv weight-only, x86 without VNNI runs 7-bit activations.
-            "x86_isa": x86_policy().to_dict(), "activation_grid": resolve_activation_grid(args.activation_grid),
+            # The CPU kind, and the INT8 grid the run used (sq_plugin.x86_isa): AMX keeps the grouped
+            # positional conv weight-only, x86 without VNNI narrows one side to 7 bits.
+            "x86_isa": x86_policy().to_dict(), "int8_grid": resolve_int8_grid(args.int8_grid),
             "cpu": device_name(), "threads": args.threads,
             "peak_rss_mb": run.peak_rss_mb, "seconds": run.seconds, "skipped": run.skipped}],
     }

@@ -10,7 +10,7 @@ Layout (one directory, written to a temporary sibling and moved into place with 
 
     metadata.json        format/version, model name + config, FP architecture fingerprint, per-layer
                          qparams (input scale/zero point/range, weight scale keys), op counts, the
-                         x86 ISA policy it was made under and its activation grid, the caller's
+                         x86 ISA policy it was made under and its grids, the caller's
                          metadata (recipe ...), torch/torchao versions, size + sha256 of the two
                          files below
     weights.safetensors  every tensor the graph reads: INT8 weights, per-channel scales/zero points,
@@ -290,7 +290,7 @@ def save(converted: torch.fx.GraphModule, path: str | os.PathLike, *, example_in
     for k in narrowed:
         tensors[k] = tensors[k].to(torch.int8)
 
-    from sq_plugin.pt2e import activation_grid_bits, count_quantized_ops
+    from sq_plugin.pt2e import count_quantized_ops, graph_grid_bits
     from sq_plugin.x86_isa import x86_policy
 
     fp_fingerprint = architecture_fingerprint(fp_model) if fp_model is not None else None
@@ -307,10 +307,11 @@ def save(converted: torch.fx.GraphModule, path: str | os.PathLike, *, example_in
         "op_counts": count_quantized_ops(converted),
         "layers": layer_qparams(converted),
         "int64_stored_as_int8": narrowed,
-        # The CPU kind it was made on and the activation grid in the graph. A graph on the reduced (7-bit)
-        # grid runs right on every x86 CPU; `lower_x86` refuses, naming the fix, one that this CPU's oneDNN
-        # would compute wrong (the full grid without VNNI, an INT8 grouped conv on AMX).
-        "x86_isa": {**x86_policy().to_dict(), "activation_grid_bits": activation_grid_bits(converted)},
+        # The CPU kind it was made on and the grids in the graph. One with 7-bit weights or activations runs
+        # right on every x86 CPU; `lower_x86` refuses, naming the fix, one that this CPU's oneDNN would
+        # compute wrong (W8A8 on the full grids without VNNI, an INT8 grouped conv on AMX).
+        "x86_isa": {**x86_policy().to_dict(), **dict(zip(("weight_bits", "activation_bits"),
+                                                            graph_grid_bits(converted), strict=True))},
         "versions": _versions(),
         "user": _jsonable({k: v for k, v in metadata.items() if k != "model_config"}),  # config stored once
         "files": {},

@@ -62,7 +62,8 @@ class StableQuantConfig(TorchBaseConfig):
     method, percentile, mse_grid: the global activation `RangeRule` (defaults: `RangeRule()`).
     per_layer: module name -> RangeRule, its dict ({"method", "percentile", "mse_grid"}, missing keys
     taken from the global rule) or None (keep that layer float). `SearchResult.per_layer_rules()` fits.
-    activation_grid: "auto" (this CPU's x86 policy: 7-bit activations without VNNI), "full", "reduced".
+    int8_grid: "auto" (this CPU's x86 policy: 7-bit weights without VNNI), "full", "narrow_weights",
+    "narrow_activations" (`sq_plugin.x86_isa`).
     Stored as plain dicts so the config round-trips through `to_dict`/`from_dict`/JSON.
     """
 
@@ -71,15 +72,15 @@ class StableQuantConfig(TorchBaseConfig):
 
     def __init__(self, w_bits: int = 8, a_bits: int = 8, method: str = RangeRule.method,
                  percentile: float = RangeRule.percentile, mse_grid: int = RangeRule.mse_grid,
-                 per_layer: PerLayerRules | None = None, activation_grid: str = "auto",
+                 per_layer: PerLayerRules | None = None, int8_grid: str = "auto",
                  white_list: Any = DEFAULT_WHITE_LIST, **kwargs: Any) -> None:
         unknown = set(kwargs) - _INC_INTERNAL_KWARGS
         if unknown:
             raise TypeError(f"StableQuantConfig got unknown parameter(s) {sorted(unknown)}; valid: "
-                            "w_bits, a_bits, method, percentile, mse_grid, per_layer, activation_grid")
-        if activation_grid not in GRID_CHOICES:
-            raise ValueError(f"StableQuantConfig: activation_grid must be one of {', '.join(GRID_CHOICES)} "
-                             f"(got {activation_grid!r})")
+                            "w_bits, a_bits, method, percentile, mse_grid, per_layer, int8_grid")
+        if int8_grid not in GRID_CHOICES:
+            raise ValueError(f"StableQuantConfig: int8_grid must be one of {', '.join(GRID_CHOICES)} "
+                             f"(got {int8_grid!r})")
         # white_list=None means "leaf config" to INC's _post_init, which re-creates the class with it:
         # pass it through unchanged (mapping None back to the default recurses forever).
         super().__init__(white_list=white_list)
@@ -92,7 +93,7 @@ class StableQuantConfig(TorchBaseConfig):
         self.percentile = rule.percentile
         self.mse_grid = rule.mse_grid
         self.per_layer = _per_layer_dicts(per_layer, rule)
-        self.activation_grid = activation_grid
+        self.int8_grid = int8_grid
         self._post_init()
 
     @property
@@ -136,11 +137,11 @@ def stablequant_quantizer_from_config(config: StableQuantConfig) -> Any:
     """The `StableQuantX86Quantizer` that `quantize_ctc_pt2e` builds for the same settings."""
     from sq_plugin.pt2e import stablequant_x86_config, stablequant_x86_quantizer
 
-    grid = config.activation_grid
+    grid = config.int8_grid
     global_config = stablequant_x86_config(config.act_rule, a_bits=config.a_bits, w_bits=config.w_bits,
-                                           activation_grid=grid)
+                                           int8_grid=grid)
     return stablequant_x86_quantizer(global_config, config.per_layer_rules(), a_bits=config.a_bits,
-                                     w_bits=config.w_bits, activation_grid=grid)
+                                     w_bits=config.w_bits, int8_grid=grid)
 
 
 class StableQuantINCQuantizer(Quantizer):

@@ -159,11 +159,12 @@ def finish_converted(bundle: SpeechModel, converted: Any, example: tuple, calib_
     counts = count_quantized_ops(converted)
     info = {**bundle.info, "model_config": getattr(bundle.model, "config", bundle.info.get("model_config"))}
     if not lower:
-        from sq_plugin.pt2e import activation_grid_bits
+        from sq_plugin.pt2e import graph_grid_bits
 
         quantized = dataclasses.replace(bundle, model=converted, info=info)
-        bits = activation_grid_bits(converted)
-        grid = f", {bits}-bit activations" if bits is not None else ""
+        grid = "".join(f", {bits}-bit {what}" for bits, what in zip(graph_grid_bits(converted),
+                                                                    ("weights", "activations"), strict=True)
+                       if bits is not None)
         backend = " ".join(filter(None, (label, f"pt2e fake-quant simulation (float q/dq{grid})")))
         return QuantizedModel(quantized, backend, True, counts, 0, calib_seconds, 0.0, converted)
     start = time.perf_counter()
@@ -177,14 +178,15 @@ def finish_converted(bundle: SpeechModel, converted: Any, example: tuple, calib_
 
 def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_rule: RangeRule | None = None,
                       per_layer: dict[str, RangeRule] | None = None, observer: Any = None, a_bits: int = 8,
-                      w_bits: int = 8, lower: bool | None = None, activation_grid: str = "auto",
+                      w_bits: int = 8, lower: bool | None = None, int8_grid: str = "auto",
                       strict: bool = False) -> QuantizedModel:
     """PT2E quantize a CTC model: export, prepare (StableQuant observers, or `observer` for a
     baseline), calibrate one utterance at a time, convert, and (8-bit) lower to oneDNN INT8 kernels.
 
     lower: default True for W8A8, False below 8 bits, where the converted q/dq graph is run as a
     fake-quant simulation (labelled `simulated=True`).
-    activation_grid: "auto" (this CPU's x86 policy: 7-bit activations without VNNI), "full", "reduced".
+    int8_grid: "auto" (this CPU's x86 policy: 7-bit weights without VNNI), "full", "narrow_weights",
+    "narrow_activations" (`sq_plugin.x86_isa`).
     strict: export in strict mode (see `export_for_quantization`).
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
@@ -197,12 +199,12 @@ def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_ru
     model = bundle.model.eval()
     example = ctc_inputs(bundle, calibration[0].audio)
     start = time.perf_counter()
-    config = stablequant_x86_config(act_rule, a_bits=a_bits, w_bits=w_bits, activation_grid=activation_grid)
+    config = stablequant_x86_config(act_rule, a_bits=a_bits, w_bits=w_bits, int8_grid=int8_grid)
     if observer is not None:  # a baseline: the same specs with another activation observer
         act = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=observer)
         config = dataclasses.replace(config, input_activation=act, output_activation=act)
     quantizer = stablequant_x86_quantizer(config, per_layer, a_bits=a_bits, w_bits=w_bits,
-                                          activation_grid=activation_grid)
+                                          int8_grid=int8_grid)
     prepared = prepare_stablequant(model, example, quantizer, strict=strict)
     calibrate(prepared, (ctc_inputs(bundle, u.audio) for u in calibration))
     converted = convert_pt2e(prepared)

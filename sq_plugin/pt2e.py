@@ -180,22 +180,22 @@ class MSEObserver(StableQuantObserver):
 
 def stablequant_x86_config(act_rule: RangeRule | None = None, weight_rule: RangeRule | None = None, *,
                            a_bits: int = 8, w_bits: int = 8, bins: int = DEFAULT_BINS,
-                           activation_grid: str = "auto") -> QuantizationConfig:
+                           int8_grid: str = "auto") -> QuantizationConfig:
     """A `QuantizationConfig` for `X86InductorQuantizer` with StableQuant observers.
 
-    Activations: unsigned per-tensor affine on [0, 2**a_bits - 1] (what oneDNN's qlinear/qconv take),
-    or on [0, 127] at 8 bits where this CPU's policy reduces the grid (`sq_plugin.x86_isa`: no VNNI).
-    activation_grid: "auto" (the policy's choice), "full" (refused without VNNI), "reduced".
+    Activations: unsigned per-tensor affine on [0, 2**a_bits - 1] (what oneDNN's qlinear/qconv take).
     Weights: signed per-output-channel symmetric on [-2**(w_bits-1), 2**(w_bits-1) - 1].
+    int8_grid: "auto" (this CPU's policy, `sq_plugin.x86_isa`: W8A8 in full with VNNI, 7-bit weights
+    without), "full" (refused without VNNI), "narrow_weights", "narrow_activations" (7-bit at 8 bits).
     Bits below 8 keep int8 storage with a narrower grid: real INT8 kernels computing a W6A6/W4A4 grid.
     """
     check_bits(a_bits, name="a_bits")
     check_bits(w_bits, name="w_bits")
-    act_qmax = x86_policy(activation_grid).activation_qmax(a_bits)
+    w_bits, a_bits = x86_policy(int8_grid).grid_bits(w_bits, a_bits)  # the grids that will execute
     act_rule = act_rule or StableQuantObserver.default_rule
     weight_rule = weight_rule or StableQuantPerChannelObserver.default_rule
     act = QuantizationSpec(
-        dtype=torch.uint8, quant_min=0, quant_max=act_qmax, qscheme=torch.per_tensor_affine,
+        dtype=torch.uint8, quant_min=0, quant_max=2**a_bits - 1, qscheme=torch.per_tensor_affine,
         is_dynamic=False, observer_or_fake_quant_ctr=StableQuantObserver.with_args(rule=act_rule, bins=bins),
     )
     weight = QuantizationSpec(
@@ -264,20 +264,18 @@ class StableQuantX86Quantizer(X86InductorQuantizer):
 
 def stablequant_x86_quantizer(config: QuantizationConfig | None = None,
                               per_layer: dict[str, QuantizationConfig | RangeRule | None] | None = None, *,
-                              a_bits: int = 8, w_bits: int = 8, activation_grid: str = "auto"
-                              ) -> StableQuantX86Quantizer:
+                              a_bits: int = 8, w_bits: int = 8, int8_grid: str = "auto") -> StableQuantX86Quantizer:
     """The quantizer with a global config and per-module overrides.
 
     `per_layer` maps a module name (e.g. "wav2vec2.feature_extractor.conv_layers.2.conv") to a full
     `QuantizationConfig`, to a `RangeRule` for that layer's input activation, or to None (keep float).
-    activation_grid: see `stablequant_x86_config`.
+    int8_grid: see `stablequant_x86_config`.
     """
     quantizer = StableQuantX86Quantizer().set_global(
-        config or stablequant_x86_config(a_bits=a_bits, w_bits=w_bits, activation_grid=activation_grid))
+        config or stablequant_x86_config(a_bits=a_bits, w_bits=w_bits, int8_grid=int8_grid))
     for name, override in (per_layer or {}).items():
         if isinstance(override, RangeRule):
-            override = stablequant_x86_config(act_rule=override, a_bits=a_bits, w_bits=w_bits,
-                                              activation_grid=activation_grid)
+            override = stablequant_x86_config(act_rule=override, a_bits=a_bits, w_bits=w_bits, int8_grid=int8_grid)
         quantizer.set_module_name_qconfig(name, override)
     return quantizer  # type: ignore[return-value]
 
@@ -422,20 +420,27 @@ class LoweringReport:
     def int8_kernels(self) -> int:
         return self.qlinear + self.qconv
 
-    isa: str = ""  # the ISA policy it was lowered under, e.g. "avx2: 7-bit activations"
+    isa: str = ""  # the ISA policy and grids it was lowered under, e.g. "avx2: 7-bit weights, 8-bit activations"
 
     @property
     def backend(self) -> str:
         return f"x86-onednn-int8 ({self.isa})" if self.isa else "x86-onednn-int8"
 
 
-def activation_grid_bits(converted: torch.fx.GraphModule) -> int | None:
-    """The widest activation grid of the INT8 ops in a converted graph, in bits (None: no quantized input)."""
+def graph_grid_bits(converted: torch.fx.GraphModule) -> tuple[int | None, int | None]:
+    """(weight bits, activation bits) of the widest grids of the INT8 ops in a converted graph (None:
+    nothing quantized on that side)."""
     from sq_plugin.artifact import layer_qparams
 
-    widths = [entry["input"]["quant_max"] - entry["input"]["quant_min"] + 1
-              for entry in layer_qparams(converted).values() if entry["input"] is not None]
-    return int(round(math.log2(max(widths)))) if widths else None
+    weights, activations = [], []
+    for entry in layer_qparams(converted).values():
+        if entry["input"] is not None and entry["weight"] is not None:
+            activations.append(entry["input"]["quant_max"] - entry["input"]["quant_min"] + 1)
+            w = entry["weight"]
+            if w["quant_min"] is not None and w["quant_max"] is not None:
+                weights.append(w["quant_max"] - w["quant_min"] + 1)
+    return (int(round(math.log2(max(weights)))) if weights else None,
+            int(round(math.log2(max(activations)))) if activations else None)
 
 
 def isa_problems(converted: torch.fx.GraphModule, policy: X86IsaPolicy | None = None) -> dict[str, str]:
@@ -477,9 +482,9 @@ def check_runs_right_here(converted: torch.fx.GraphModule) -> X86IsaPolicy:
         raise IsaError(
             f"{len(problems)} INT8 op(s) of this graph would be computed wrong by oneDNN on this CPU "
             f"({policy.kind}{', ONEDNN_MAX_CPU_ISA=' + policy.cap if policy.cap else ''}): {listed}. Fix: "
-            "quantize on this CPU with the default activation_grid='auto' (7-bit activations without VNNI, "
+            "quantize on this CPU with the default int8_grid='auto' (7-bit weights without VNNI, "
             "grouped conv1d weight-only on AMX), or run the graph on a CPU of the kind it was made for; "
-            "an artifact made with 7-bit activations runs right on every x86 CPU.")
+            "an artifact made with 7-bit weights or 7-bit activations runs right on every x86 CPU.")
     return policy
 
 
@@ -514,7 +519,7 @@ MAX_KERNEL_ERROR = 0.1
 # The known ways oneDNN computes something else than the q/dq graph, and the fix of each.
 KNOWN_KERNEL_DEFECTS = (
     "(1) AVX2/AVX512 without VNNI: u8 x s8 products are summed in int16 pairs, which saturate on the full "
-    "0..255 activation grid (fix: quantize with activation_grid='auto' or 'reduced', 7-bit activations; "
+    "W8A8 grids (fix: quantize with int8_grid='auto', 7-bit weights there, or 'narrow_activations'; "
     "sq_plugin.x86_isa detects it, but a CPU or ONEDNN_MAX_CPU_ISA cap it does not know may slip through); "
     "(2) AMX: grouped INT8 conv1d is wrong in torch 2.13 (fix: StableQuantX86Quantizer keeps it weight-only "
     "by default, or set ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI before starting Python)"
@@ -632,5 +637,5 @@ def lower_x86(converted: torch.fx.GraphModule, example_inputs: tuple, *,
     module = Int8Module(converted, quantized if require_int8 else 0, cpp_wrapper=cpp_wrapper)
     module(*example_inputs)
     report = LoweringReport({k: int(v) for k, v in counters["inductor"].items() if k.startswith(("qlinear", "qconv"))},
-                            isa=policy.describe(activation_grid_bits(converted)))
+                            isa=policy.describe(*graph_grid_bits(converted)))
     return module, report

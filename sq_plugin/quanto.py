@@ -53,7 +53,7 @@ def _check_int_mm_is_exact() -> None:
     if is_x86() and not policy.int32_accumulation:
         raise IsaError(f"the optimum-quanto W8A8 baseline would compute wrong results on this CPU ({policy.kind}): "
                        f"{INT_MM_SATURATES}. Fix: run it on a CPU with VNNI or AMX, or compare against the "
-                       "PT2E baselines (max, histogram, ...), which use 7-bit activations here.")
+                       "PT2E baselines (max, histogram, ...), which use 7-bit weights here.")
 
 
 def quantize_quanto(model: torch.nn.Module, batches: Iterable[tuple | torch.Tensor], *, a_bits: int = 8,

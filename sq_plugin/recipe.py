@@ -11,7 +11,8 @@
       mse: {mse_grid: 100}
     bits: [w8a8, w6a6]                 # or [{w: 8, a: 8}, ...]
     backend: x86                       # x86: real INT8 kernels for W8A8, fake-quant below; simulate: fake-quant always
-    activation_grid: auto              # auto: 7-bit activations on x86 without VNNI, else full; full; reduced
+    int8_grid: auto                    # auto: 7-bit weights on x86 without VNNI, else full; full;
+                                       # narrow_weights; narrow_activations (sq_plugin.x86_isa)
     output_dir: runs/recipes
     threads: 2                         # optional; torch intra-op threads
 
@@ -37,7 +38,7 @@ CALIBRATION_DATASETS: tuple[str, ...] = ("corpus-dev", "librispeech-validation.c
 EVALUATION_DATASETS: tuple[str, ...] = ("corpus-test", "librispeech-test.clean")
 BACKENDS: tuple[str, ...] = ("x86", "simulate")
 # = sq_plugin.x86_isa.GRID_CHOICES (not imported: it pulls in torch; tests/test_recipe.py checks they agree).
-ACTIVATION_GRIDS: tuple[str, ...] = ("auto", "full", "reduced")
+INT8_GRIDS: tuple[str, ...] = ("auto", "full", "narrow_weights", "narrow_activations")
 # Split sizes of the offline corpus (CorpusConfig defaults; tests/test_recipe.py checks they agree).
 # Not imported from sq_plugin.speech.corpus: that pulls in scipy and makes `validate` slow.
 CORPUS_SIZES: dict[str, int] = {"corpus-dev": 300, "corpus-test": 600}
@@ -213,9 +214,8 @@ class Recipe(_Strict):
     method_options: MethodOptions = MethodOptions()
     bits: tuple[BitsItem, ...] = (Bits(w=8, a=8),)
     backend: Annotated[str, BeforeValidator(lambda v: _choice(v, BACKENDS, "backend"))] = "x86"
-    # The activation grid every method is calibrated, searched and run on (sq_plugin.x86_isa).
-    activation_grid: Annotated[str, BeforeValidator(
-        lambda v: _choice(v, ACTIVATION_GRIDS, "activation_grid"))] = "auto"
+    # The INT8 grids every method is calibrated, searched and run on (sq_plugin.x86_isa).
+    int8_grid: Annotated[str, BeforeValidator(lambda v: _choice(v, INT8_GRIDS, "int8_grid"))] = "auto"
     output_dir: str = "runs/recipes"
     threads: int | None = Field(default=None, ge=1)
 

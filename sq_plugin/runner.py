@@ -122,12 +122,13 @@ def _isa_errors(recipe: Recipe) -> list[str]:
     if not is_x86():
         return ["backend: 'x86' runs oneDNN INT8 kernels on an x86-64 CPU; this machine is not one: use "
                 "backend: simulate (fake-quant, labelled as such)"]
-    if recipe.activation_grid != "full" or all(bits.a < 8 for bits in recipe.bits):
+    if recipe.int8_grid != "full":
         return []
     try:
-        x86_policy("full")
+        for bits in recipe.bits:
+            x86_policy("full").grid_bits(bits.w, bits.a)
     except IsaError as exc:
-        return [f"activation_grid: 'full': {exc}"]
+        return [f"int8_grid: 'full': {exc}"]
     return []
 
 
@@ -213,10 +214,10 @@ def _unsupported(method: str, w_bits: int, a_bits: int, recipe: Recipe) -> str |
     """Why a framework baseline cannot run at these bits, on this grid and CPU (None: it can)."""
     if method in ("inc_minmax", "inc_kl") and (w_bits, a_bits) != (8, 8):
         return "INC 3.10 static quant is int8-only (its observers use the full 8-bit grid)"
-    if method in ("inc_minmax", "inc_kl") and _activation_grid(recipe) == "reduced":
-        return ("INC 3.10 static quant always uses the full 0..255 activation grid, which cannot run on the reduced "
-                "grid this recipe uses (activation_grid, or an x86 CPU without VNNI whose oneDNN kernels saturate "
-                "on it); run it on a VNNI/AMX CPU with activation_grid: auto or full")
+    if method in ("inc_minmax", "inc_kl") and _int8_grid(recipe) != "full":
+        return ("INC 3.10 static quant always uses the full W8A8 grids (-128..127 weights, 0..255 activations), "
+                "not the narrowed grid this recipe runs (int8_grid, or an x86 CPU without VNNI whose oneDNN kernels "
+                "saturate on the full grids); run it on a VNNI/AMX CPU with int8_grid: auto or full")
     if method == "quanto_absmax" and (w_bits, a_bits) != (8, 8):
         return "optimum-quanto quantizes activations to int8 or float8 only"
     if method == "quanto_absmax":
@@ -234,7 +235,7 @@ def _search(bundle: Any, calibration: Sequence[Any], recipe: Recipe, w_bits: int
     opts = recipe.method_options.stablequant
     config = SearchConfig(w_bits=w_bits, a_bits=a_bits, threshold=opts.threshold, percentiles=tuple(opts.percentiles),
                           mse_grid=opts.mse_grid, float_fallback=opts.float_fallback,
-                          keep_float=tuple(opts.keep_float), activation_grid=_activation_grid(recipe))
+                          keep_float=tuple(opts.keep_float), int8_grid=_int8_grid(recipe))
     if bundle.kind == "whisper":
         from sq_plugin.whisper import search_whisper
 
@@ -248,13 +249,13 @@ def _quantize(bundle: Any, method: str, recipe: Recipe, calibration: Sequence[An
               lower: bool | None, per_layer: dict[str, Any] | None) -> Any:
     """One quantized model (a `QuantizedModel`) for `method` at these bits."""
     kwargs: dict[str, Any] = {"per_layer": per_layer} if method == "stablequant" else {}
-    grid = _activation_grid(recipe)
+    grid = _int8_grid(recipe)
     if bundle.kind == "whisper":
         from sq_plugin.whisper import quantize_whisper_simulated
 
         if method != "stablequant":
             kwargs = _quantize_kwargs(method, recipe)
-        return quantize_whisper_simulated(bundle, calibration, a_bits=a_bits, w_bits=w_bits, activation_grid=grid,
+        return quantize_whisper_simulated(bundle, calibration, a_bits=a_bits, w_bits=w_bits, int8_grid=grid,
                                           **kwargs)
     if method in ("inc_minmax", "inc_kl"):
         from sq_plugin.inc import quantize_ctc_inc
@@ -269,15 +270,15 @@ def _quantize(bundle: Any, method: str, recipe: Recipe, calibration: Sequence[An
 
     if method != "stablequant":
         kwargs = _quantize_kwargs(method, recipe)
-    return quantize_ctc_pt2e(bundle, calibration, a_bits=a_bits, w_bits=w_bits, lower=lower, activation_grid=grid,
+    return quantize_ctc_pt2e(bundle, calibration, a_bits=a_bits, w_bits=w_bits, lower=lower, int8_grid=grid,
                              **kwargs)
 
 
-def _activation_grid(recipe: Recipe) -> str:
-    """The recipe's grid, "auto" resolved for this CPU ("reduced" without VNNI)."""
-    from sq_plugin.x86_isa import resolve_activation_grid
+def _int8_grid(recipe: Recipe) -> str:
+    """The recipe's grid, "auto" resolved for this CPU ("narrow_weights" without VNNI)."""
+    from sq_plugin.x86_isa import resolve_int8_grid
 
-    return resolve_activation_grid(recipe.activation_grid)
+    return resolve_int8_grid(recipe.int8_grid)
 
 
 def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluation: Sequence[Any],
@@ -426,10 +427,10 @@ def write_outputs(run: RunResult) -> Path:
 
 
 def _isa_record(recipe: Recipe) -> dict[str, Any]:
-    """The CPU policy and the activation grid the run used (sq_plugin.x86_isa)."""
+    """The CPU policy and the INT8 grid the run used (sq_plugin.x86_isa)."""
     from sq_plugin.x86_isa import x86_policy
 
-    return {**x86_policy().to_dict(), "activation_grid": _activation_grid(recipe)}
+    return {**x86_policy().to_dict(), "int8_grid": _int8_grid(recipe)}
 
 
 def _slug(text: str) -> str:
@@ -508,8 +509,9 @@ def _report_md(run: RunResult, plots: Sequence[str]) -> str:
         f"{n_eval} utterances of {r.evaluation.dataset}; backend `{r.backend}`; "
         f"peak RSS {run.peak_rss_mb:.0f} MiB; total {run.seconds:.0f} s.",
         "",
-        f"CPU: x86 kind `{_isa_record(r)['kind']}`; activation grid `{_activation_grid(r)}` (recipe: "
-        f"`{r.activation_grid}`; `reduced` = 7-bit activations at W8A8, what oneDNN computes exactly without VNNI).",
+        f"CPU: x86 kind `{_isa_record(r)['kind']}`; INT8 grid `{_int8_grid(r)}` (recipe: `{r.int8_grid}`; "
+        "`narrow_weights` / `narrow_activations` = 7-bit weights / activations at W8A8, what oneDNN computes "
+        "exactly without VNNI).",
         "",
         "ΔWER/ΔCER are in percentage points vs FP32 on the same utterances (batch size 1). "
         "**simulated** = fake-quant q/dq run in float (below 8 bits, or backend `simulate`); "

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sq_plugin.core.quant import activation_grid_bits, check_bits
+from sq_plugin.core.quant import check_bits, grid_bits
 from sq_plugin.core.ranges import RangeRule, check_percentile, compute_range
 from sq_plugin.core.stats import DEFAULT_BINS, Histogram
 from sq_plugin.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
 from sq_plugin.simulate import LayerQuant, observe_inputs, quantizable_layers, simulate, strip_weight_norm
-from sq_plugin.x86_isa import resolve_activation_grid
+from sq_plugin.x86_isa import resolve_int8_grid
 
 DEFAULT_PERCENTILES = (100.0, 99.99, 99.9, 99.8, 99.5, 99.0)
 
@@ -53,9 +53,9 @@ class SearchConfig:
         channel, so keeping it float costs almost nothing in speed or size).
     keep_float: layer names or fnmatch patterns (e.g. "*.conv_layers.0.conv") that stay float and
         are left out of the search: mixed precision chosen by the user, as INC's fp32 fallback is.
-    activation_grid: the activation grid the search scores, which must be the one that will execute:
-        "auto" (resolved at construction to this CPU's x86 policy: "reduced", 7-bit activations, on
-        x86 without VNNI, else "full"), "full" or "reduced". `act_grid_bits` is its width in bits.
+    int8_grid: the grids the search scores, which must be the ones that will execute: "auto" (resolved
+        at construction to this CPU's x86 policy: "narrow_weights", 7-bit weights, on x86 without VNNI,
+        else "full"), "full", "narrow_weights" or "narrow_activations". `grid_bits` gives their widths.
     """
 
     w_bits: int = 8
@@ -66,13 +66,13 @@ class SearchConfig:
     bins: int = DEFAULT_BINS
     float_fallback: bool = False
     keep_float: tuple[str, ...] = ()
-    activation_grid: str = "auto"
+    int8_grid: str = "auto"
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, name="w_bits")
         check_bits(self.a_bits, name="a_bits")
         # Resolved once, so that the result records the grid that was scored.
-        object.__setattr__(self, "activation_grid", resolve_activation_grid(self.activation_grid))
+        object.__setattr__(self, "int8_grid", resolve_int8_grid(self.int8_grid))
         if not (isinstance(self.threshold, int | float) and math.isfinite(self.threshold) and self.threshold >= 0):
             raise ValueError(f"threshold must be a finite number >= 0 (got {self.threshold!r}); the paper uses "
                              "0.0025 (0.25 % absolute WER)")
@@ -82,8 +82,9 @@ class SearchConfig:
             check_percentile(p)
 
     @property
-    def act_grid_bits(self) -> int:
-        return activation_grid_bits(self.a_bits, self.activation_grid)
+    def grid_bits(self) -> tuple[int, int]:
+        """(weight bits, activation bits) of the grids that will execute."""
+        return grid_bits(self.w_bits, self.a_bits, self.int8_grid)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -216,13 +217,15 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
         cache = PrefixCache.for_model(model, names, statistics, blocks=blocks, budget_mb=cache_budget_mb)
     seconds["statistics"] = time.perf_counter() - start
 
+    w_grid_bits, a_grid_bits = config.grid_bits
+
     def act_range(name: str, rule: RangeRule) -> tuple[float, float]:
-        lo, hi = compute_range(hists[name], rule, bits=config.act_grid_bits, symmetric=False, signed=False,
+        lo, hi = compute_range(hists[name], rule, bits=a_grid_bits, symmetric=False, signed=False,
                                name=f"{name} (input)")
         return float(lo[0]), float(hi[0])
 
     def quant(name: str, rng: tuple[float, float]) -> LayerQuant:
-        return LayerQuant(act_range=rng, a_bits=config.act_grid_bits, w_bits=config.w_bits)
+        return LayerQuant(act_range=rng, a_bits=a_grid_bits, w_bits=w_grid_bits)
 
     max_ranges = {n: act_range(n, RangeRule("max")) for n in names}
 

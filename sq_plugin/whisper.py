@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from sq_plugin.core.quant import activation_grid_bits, quant_bounds
+from sq_plugin.core.quant import grid_bits, quant_bounds
 from sq_plugin.core.ranges import RangeRule, compute_range
 from sq_plugin.pipeline import QuantizedModel
 from sq_plugin.prefix_cache import DEFAULT_BUDGET_MB
@@ -43,7 +43,7 @@ from sq_plugin.simulate import LayerQuant, apply_fake_quant, observer_ranges, qu
 from sq_plugin.speech.audio import SAMPLE_RATE
 from sq_plugin.speech.evaluate import evaluate, transcribe
 from sq_plugin.speech.models import SpeechModel
-from sq_plugin.x86_isa import resolve_activation_grid
+from sq_plugin.x86_isa import resolve_int8_grid
 
 TEACHER_FORCED_METRICS = ("tf_loss", "tf_token_error")
 WHISPER_METRICS = ("wer", "cer", *TEACHER_FORCED_METRICS)
@@ -151,15 +151,16 @@ def search_whisper(bundle: SpeechModel, calibration: Sequence[Any], config: Sear
 def quantize_whisper_simulated(bundle: SpeechModel, calibration: Sequence[Any], *, act_rule: RangeRule | None = None,
                                per_layer: dict[str, RangeRule | None] | None = None, observer: Any = None,
                                a_bits: int = 8, w_bits: int = 8, bins: int | None = None,
-                               activation_grid: str = "auto") -> QuantizedModel:
+                               int8_grid: str = "auto") -> QuantizedModel:
     """A fake-quantized copy of a Whisper model (every Conv1d and Linear): weights per output channel,
     symmetric MinMax; input activations per tensor with ranges from `per_layer` rules (StableQuant),
     one `act_rule` (default MAX), or a torchao `observer` constructor (a baseline such as
     `HistogramObserver.with_args(eps=2**-12)`), calibrated teacher-forced on `calibration`.
-    activation_grid: "auto" simulates the grid this CPU's x86 INT8 kernels run (7-bit activations
-    without VNNI, `sq_plugin.x86_isa`), or "full" / "reduced"."""
+    int8_grid: "auto" simulates the grids this CPU's x86 INT8 kernels run (7-bit weights without VNNI,
+    `sq_plugin.x86_isa`), or "full" / "narrow_weights" / "narrow_activations"."""
     _require_whisper(bundle)
-    nominal_a_bits, a_bits = a_bits, activation_grid_bits(a_bits, resolve_activation_grid(activation_grid))
+    nominal = (w_bits, a_bits)
+    w_bits, a_bits = grid_bits(w_bits, a_bits, resolve_int8_grid(int8_grid))  # the grids that will execute
     start = time.perf_counter()
     model = strip_weight_norm(copy.deepcopy(bundle.model)).eval()
     modules = quantizable_layers(model)
@@ -192,7 +193,9 @@ def quantize_whisper_simulated(bundle: SpeechModel, calibration: Sequence[Any], 
               "fake_quant_conv1d": sum(isinstance(modules[n], torch.nn.Conv1d) for n in ranges)}
     if len(ranges) < len(modules):
         counts["float"] = len(modules) - len(ranges)
-    backend = SIMULATED_BACKEND if a_bits == nominal_a_bits else f"{SIMULATED_BACKEND}, {a_bits}-bit activations"
+    narrowed = [f"{bits}-bit {what}" for bits, was, what in zip((w_bits, a_bits), nominal, ("weights", "activations"),
+                                                                strict=True) if bits != was]
+    backend = ", ".join([SIMULATED_BACKEND, *narrowed])
     return QuantizedModel(quantized, backend, True, counts, 0, calib_seconds, 0.0, None)
 
 

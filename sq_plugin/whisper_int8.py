@@ -233,14 +233,14 @@ class QuantizedWhisper:
 
 def quantize_whisper_int8(bundle: Any, calibration_features: Sequence[torch.Tensor], *, quantizer: Any = None,
                           lower: bool = True, max_new_tokens: int | None = None,
-                          activation_grid: str = "auto") -> QuantizedWhisper:
+                          int8_grid: str = "auto") -> QuantizedWhisper:
     """PT2E-quantize Whisper's encoder(+cross K/V) and decoder step, calibrate them by greedy-decoding
     `calibration_features` (each [1, 80, 3000]) through the observed graphs, convert, and (lower=True)
     compile both to oneDNN INT8 kernels with `lower_x86` (which refuses to run them in float).
 
     quantizer: a PT2E quantizer (default `stablequant_x86_quantizer()`: StableQuant's percentile+MSE
-    activation ranges, per-channel symmetric weights, on `activation_grid`: "auto" = 7-bit activations on
-    x86 without VNNI, where oneDNN saturates the full grid; see `sq_plugin.x86_isa`).
+    activation ranges, per-channel symmetric weights, on `int8_grid`: "auto" = 7-bit weights on x86
+    without VNNI, where oneDNN saturates the full W8A8 grids; see `sq_plugin.x86_isa`).
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
@@ -251,7 +251,7 @@ def quantize_whisper_int8(bundle: Any, calibration_features: Sequence[torch.Tens
                          "[1, 80, 3000]); got none")
     whisper = bundle.model.eval()
     settings = GreedySettings.from_model(whisper, max_new_tokens)
-    quantizer = quantizer or stablequant_x86_quantizer(activation_grid=activation_grid)
+    quantizer = quantizer or stablequant_x86_quantizer(int8_grid=int8_grid)
     started = time.perf_counter()
     graphs = _float_graphs(whisper)
     example = calibration_features[0]

@@ -3,15 +3,19 @@
 oneDNN picks its INT8 kernels by the CPU's instruction set, and two of those choices compute
 something other than the q/dq graph they lower (../shared/reference/turn2-facts.md §1):
 
-| kind          | u8 x s8 products summed in   | full 0..255 activations  | grouped INT8 conv |
-|---------------|------------------------------|--------------------------|-------------------|
-| avx2 / avx512 | int16 pairs (`vpmaddubsw`)   | saturate: use 0..127     | right             |
-| vnni          | int32 (`vpdpbusd`)           | right                    | right             |
-| amx           | int32 (tile `tdpbusd`)       | right                    | wrong (torch 2.13)|
+| kind          | u8 x s8 products summed in   | W8A8 on the full grids     | grouped INT8 conv |
+|---------------|------------------------------|----------------------------|-------------------|
+| avx2 / avx512 | int16 pairs (`vpmaddubsw`)   | saturates: narrow one side | right             |
+| vnni          | int32 (`vpdpbusd`)           | right                      | right             |
+| amx           | int32 (tile `tdpbusd`)       | right                      | wrong (torch 2.13)|
 
-Without VNNI the sum of two products must fit in int16: 2 * 255 * 128 = 65280 does not, 2 * 127 * 128
-= 32512 does, so 7-bit activations (0..127) are exact on every kind. `X86IsaPolicy` holds that table
-for the CPU this process runs on; the quantizer configs, the search's scoring grid, the lowering check,
+Without VNNI the sum of two products must fit in int16: 2 * 255 * 128 = 65280 does not. Either
+operand narrowed to 7 bits fits: 7-bit weights (-64..63) with 0..255 activations give 2 * 255 * 64 =
+32640, 7-bit activations (0..127) with -128..127 weights 2 * 127 * 128 = 32512. Both are exact on every
+kind; the default there narrows the *weights*, because per-channel weights lose far less than a
+per-tensor activation grid (wav2vec2-ref, 600 test utterances, W8A8 MSE ranges: +0.37 pp WER with
+7-bit weights, +3.33 pp with 7-bit activations; BENCHMARKS.md). `X86IsaPolicy` holds that table for
+the CPU this process runs on; the quantizer configs, the search's scoring grid, the lowering check,
 the artifact metadata and the report all read it from here.
 
 The kind is what oneDNN will use: the CPU's flags (/proc/cpuinfo), capped by `ONEDNN_MAX_CPU_ISA`
@@ -29,15 +33,15 @@ import platform
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from sq_plugin.core.quant import ACTIVATION_GRIDS, activation_grid_bits
+from sq_plugin.core.quant import INT8_GRIDS, grid_bits
 
-ActivationGrid = Literal["full", "reduced"]
-GRID_CHOICES = ("auto", *ACTIVATION_GRIDS)
+Int8Grid = Literal["full", "narrow_weights", "narrow_activations"]
+GRID_CHOICES = ("auto", *INT8_GRIDS)
 KINDS = ("avx2", "avx512", "vnni", "amx")
-INT16_MAX = 32767  # without VNNI, 2 * act_qmax * weight_absmax must fit: 2 * 127 * 128 does, 2 * 255 * 128 not
+INT16_MAX = 32767  # without VNNI, 2 * act_qmax * weight_absmax must fit: 2 * 255 * 64 does, 2 * 255 * 128 not
 
 # ONEDNN_MAX_CPU_ISA values (oneDNN's names) -> the kernels they allow: (AVX512, AVX512-VNNI, AVX-VNNI, AMX).
-# An unknown value is taken as allowing no VNNI: the reduced grid is right on every kind.
+# An unknown value is taken as allowing no VNNI: a narrowed grid is right on every kind.
 _CAPS: dict[str, tuple[bool, bool, bool, bool]] = {
     "SSE41": (False, False, False, False), "AVX": (False, False, False, False), "AVX2": (False, False, False, False),
     "AVX2_VNNI": (False, False, True, False), "AVX2_VNNI_2": (False, False, True, False),
@@ -62,45 +66,47 @@ class IsaError(RuntimeError):
 
 @dataclass(frozen=True)
 class X86IsaPolicy:
-    """What oneDNN's INT8 kernels get right on one kind of x86 CPU, and the grid chosen for it.
+    """What oneDNN's INT8 kernels get right on one kind of x86 CPU, and the grids chosen for it.
 
     kind: "avx2" (no AVX512, no VNNI), "avx512" (AVX512 without VNNI), "vnni" (AVX512-VNNI or
         AVX-VNNI), "amx" (Xeon with AMX tiles).
-    activation_grid: "full" (0..2**a_bits-1) or "reduced" (at most 0..127). "full" is only allowed
-        where products are summed in int32 (vnni, amx).
+    int8_grid: "full" (W8A8 on -128..127 / 0..255), "narrow_weights" (weights on -64..63 at 8 bits) or
+        "narrow_activations" (activations on 0..127 at 8 bits). "full" at W8A8 is refused by `grid_bits`
+        where products are summed in int16 pairs (avx2, avx512).
     grouped_conv_int8: whether a grouped conv1d may run on INT8 kernels (False on AMX: wrong results).
     cap: the ONEDNN_MAX_CPU_ISA value in force, if any.
     """
 
     kind: str
-    activation_grid: ActivationGrid
+    int8_grid: Int8Grid
     grouped_conv_int8: bool
     cap: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown x86 ISA kind {self.kind!r}; one of {', '.join(KINDS)}")
-        if self.activation_grid not in ("full", "reduced"):
-            raise ValueError(f"activation_grid must be 'full' or 'reduced' (got {self.activation_grid!r})")
-        if self.activation_grid == "full" and not self.int32_accumulation:
-            raise IsaError(_full_grid_refused(self.kind, self.cap))
+        if self.int8_grid not in INT8_GRIDS:
+            raise ValueError(f"int8_grid must be one of {', '.join(INT8_GRIDS)} (got {self.int8_grid!r})")
 
     @property
     def int32_accumulation(self) -> bool:
         """Whether u8 x s8 products are summed in int32 (VNNI/AMX) rather than in int16 pairs."""
         return self.kind in ("vnni", "amx")
 
-    def activation_bits(self, a_bits: int) -> int:
-        """The bits of the activation grid that executes for a nominal `a_bits` (7 at most when reduced)."""
-        return activation_grid_bits(a_bits, self.activation_grid)
+    def grid_bits(self, w_bits: int, a_bits: int) -> tuple[int, int]:
+        """(weight bits, activation bits) of the grids that execute for nominal `w_bits`/`a_bits`.
+        Raises `IsaError`, naming the fix, for "full" grids that this CPU's kernels would saturate."""
+        w, a = grid_bits(w_bits, a_bits, self.int8_grid)
+        if self.op_problem("linear", 2**a - 1, 2 ** (w - 1)) is not None:
+            raise IsaError(_full_grid_refused(self.kind, self.cap))
+        return w, a
 
-    def activation_qmax(self, a_bits: int) -> int:
-        return 2 ** self.activation_bits(a_bits) - 1
-
-    def describe(self, activation_bits: int | None) -> str:
-        """e.g. "avx2: 7-bit activations", "amx: 8-bit activations, grouped conv1d float"; the bits
-        are those of the grid that runs (`activation_bits(a_bits)`, or read off a graph)."""
-        text = self.kind if activation_bits is None else f"{self.kind}: {activation_bits}-bit activations"
+    def describe(self, w_bits: int | None, a_bits: int | None) -> str:
+        """e.g. "avx2: 7-bit weights, 8-bit activations", "amx: 8-bit weights, 8-bit activations, grouped
+        conv1d float"; the bits are those of the grids that run (`grid_bits`, or read off a graph)."""
+        widths = [f"{bits}-bit {what}" for bits, what in ((w_bits, "weights"), (a_bits, "activations"))
+                  if bits is not None]
+        text = f"{self.kind}: {', '.join(widths)}" if widths else self.kind
         return text if self.grouped_conv_int8 else text + ", grouped conv1d float"
 
     def op_problem(self, op: str, act_qmax: int, weight_absmax: int, groups: int = 1) -> str | None:
@@ -119,10 +125,11 @@ class X86IsaPolicy:
 
 def _full_grid_refused(kind: str, cap: str | None) -> str:
     why = f" (ONEDNN_MAX_CPU_ISA={cap} caps it there)" if cap else ""
-    return (f"activation_grid='full' needs a CPU whose INT8 kernels sum in int32 (AVX512-VNNI, AVX-VNNI or AMX); "
-            f"this one runs oneDNN as {kind}{why}, where u8 x s8 products are summed in int16 pairs and the full "
-            "0..255 grid saturates. Fix: use activation_grid='auto' or 'reduced' (7-bit activations, exact here), "
-            "or quantize and run on a VNNI/AMX CPU" + (" (unset ONEDNN_MAX_CPU_ISA)." if cap else "."))
+    return (f"int8_grid='full' needs a CPU whose INT8 kernels sum in int32 (AVX512-VNNI, AVX-VNNI or AMX); this one "
+            f"runs oneDNN as {kind}{why}, where u8 x s8 products are summed in int16 pairs and W8A8 on the full "
+            "grids saturates. Fix: use int8_grid='auto' or 'narrow_weights' (7-bit weights, exact here), "
+            "or 'narrow_activations', or quantize and run on a VNNI/AMX CPU"
+            + (" (unset ONEDNN_MAX_CPU_ISA)." if cap else "."))
 
 
 def is_x86() -> bool:
@@ -178,25 +185,26 @@ def detect_kind(flags: frozenset[str] | None = None, cap: str | None = None) -> 
 
 
 @functools.cache
-def _policy(kind: str, activation_grid: str, cap: str | None) -> X86IsaPolicy:
-    grid = ("full" if kind in ("vnni", "amx") else "reduced") if activation_grid == "auto" else activation_grid
-    return X86IsaPolicy(kind=kind, activation_grid=grid, grouped_conv_int8=kind != "amx",  # type: ignore[arg-type]
-                        cap=cap)
+def _policy(kind: str, int8_grid: str, cap: str | None) -> X86IsaPolicy:
+    auto = "full" if kind in ("vnni", "amx") else "narrow_weights"
+    grid = auto if int8_grid == "auto" else int8_grid
+    return X86IsaPolicy(kind=kind, int8_grid=grid, grouped_conv_int8=kind != "amx", cap=cap)  # type: ignore[arg-type]
 
 
-def resolve_activation_grid(activation_grid: str) -> ActivationGrid:
-    """"auto" -> this CPU's grid ("full" with VNNI/AMX, "reduced" without); "full"/"reduced" as given."""
-    if activation_grid not in GRID_CHOICES:
-        raise ValueError(f"activation_grid must be one of {', '.join(GRID_CHOICES)} (got {activation_grid!r})")
-    if activation_grid == "auto":
-        return x86_policy().activation_grid
-    return activation_grid  # type: ignore[return-value]
+def resolve_int8_grid(int8_grid: str) -> Int8Grid:
+    """"auto" -> this CPU's grid ("full" with VNNI/AMX, "narrow_weights" without); others as given."""
+    if int8_grid not in GRID_CHOICES:
+        raise ValueError(f"int8_grid must be one of {', '.join(GRID_CHOICES)} (got {int8_grid!r})")
+    if int8_grid == "auto":
+        return x86_policy().int8_grid
+    return int8_grid  # type: ignore[return-value]
 
 
-def x86_policy(activation_grid: str = "auto") -> X86IsaPolicy:
-    """The policy for this process's CPU. activation_grid: "auto" (full where VNNI/AMX sum in int32,
-    reduced elsewhere), "full" (refused with `IsaError` without VNNI) or "reduced" (right everywhere)."""
-    if activation_grid not in GRID_CHOICES:
-        raise ValueError(f"activation_grid must be one of {', '.join(GRID_CHOICES)} (got {activation_grid!r})")
+def x86_policy(int8_grid: str = "auto") -> X86IsaPolicy:
+    """The policy for this process's CPU. int8_grid: "auto" (full where VNNI/AMX sum in int32,
+    narrow_weights elsewhere), "full" (refused with `IsaError` without VNNI), "narrow_weights" or
+    "narrow_activations" (right everywhere)."""
+    if int8_grid not in GRID_CHOICES:
+        raise ValueError(f"int8_grid must be one of {', '.join(GRID_CHOICES)} (got {int8_grid!r})")
     cap = onednn_cap()
-    return _policy(detect_kind(cap=cap), activation_grid, cap)
+    return _policy(detect_kind(cap=cap), int8_grid, cap)

@@ -80,11 +80,13 @@ def test_metadata_records_model_qparams_versions_and_recipe(hubert_artifact):
     assert set(meta["versions"]) >= {"torch", "torchao"}
     layer = meta["layers"]["hubert.encoder.layers.0.attention.q_proj"]
     lo, hi = layer["input"]["range"]
-    # 0..255 where oneDNN sums in int32 (VNNI/AMX), 0..127 without VNNI (sq_plugin.x86_isa)
+    # weights on -128..127 where oneDNN sums in int32 (VNNI/AMX), on -64..63 without VNNI (sq_plugin.x86_isa)
     policy = x86_policy()
-    assert lo < 0 < hi and layer["input"]["quant_max"] == (255 if policy.int32_accumulation else 127)
+    assert lo < 0 < hi and layer["input"]["quant_max"] == 255
+    assert layer["weight"]["quant_min"] == (-128 if policy.int32_accumulation else -64)
     assert meta["x86_isa"]["kind"] == policy.kind
-    assert meta["x86_isa"]["activation_grid_bits"] == (8 if policy.int32_accumulation else 7)
+    assert meta["x86_isa"]["weight_bits"] == (8 if policy.int32_accumulation else 7)
+    assert meta["x86_isa"]["activation_bits"] == 8
     # Every quantized layer's INT8 weight is stored, as int8, in the safetensors file.
 
     tensors = load_file(str(path / WEIGHTS_FILE))
@@ -213,7 +215,7 @@ def test_lowered_tiny_wav2vec2_round_trip_is_bit_for_bit(tiny_wav2vec2, tmp_path
 
 def test_an_artifact_made_under_another_isa_policy_runs_right_or_is_refused(tmp_path, monkeypatch):
     """A full-grid artifact (made where VNNI sums in int32) is refused by lower_x86 on a CPU without VNNI,
-    naming the fix; a reduced-grid artifact lowers everywhere and equals its fake-quant graph."""
+    naming the fix; narrowed-grid artifacts lower everywhere and equal their fake-quant graphs."""
     from transformers import HubertForCTC
 
     from sq_plugin.pt2e import stablequant_x86_quantizer
@@ -224,24 +226,25 @@ def test_an_artifact_made_under_another_isa_policy_runs_right_or_is_refused(tmp_
     model = HubertForCTC(tiny_ctc_config("hubert", stable=True)).eval()
     x = audio(8000, 0)
     paths = {}
-    for grid in ("full", "reduced"):
+    for grid in ("full", "narrow_weights", "narrow_activations"):
         if grid == "full" and not x86_policy().int32_accumulation:
             monkeypatch.setattr("sq_plugin.x86_isa.detect_kind", lambda flags=None, cap=None: "vnni")  # made "there"
-        prepared = prepare_stablequant(model, (x,), stablequant_x86_quantizer(activation_grid=grid))
+        prepared = prepare_stablequant(model, (x,), stablequant_x86_quantizer(int8_grid=grid))
         calibrate(prepared, [x])
         paths[grid] = save(convert_pt2e(prepared), tmp_path / f"{grid}.sqa", example_inputs=(x,),
                            metadata={"model": grid})
         monkeypatch.undo()
     full, meta = load(paths["full"])
-    assert meta["x86_isa"]["activation_grid_bits"] == 8
+    assert (meta["x86_isa"]["weight_bits"], meta["x86_isa"]["activation_bits"]) == (8, 8)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # the policy of a CPU without VNNI (kernels unchanged)
     with pytest.raises(IsaError, match=r"22 INT8 op\(s\) .*0\.\.255.*conv_layers.0.conv.*and 19 more.*"
-                                       r"an artifact made with 7-bit activations runs"):
+                                       r"an artifact made with 7-bit weights or 7-bit activations runs"):
         lower_x86(full, (x,))
     monkeypatch.undo()
-    reduced, meta = load(paths["reduced"])
-    assert meta["x86_isa"]["activation_grid_bits"] == 7
-    compiled, _ = lower_x86(reduced, (x,))
-    with torch.no_grad():
-        want = reduced(x).logits
-        assert float((compiled(x).logits - want).norm() / want.norm()) < 0.02
+    for grid, bits in (("narrow_weights", (7, 8)), ("narrow_activations", (8, 7))):
+        narrowed, meta = load(paths[grid])
+        assert (meta["x86_isa"]["weight_bits"], meta["x86_isa"]["activation_bits"]) == bits
+        compiled, _ = lower_x86(narrowed, (x,))
+        with torch.no_grad():
+            want = narrowed(x).logits
+            assert float((compiled(x).logits - want).norm() / want.norm()) < 0.02

@@ -154,16 +154,16 @@ def test_inc_quantize_not_inplace_leaves_the_users_model_working(tiny_wav2vec2):
     assert hasattr(model.wav2vec2.encoder.pos_conv_embed.conv, "parametrizations")
 
 
-def test_activation_grid_reaches_the_inc_config(tiny_wav2vec2, monkeypatch):
-    config = StableQuantConfig(activation_grid="reduced")
-    assert StableQuantConfig.from_dict(config.to_dict()).activation_grid == "reduced"
+def test_int8_grid_reaches_the_inc_config(tiny_wav2vec2, monkeypatch):
+    config = StableQuantConfig(int8_grid="narrow_activations")
+    assert StableQuantConfig.from_dict(config.to_dict()).int8_grid == "narrow_activations"
     prepared = prepare(tiny_wav2vec2, config, example_inputs=(X,))
     assert {m.quant_max for m in input_observers(prepared).values()} == {127}
-    with pytest.raises(ValueError, match="activation_grid must be one of auto, full, reduced"):
-        StableQuantConfig(activation_grid="7bit")
+    with pytest.raises(ValueError, match="int8_grid must be one of auto, full, narrow_weights, narrow_activations"):
+        StableQuantConfig(int8_grid="7bit")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # the policy, not the kernels: see test_x86_isa
-    with pytest.raises(RuntimeError, match="activation_grid='full' needs"):
-        prepare(tiny_wav2vec2, StableQuantConfig(activation_grid="full"), example_inputs=(X,))
+    with pytest.raises(RuntimeError, match="int8_grid='full' needs"):
+        prepare(tiny_wav2vec2, StableQuantConfig(int8_grid="full"), example_inputs=(X,))
 
 
 def test_dict_config_and_per_layer_rules_reach_the_observers(tiny_wav2vec2):

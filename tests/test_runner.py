@@ -51,8 +51,8 @@ def install_fakes(monkeypatch, *, wer_of=lambda bundle: 0.1 if not bundle.quanti
         return EvalResult(wer=wer, cer=wer / 2, n=len(us), utterances=us, seconds=0.01)
 
     def fake_quantize(bundle, calibration, *, act_rule=None, per_layer=None, observer=None, a_bits=8, w_bits=8,
-                      lower=None, activation_grid="auto"):
-        assert activation_grid in ("full", "reduced")  # the runner resolves "auto" for this CPU
+                      lower=None, int8_grid="auto"):
+        assert int8_grid in ("full", "narrow_weights", "narrow_activations")  # the runner resolves "auto"
         real = lower if lower is not None else (a_bits == 8 and w_bits == 8)
         return pipeline.QuantizedModel(FakeBundle(bundle.name, quantized="yes"), "x86-onednn-int8" if real else
                                        "pt2e fake-quant simulation", not real, {"linear": 4}, 4 if real else 0,
@@ -184,17 +184,17 @@ def test_full_grid_baselines_are_skipped_with_the_reason_where_they_would_satura
     result = runner.run_recipe(make_recipe(tmp_path, methods=["fp", "inc_minmax", "quanto_absmax"]), progress=False)
     assert [r["method"] for r in result.rows] == ["fp"]
     reasons = {(s["method"], s["bits"]): s["reason"] for s in result.skipped}
-    assert "full 0..255 activation grid" in reasons[("inc_minmax", "w8a8")]
+    assert "always uses the full W8A8 grids" in reasons[("inc_minmax", "w8a8")]
     assert "torch._int_mm" in reasons[("quanto_absmax", "w8a8")]
     payload = json.loads((result.output_dir / "results.json").read_text())
-    assert payload["x86_isa"]["kind"] == "avx2" and payload["x86_isa"]["activation_grid"] == "reduced"
-    assert "activation grid `reduced`" in (result.output_dir / "report.md").read_text()
+    assert payload["x86_isa"]["kind"] == "avx2" and payload["x86_isa"]["int8_grid"] == "narrow_weights"
+    assert "INT8 grid `narrow_weights`" in (result.output_dir / "report.md").read_text()
 
 
 def test_full_grid_recipe_is_refused_before_loading_anything_without_vnni(tmp_path, monkeypatch):
     fake_cpu(monkeypatch, "avx2")
-    recipe = make_recipe(tmp_path, methods=["fp", "max"]).model_copy(update={"activation_grid": "full"})
-    with pytest.raises(RecipeError, match="activation_grid: 'full': activation_grid='full' needs"):
+    recipe = make_recipe(tmp_path, methods=["fp", "max"]).model_copy(update={"int8_grid": "full"})
+    with pytest.raises(RecipeError, match="int8_grid: 'full': int8_grid='full' needs"):
         runner.check_runnable(recipe)
     runner.check_runnable(recipe.model_copy(update={"backend": "simulate"}))  # a simulation may use it
 
@@ -234,8 +234,8 @@ def test_whisper_runs_every_method_as_a_labelled_simulation(tmp_path, monkeypatc
         return EvalResult(wer=0.3, cer=0.1, n=len(us), utterances=us, seconds=0.01)
 
     def fake_quantize(bundle, calibration, *, act_rule=None, per_layer=None, observer=None, a_bits=8, w_bits=8,
-                      activation_grid="auto"):
-        assert activation_grid in ("full", "reduced")
+                      int8_grid="auto"):
+        assert int8_grid in ("full", "narrow_weights", "narrow_activations")
         seen.append((per_layer is not None, act_rule is not None, observer is not None, a_bits))
         return pipeline.QuantizedModel(FakeBundle(bundle.name, quantized="yes"), whisper.SIMULATED_BACKEND, True,
                                        {"fake_quant_linear": 4}, 0, 0.5, 0.0)

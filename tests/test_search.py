@@ -130,8 +130,8 @@ def test_float_fallback_keeps_a_layer_float_only_where_no_cut_off_saves_it():
     def relative_error():
         return float((model(data) - reference).norm() / reference.norm() * 100)
 
-    # The case is built for the full 8-bit grid (with 7-bit activations fc3 needs float too)
-    config = SearchConfig(threshold=2.0, float_fallback=True, activation_grid="full")
+    # The case is built for the full 8-bit grids (with a 7-bit side fc3 may need float too)
+    config = SearchConfig(threshold=2.0, float_fallback=True, int8_grid="full")
     result = stablequant_search(model, lambda: model(data), relative_error, config, progress=False)
     fc2 = next(d for d in result.layers if d.name == "fc2")
     assert result.flagged == ["fc2"] and result.float_layers == ["fc2"] and fc2.keep_float

@@ -100,8 +100,8 @@ def test_simulated_whisper_quantizes_every_layer_and_leaves_the_original_alone(t
     before = teacher_forced_scores(model, teacher_forced_batches(tiny_whisper, utterances))
     q8 = quantize_whisper_simulated(tiny_whisper, utterances, a_bits=8, w_bits=8)
     q4 = quantize_whisper_simulated(tiny_whisper, utterances, a_bits=4, w_bits=4)
-    # the grid this CPU's x86 kernels run: 7-bit activations without VNNI (sq_plugin.x86_isa)
-    grid = "" if x86_policy().int32_accumulation else ", 7-bit activations"
+    # the grids this CPU's x86 kernels run: 7-bit weights without VNNI (sq_plugin.x86_isa)
+    grid = "" if x86_policy().int32_accumulation else ", 7-bit weights"
     assert q8.simulated and q8.backend == SIMULATED_BACKEND + grid and q8.int8_kernels == 0
     n = len(quantizable_layers(model))
     assert q8.op_counts["fake_quant_linear"] + q8.op_counts["fake_quant_conv1d"] == n

@@ -19,6 +19,7 @@ from sq_plugin.pt2e import (
     Int8Module,
     calibrate,
     count_quantized_ops,
+    graph_grid_bits,
     isa_problems,
     lower_x86,
     prepare_stablequant,
@@ -44,39 +45,42 @@ SAPPHIRE_RAPIDS = GENOA | {"amx_tile", "amx_int8", "amx_bf16"}
     (GENOA, "AVX2_VNNI", "avx2"),  # measured: Genoa has no AVX-VNNI, so oneDNN falls to plain AVX2 and saturates
     (ALDER_LAKE, "AVX512_CORE_VNNI", "avx2"),  # no AVX512 there: the cap leaves no VNNI kernel
     (AVX2_EPYC, "ALL", "avx2"),  # a cap never raises the ISA above the hardware
-    (GENOA, "SOMETHING_NEW", "avx2"),  # unknown cap: assume the least (the reduced grid is right everywhere)
+    (GENOA, "SOMETHING_NEW", "avx2"),  # unknown cap: assume the least (a narrowed grid is right everywhere)
 ])
 def test_kind_is_the_hardware_capped_by_onednn_max_cpu_isa(flags, cap, kind):
     assert detect_kind(flags, cap) == kind
 
 
-@pytest.mark.parametrize(("kind", "grid", "bits", "grouped"), [
-    ("avx2", "reduced", 7, True), ("avx512", "reduced", 7, True), ("vnni", "full", 8, True), ("amx", "full", 8, False)])
-def test_auto_grid_per_kind(kind, grid, bits, grouped, monkeypatch):
+@pytest.mark.parametrize(("kind", "grid", "w_bits", "grouped"), [
+    ("avx2", "narrow_weights", 7, True), ("avx512", "narrow_weights", 7, True), ("vnni", "full", 8, True),
+    ("amx", "full", 8, False)])
+def test_auto_grid_per_kind(kind, grid, w_bits, grouped, monkeypatch):
     flags = {"avx2": AVX2_EPYC, "avx512": GENOA, "vnni": GENOA, "amx": SAPPHIRE_RAPIDS}[kind]
     monkeypatch.setattr(x86_isa, "cpu_flags", lambda: flags)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE" if kind == "avx512" else "ALL")
     policy = x86_policy()
-    assert (policy.kind, policy.activation_grid, policy.grouped_conv_int8) == (kind, grid, grouped)
-    assert policy.activation_bits(8) == bits and policy.activation_qmax(8) == 2**bits - 1
-    assert policy.activation_bits(6) == 6  # narrower grids fit already
-    assert policy.describe(bits).startswith(f"{kind}: {bits}-bit activations")
+    assert (policy.kind, policy.int8_grid, policy.grouped_conv_int8) == (kind, grid, grouped)
+    assert policy.grid_bits(8, 8) == (w_bits, 8)
+    assert policy.grid_bits(6, 6) == (6, 6)  # narrower grids fit already
+    assert policy.describe(w_bits, 8).startswith(f"{kind}: {w_bits}-bit weights, 8-bit activations")
+    assert x86_policy("narrow_activations").grid_bits(8, 8) == (8, 7)
 
 
 def test_full_grid_without_vnni_is_refused_naming_the_fix(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    with pytest.raises(IsaError, match=r"activation_grid='full' needs .*VNNI.*ONEDNN_MAX_CPU_ISA=AVX2.*"
-                                       r"Fix: use activation_grid='auto' or 'reduced'"):
-        x86_policy("full")
-    with pytest.raises(IsaError, match="activation_grid='full'"):
-        stablequant_x86_config(activation_grid="full")
-    assert x86_policy("reduced").activation_qmax(8) == 127
-    with pytest.raises(ValueError, match="activation_grid must be one of auto, full, reduced"):
+    with pytest.raises(IsaError, match=r"int8_grid='full' needs .*VNNI.*ONEDNN_MAX_CPU_ISA=AVX2.*"
+                                       r"Fix: use int8_grid='auto' or 'narrow_weights'"):
+        x86_policy("full").grid_bits(8, 8)
+    with pytest.raises(IsaError, match="int8_grid='full'"):
+        stablequant_x86_config(int8_grid="full")
+    assert x86_policy("full").grid_bits(6, 6) == (6, 6)  # W6A6 on its full grids fits int16 sums
+    assert x86_policy("narrow_weights").grid_bits(8, 8) == (7, 8)
+    with pytest.raises(ValueError, match="int8_grid must be one of auto, full, narrow_weights, narrow_activations"):
         x86_policy("half")
 
 
 def test_op_table_bounds_the_int16_pair_sum():
-    avx2 = X86IsaPolicy("avx2", "reduced", True)
+    avx2 = X86IsaPolicy("avx2", "narrow_weights", True)
     assert "saturate" in avx2.op_problem("linear", 255, 128)
     assert avx2.op_problem("linear", 127, 128) is None  # 2*127*128 = 32512 fits int16
     assert avx2.op_problem("linear", 255, 64) is None  # 7-bit weights with full activations fit too
@@ -89,10 +93,11 @@ def test_op_table_bounds_the_int16_pair_sum():
 def test_search_scores_the_grid_that_will_execute(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     config = SearchConfig()
-    assert config.activation_grid == "reduced" and config.act_grid_bits == 7
-    assert config.to_dict()["activation_grid"] == "reduced"  # recorded resolved, not "auto"
-    assert SearchConfig(a_bits=6).act_grid_bits == 6
-    assert SearchConfig(activation_grid="full").act_grid_bits == 8  # a simulation may ask for it
+    assert config.int8_grid == "narrow_weights" and config.grid_bits == (7, 8)
+    assert config.to_dict()["int8_grid"] == "narrow_weights"  # recorded resolved, not "auto"
+    assert SearchConfig(w_bits=6, a_bits=6).grid_bits == (6, 6)
+    assert SearchConfig(int8_grid="narrow_activations").grid_bits == (8, 7)
+    assert SearchConfig(int8_grid="full").grid_bits == (8, 8)  # a simulation may score it
 
 
 def _mlp_graph(quantizer):
@@ -106,7 +111,7 @@ def _mlp_graph(quantizer):
 
 def test_torchao_default_full_grid_graph_is_refused_without_vnni(monkeypatch):
     converted, x = _mlp_graph(X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config()))
-    assert set(isa_problems(converted, X86IsaPolicy("avx2", "reduced", True))) == {"0", "2"}
+    assert set(isa_problems(converted, X86IsaPolicy("avx2", "narrow_weights", True))) == {"0", "2"}
     assert isa_problems(converted, X86IsaPolicy("vnni", "full", True)) == {}
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     with pytest.raises(IsaError, match=r"2 INT8 op\(s\) .* wrong .*avx2.*0\.\.255.*Fix: quantize on this CPU"):
@@ -131,7 +136,7 @@ def test_policy_grid_runs_exactly_on_this_cpu():
     compiled, report = lower_x86(converted, (x,))
     policy = x86_policy()
     assert report.qlinear == 2
-    assert report.backend == f"x86-onednn-int8 ({policy.describe(policy.activation_bits(8))})"
+    assert report.backend == f"x86-onednn-int8 ({policy.describe(*policy.grid_bits(8, 8))})"
     with torch.no_grad():
         assert _relative_error(compiled(x), converted(x)) < 1e-4
 
@@ -152,7 +157,7 @@ def test_kernel_check_message_names_every_known_case():
     with pytest.raises(RuntimeError) as info:
         module(x)
     message = str(info.value)
-    assert "without VNNI" in message and "activation_grid='auto' or 'reduced'" in message
+    assert "without VNNI" in message and "int8_grid='auto'" in message
     assert "AMX: grouped INT8 conv1d" in message and "ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI" in message
 
 
@@ -161,6 +166,9 @@ def test_prepare_stablequant_follows_the_policy_grid(tiny_hubert, monkeypatch):
     x = torch.randn(1, 8000) * 0.1
     prepared = prepare_stablequant(tiny_hubert, (x,))
     calibrate(prepared, [x])
-    quant_max = {n.args[4] for n in convert_pt2e(prepared).graph.nodes
-                 if n.op == "call_function" and "quantize_per_tensor" in str(n.target)}
-    assert quant_max == {127}
+    converted = convert_pt2e(prepared)
+    assert graph_grid_bits(converted) == (7, 8)
+    assert isa_problems(converted) == {}
+    weight_ranges = {(n.args[4], n.args[5]) for n in converted.graph.nodes
+                     if n.op == "call_function" and "dequantize_per_channel" in str(n.target)}
+    assert weight_ranges == {(-64, 63)}

@@ -27,17 +27,23 @@ def quant_bounds(bits: int, *, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-ACTIVATION_GRIDS = ("full", "reduced")
-REDUCED_ACTIVATION_BITS = 7  # the "reduced" grid: at most 0..127 (what x86 CPUs without VNNI compute exactly)
+INT8_GRIDS = ("full", "narrow_weights", "narrow_activations")
+NARROW_BITS = 7  # a narrowed operand: weights on -64..63, or activations on 0..127
 
 
-def activation_grid_bits(a_bits: int, grid: str) -> int:
-    """The bits of the activation grid that executes: `a_bits` on the "full" grid, at most 7 on the
-    "reduced" one (W8A8 activations on 0..127; 6 bits and fewer are unchanged)."""
+def grid_bits(w_bits: int, a_bits: int, grid: str) -> tuple[int, int]:
+    """(weight bits, activation bits) of the grids that execute for nominal `w_bits`/`a_bits`:
+    "full" keeps both; "narrow_weights" caps the weights at 7 bits, "narrow_activations" the
+    activations (what x86 CPUs without VNNI compute exactly at W8A8; 6 bits and fewer are unchanged)."""
+    check_bits(w_bits, name="w_bits")
     check_bits(a_bits, name="a_bits")
-    if grid not in ACTIVATION_GRIDS:
-        raise ValueError(f"activation grid must be one of {', '.join(ACTIVATION_GRIDS)} (got {grid!r})")
-    return min(a_bits, REDUCED_ACTIVATION_BITS) if grid == "reduced" else a_bits
+    if grid not in INT8_GRIDS:
+        raise ValueError(f"int8_grid must be one of {', '.join(INT8_GRIDS)} (got {grid!r})")
+    if grid == "narrow_weights":
+        return min(w_bits, NARROW_BITS), a_bits
+    if grid == "narrow_activations":
+        return w_bits, min(a_bits, NARROW_BITS)
+    return w_bits, a_bits
 
 
 def check_bits(bits: int, *, name: str = "bits") -> None:
