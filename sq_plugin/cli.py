@@ -3,6 +3,7 @@
     stablequant run recipes/wav2vec2-ref-w8a8.yaml [--output-dir D] [--eval-size N] [--calib-size N]
     stablequant validate recipes/offline-full-comparison.yaml
     stablequant models
+    stablequant plan show runs/recipes/<run>/plan_sq_wav2vec2-ref_w8a8.json
 
 Exit codes: 0 ok, 2 a recipe problem (one line on stderr, no traceback), 1 a model or data set that
 cannot be fetched. The same `run` is reachable as `optimum-cli stablequant` when optimum is installed
@@ -74,12 +75,24 @@ def validate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan_show_command(args: argparse.Namespace) -> int:
+    from sq_plugin.core.plan import PlanError, QuantPlan
+
+    try:
+        plan = QuantPlan.load(args.plan)
+    except PlanError as exc:
+        return _fail(str(exc), EXIT_RECIPE)
+    print(plan.table(), end="")
+    return 0
+
+
 def models_command(_args: argparse.Namespace) -> int:
     from sq_plugin.speech.models import HUB_MODELS, list_models
 
     print("offline (shipped or converted, no network):")
     for name in list_models():
-        note = "  (Whisper: not usable in recipes yet)" if "whisper" in name else ""
+        note = ("  (Whisper: recipes run it as a labelled fake-quant simulation; INT8 kernels through "
+                "sq_plugin.whisper_int8)") if "whisper" in name else ""
         print(f"  {name}{note}")
     print("hub (need network or a populated Hugging Face cache):")
     for name in HUB_MODELS:
@@ -101,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=validate_command)
     models = sub.add_parser("models", help="list the model names a recipe can use")
     models.set_defaults(func=models_command)
+    plan = sub.add_parser("plan", help="inspect a quantization plan (plan_*.json of a run)")
+    plan_sub = plan.add_subparsers(dest="plan_command", required=True)
+    show = plan_sub.add_parser("show", help="print a plan as a per-layer table")
+    show.add_argument("plan", help="plan JSON file")
+    show.set_defaults(func=plan_show_command)
     return parser
 
 

@@ -64,6 +64,7 @@ class RunResult:
     searches: dict[str, dict[str, Any]] = field(default_factory=dict)  # "<model> <bits>" -> SearchResult.to_dict()+
     examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # model -> example transcripts
     skipped: list[dict[str, Any]] = field(default_factory=list)  # {model, method, bits, reason}
+    plans: dict[str, Any] = field(default_factory=dict)  # "<model> <bits>" -> the search's QuantPlan
     peak_rss_mb: float = 0.0
     seconds: float = 0.0
 
@@ -339,6 +340,10 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
                 search_seconds = time.perf_counter() - t0
                 run.searches[f"{model} {bits.label}"] = {**search.to_dict(), "model": model, "bits": bits.label,
                                                          "wall_seconds": search_seconds}
+                run.plans[f"{model} {bits.label}"] = search.to_plan({
+                    "model": model, "metric": recipe.method_options.stablequant.metric,
+                    "calibration": f"{recipe.calibration.dataset}[:{len(calibration)}]",
+                    "calibration_sha256": _utterance_hash(calibration), "x86_isa": _isa_record(recipe)})
                 say(f"{model} {label}: search {search_seconds:.0f} s, {search.evaluations} evaluations, flagged "
                     f"{search.flagged or 'none'}")
                 per_layer = search.per_layer_rules()
@@ -407,6 +412,8 @@ def write_outputs(run: RunResult) -> Path:
         }
         # allow_nan=False: the rows were checked finite; anything else here is a bug, not a report.
         (tmp / "results.json").write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+        for key, plan in run.plans.items():  # `stablequant plan show <file>` prints one
+            plan.save(tmp / f"plan_{_slug(key)}.json")
         plots = _plot(run, tmp)
         (tmp / "report.md").write_text(_report_md(run, plots))
         final = root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -424,6 +431,13 @@ def write_outputs(run: RunResult) -> Path:
                 break
         raise
     return final
+
+
+def _utterance_hash(utterances: Sequence[Any]) -> str:
+    """sha256 over the utterance ids (the corpus ids carry its version and split)."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(str(u.id) for u in utterances).encode()).hexdigest()
 
 
 def _isa_record(recipe: Recipe) -> dict[str, Any]:
@@ -555,6 +569,8 @@ def _report_md(run: RunResult, plots: Sequence[str]) -> str:
             f"StableQuant {search['final_metric']:.4f}. Flagged layers: {', '.join(search['flagged']) or 'none'}."
             + (f" Kept float (float_fallback): {', '.join(search['float_layers'])}." if search.get("float_layers")
                else ""),
+            "",
+            f"The per-layer decision is `plan_{_slug(key)}.json` (`stablequant plan show plan_{_slug(key)}.json`).",
             "",
             "| layer | kind | screen Δ | flagged | percentile | range (lo, hi) | MAX range (lo, hi) |",
             "|---|---|---:|---|---:|---|---|",

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sq_plugin.core.plan import LayerPlan, QuantPlan, x86_grids
 from sq_plugin.core.quant import check_bits, grid_bits
 from sq_plugin.core.ranges import RangeRule, check_percentile, compute_range
 from sq_plugin.core.stats import DEFAULT_BINS, Histogram
@@ -132,6 +133,25 @@ class SearchResult:
         return {d.name: None if d.keep_float else
                 RangeRule("percentile_then_mse", percentile=d.percentile, mse_grid=self.config.mse_grid)
                 for d in self.layers}
+
+    def to_plan(self, provenance: dict | None = None) -> QuantPlan:
+        """The decision as a `QuantPlan`: every layer's input range on the grids the search scored
+        (`config.grid_bits`), per-channel MAX weights, or float with the reason."""
+        weight_grid, act_grid = x86_grids(*self.config.grid_bits)
+        layers = {}
+        for d in self.layers:
+            op = d.kind.lower()
+            if d.keep_float:
+                why = "keep_float" if d.float_metric is None else "float_fallback: float beat every cut-off"
+                layers[d.name] = LayerPlan(op=op, why_float=why)
+                continue
+            layers[d.name] = LayerPlan(op=op, activation=act_grid, act_range=d.act_range, weight=weight_grid,
+                                       decision={"method": "percentile_then_mse", "percentile": d.percentile,
+                                                 "flagged": d.flagged})
+        return QuantPlan(layers, {"method": "stablequant", "w_bits": self.config.w_bits,
+                                  "a_bits": self.config.a_bits, "int8_grid": self.config.int8_grid,
+                                  "fp_metric": self.fp_metric, "final_metric": self.final_metric,
+                                  **(provenance or {})})
 
     def to_dict(self) -> dict:
         return {

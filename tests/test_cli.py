@@ -67,6 +67,12 @@ def test_console_script_exit_code_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_plan_show_refuses_a_bad_file_with_one_line(tmp_path, capsys):
+    (tmp_path / "plan.json").write_text('{"format": "sq-plugin-quant-plan", "version": 99, "layers": {}}')
+    assert main(["plan", "show", str(tmp_path / "plan.json")]) == 2
+    assert "schema version 99 is newer" in capsys.readouterr().err
+
+
 def test_models(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
@@ -124,6 +130,13 @@ def test_run_tiny_recipe_end_to_end_on_real_int8(tmp_path):
     assert math.isfinite(sq["wer"]) and abs(sq["wer"] - sq["fp_wer"]) <= 0.1
     assert sq["search_seconds"] > 0 and data["peak_rss_mb"] > 0
     assert "## StableQuant search: sq/wav2vec2-ref w8a8" in (run_dir / "report.md").read_text()
+    # the search's decision is saved as a plan, readable with `stablequant plan show`
+    plan_file = str(run_dir / "plan_sq_wav2vec2-ref_w8a8.json")
+    shown = subprocess.run([sys.executable, "-m", "sq_plugin.cli", "plan", "show", plan_file], capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "model: sq/wav2vec2-ref, method: stablequant" in shown.stdout
+    assert "| wav2vec2.feature_extractor.conv_layers.0.conv | conv1d |" in shown.stdout
 
 
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets installed: may really download")

@@ -151,3 +151,18 @@ def test_keep_float_layers_stay_float_and_out_of_the_search():
                                         "fc3": RangeRule("percentile_then_mse", 100.0)}
     with pytest.raises(ValueError, match="keep_float: 'encoder.*' matches no quantizable layer; layers are named"):
         stablequant_search(model, run_calibration, metric, SearchConfig(keep_float=("encoder.*",)), progress=False)
+
+
+def test_the_decision_becomes_a_plan_on_the_grids_that_were_scored():
+    model, run_calibration, metric = make_problem()
+    config = SearchConfig(threshold=1.0, int8_grid="narrow_weights", keep_float=("fc3",))
+    result = stablequant_search(model, run_calibration, metric, config, progress=False)
+    plan = result.to_plan({"model": "three-layers"})
+    plan.check_layers(["fc1", "fc2", "fc3"])
+    fc2 = next(d for d in result.layers if d.name == "fc2")
+    assert plan.layers["fc2"].act_range == fc2.act_range
+    assert plan.layers["fc2"].decision == {"method": "percentile_then_mse", "percentile": fc2.percentile,
+                                           "flagged": True}
+    assert (plan.layers["fc1"].weight.qmin, plan.layers["fc1"].activation.qmax) == (-64, 255)  # 7-bit weights
+    assert plan.float_layers == ["fc3"] and plan.layers["fc3"].why_float == "keep_float"
+    assert plan.provenance["int8_grid"] == "narrow_weights" and plan.provenance["model"] == "three-layers"

@@ -1,0 +1,234 @@
+"""The quantization plan: what the range decision hands to every backend, as versioned JSON.
+
+    plan = search_result.to_plan(provenance={"model": "sq/wav2vec2-ref"})
+    plan.save("w2v.plan.json")                        # human-readable, diffable
+    plan = QuantPlan.load("w2v.plan.json")
+    plan.check_layers(model_layer_names)              # a plan for another model fails here, by name
+    print(plan.table())                               # `stablequant plan show w2v.plan.json`
+
+For each layer, by the model's own module name: the activation grid and its float range, the weight
+grid and its rule, or "float" with the reason. `Grid` is one named integer grid (bits, qmin..qmax,
+symmetric or affine, per-channel axis); `X86_ACTIVATION` / `X86_WEIGHT` are the x86 (oneDNN) ones.
+
+Torch-free and numpy-free on purpose: reading, validating and printing a plan imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+PLAN_FORMAT = "sq-plugin-quant-plan"
+PLAN_VERSION = 1
+
+
+class PlanError(ValueError):
+    """A plan that cannot be read or does not fit the model; the message names the layer or key and the fix."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One integer grid: qmin..qmax, symmetric (zero point fixed) or affine, per tensor or per channel."""
+
+    qmin: int
+    qmax: int
+    symmetric: bool
+    channel_axis: int | None = None
+
+    def __post_init__(self) -> None:
+        levels = self.qmax - self.qmin + 1
+        if levels < 4 or levels & (levels - 1):
+            raise PlanError(f"grid {self.qmin}..{self.qmax} is not a 2- to 8-bit power-of-two grid")
+        if not (-128 <= self.qmin and self.qmax <= 255):
+            raise PlanError(f"grid {self.qmin}..{self.qmax} does not fit int8/uint8 storage")
+
+    @property
+    def bits(self) -> int:
+        return (self.qmax - self.qmin + 1).bit_length() - 1
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+    def narrowed(self, bits: int) -> Grid:
+        """The same kind of grid with `bits` levels (e.g. 7-bit weights on -64..63)."""
+        if self.signed:
+            return replace(self, qmin=-(2 ** (bits - 1)), qmax=2 ** (bits - 1) - 1)
+        return replace(self, qmin=0, qmax=2**bits - 1)
+
+    def describe(self) -> str:
+        kind = "symmetric" if self.symmetric else "affine"
+        where = "per tensor" if self.channel_axis is None else f"per channel (axis {self.channel_axis})"
+        return f"{self.bits}-bit {'s' if self.signed else 'u'}int {self.qmin}..{self.qmax} {kind} {where}"
+
+
+# oneDNN's INT8 ops: uint8 affine per-tensor activations, int8 symmetric per-output-channel weights.
+X86_ACTIVATION = Grid(0, 255, symmetric=False)
+X86_WEIGHT = Grid(-128, 127, symmetric=True, channel_axis=0)
+
+
+def x86_grids(w_bits: int, a_bits: int) -> tuple[Grid, Grid]:
+    """(weight grid, activation grid) of the x86 scheme at these widths (the grids that execute)."""
+    return X86_WEIGHT.narrowed(w_bits), X86_ACTIVATION.narrowed(a_bits)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer: quantized (activation grid + range, weight grid + rule) or float (`why_float`)."""
+
+    op: str
+    activation: Grid | None = None
+    act_range: tuple[float, float] | None = None
+    weight: Grid | None = None
+    weight_rule: str = "max"
+    why_float: str | None = None
+    # How the range was decided (e.g. {"method": "percentile_then_mse", "percentile": 99.9}).
+    decision: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_float(self) -> bool:
+        return self.activation is None and self.weight is None
+
+    def check(self, name: str) -> None:
+        if self.is_float:
+            if not self.why_float:
+                raise PlanError(f"layers.{name}: a float layer needs why_float (say why it stays float)")
+            return
+        if (self.activation is None) != (self.act_range is None):
+            raise PlanError(f"layers.{name}: activation and act_range go together (both set, or both null)")
+        if self.act_range is not None:
+            lo, hi = self.act_range
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi and (lo, hi) != (0.0, 0.0)):
+                raise PlanError(f"layers.{name}: act_range {list(self.act_range)} must be finite, lo <= hi, and not "
+                                "[0, 0]; re-run calibration")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["act_range"] = list(self.act_range) if self.act_range is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, name: str, data: Any) -> LayerPlan:
+        if not isinstance(data, dict):
+            raise PlanError(f"layers.{name}: expected a mapping, got {type(data).__name__}")
+        unknown = set(data) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise PlanError(f"layers.{name}: unknown key(s) {sorted(unknown)}; valid: "
+                            f"{', '.join(cls.__dataclass_fields__)}")
+        try:
+            grids = {k: Grid(**data[k]) if data.get(k) is not None else None for k in ("activation", "weight")}
+            rng = data.get("act_range")
+            layer = cls(op=str(data["op"]), activation=grids["activation"],
+                        act_range=(float(rng[0]), float(rng[1])) if rng is not None else None,
+                        weight=grids["weight"], weight_rule=str(data.get("weight_rule", "max")),
+                        why_float=data.get("why_float"), decision=dict(data.get("decision") or {}))
+        except PlanError as exc:
+            raise PlanError(f"layers.{name}: {exc}") from None
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise PlanError(f"layers.{name}: malformed entry ({type(exc).__name__}: {exc})") from None
+        layer.check(name)
+        return layer
+
+
+@dataclass
+class QuantPlan:
+    """Per layer (module name -> LayerPlan) plus provenance: method, metric, calibration hash, ISA policy."""
+
+    layers: dict[str, LayerPlan]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise PlanError("the plan has no layers; make it from a search or a baseline rule over the model")
+        for name, layer in self.layers.items():
+            layer.check(name)
+
+    @property
+    def quantized(self) -> list[str]:
+        return [n for n, layer in self.layers.items() if not layer.is_float]
+
+    @property
+    def float_layers(self) -> list[str]:
+        return [n for n, layer in self.layers.items() if layer.is_float]
+
+    def check_layers(self, names: Iterable[str], *, model: str = "this model") -> None:
+        """Raise `PlanError` unless the plan names exactly the quantizable layers `names`."""
+        names = list(names)
+        unknown = [n for n in self.layers if n not in set(names)]
+        missing = [n for n in names if n not in self.layers]
+        if unknown or missing:
+            made_for = self.provenance.get("model", "another model")
+            parts = []
+            if unknown:
+                parts.append(f"{len(unknown)} plan layer(s) are not layers of {model} (e.g. {unknown[:3]})")
+            if missing:
+                parts.append(f"{len(missing)} layer(s) of {model} are not in the plan (e.g. {missing[:3]})")
+            raise PlanError(f"the plan was made for {made_for!r}: " + "; ".join(parts) + ". Fix: make a plan for "
+                            f"{model} (search or a baseline rule), or pass the model the plan was made for.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "provenance": self.provenance,
+                "layers": {n: layer.to_dict() for n, layer in self.layers.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "plan") -> QuantPlan:
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise PlanError(f"{source}: not an sq-plugin quantization plan (its \"format\" is not {PLAN_FORMAT!r})")
+        version = data.get("version")
+        if not isinstance(version, int) or version > PLAN_VERSION:
+            raise PlanError(f"{source}: plan schema version {version!r} is newer than this sq-plugin reads "
+                            f"({PLAN_VERSION}). Fix: upgrade sq-plugin, or re-make the plan with this version.")
+        layers = data.get("layers")
+        if not isinstance(layers, dict):
+            raise PlanError(f"{source}: \"layers\" must be a mapping of module name -> layer plan")
+        try:
+            return cls({n: LayerPlan.from_dict(n, v) for n, v in layers.items()}, dict(data.get("provenance") or {}))
+        except PlanError as exc:
+            raise PlanError(f"{source}: {exc}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the plan as JSON, atomically (a temporary sibling, then one rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(self.to_json())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> QuantPlan:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise PlanError(f"{path}: cannot read the plan ({exc.strerror or exc})") from None
+        except ValueError as exc:
+            raise PlanError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_dict(data, source=str(path))
+
+    def table(self) -> str:
+        """One row per layer: op, activation grid and range, weight grid and rule, or float and why."""
+        lines = ["| layer | op | activations | range | weights | decided by |", "|---|---|---|---|---|---|"]
+        for name, layer in self.layers.items():
+            if layer.is_float:
+                lines.append(f"| {name} | {layer.op} | float | - | float | {layer.why_float} |")
+                continue
+            act = layer.activation.describe() if layer.activation else "float"
+            rng = f"[{layer.act_range[0]:.4g}, {layer.act_range[1]:.4g}]" if layer.act_range else "-"
+            weight = f"{layer.weight.describe()}, {layer.weight_rule}" if layer.weight else "float"
+            decided = ", ".join(f"{k}={v}" for k, v in layer.decision.items()) or "-"
+            lines.append(f"| {name} | {layer.op} | {act} | {rng} | {weight} | {decided} |")
+        head = ", ".join(f"{k}: {v}" for k, v in self.provenance.items() if not isinstance(v, dict | list))
+        summary = f"{len(self.quantized)} quantized, {len(self.float_layers)} float"
+        return "\n".join([f"{head}; {summary}" if head else summary, "", *lines]) + "\n"
