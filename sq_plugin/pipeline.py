@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from sq_plugin.core.plan import QuantPlan
 from sq_plugin.core.ranges import RangeRule
 from sq_plugin.prefix_cache import DEFAULT_BUDGET_MB
 from sq_plugin.search import SearchConfig, SearchResult, stablequant_search
-from sq_plugin.simulate import is_parametrized, strip_weight_norm
+from sq_plugin.simulate import is_parametrized, quantizable_layers, strip_weight_norm
 from sq_plugin.speech.audio import SAMPLE_RATE
 from sq_plugin.speech.evaluate import evaluate, transcribe, uses_attention_mask
 from sq_plugin.speech.models import SpeechModel
@@ -148,6 +149,8 @@ class QuantizedModel:
     calib_seconds: float
     lower_seconds: float
     converted: Any = field(repr=False, default=None)
+    # Plan layers the backend ran otherwise than planned, and how (empty: the plan ran as written).
+    plan_deviations: dict[str, str] = field(default_factory=dict)
 
 
 def finish_converted(bundle: SpeechModel, converted: Any, example: tuple, calib_seconds: float, *, lower: bool,
@@ -179,7 +182,7 @@ def finish_converted(bundle: SpeechModel, converted: Any, example: tuple, calib_
 def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_rule: RangeRule | None = None,
                       per_layer: dict[str, RangeRule] | None = None, observer: Any = None, a_bits: int = 8,
                       w_bits: int = 8, lower: bool | None = None, int8_grid: str = "auto",
-                      strict: bool = False) -> QuantizedModel:
+                      strict: bool = False, plan: QuantPlan | None = None) -> QuantizedModel:
     """PT2E quantize a CTC model: export, prepare (StableQuant observers, or `observer` for a
     baseline), calibrate one utterance at a time, convert, and (8-bit) lower to oneDNN INT8 kernels.
 
@@ -188,25 +191,44 @@ def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_ru
     int8_grid: "auto" (this CPU's x86 policy: 7-bit weights without VNNI), "full", "narrow_weights",
     "narrow_activations" (`sq_plugin.x86_isa`).
     strict: export in strict mode (see `export_for_quantization`).
+    plan: apply a `QuantPlan` (e.g. `search_ctc(...).to_plan()`) instead of rules: each layer's input
+    range and grids come from the plan (checked against the model's layers), so calibration only
+    observes weights; `act_rule`, `per_layer`, `observer`, the bits and `int8_grid` are then unused.
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    from sq_plugin.pt2e import calibrate, prepare_stablequant, stablequant_x86_config, stablequant_x86_quantizer
+    from sq_plugin.pt2e import (
+        calibrate,
+        plan_deviations,
+        prepare_stablequant,
+        stablequant_x86_config,
+        stablequant_x86_quantizer,
+        stablequant_x86_quantizer_from_plan,
+    )
 
     _require_ctc(bundle)
     _require_utterances(calibration, "calibration")
-    lower = (a_bits == 8 and w_bits == 8) if lower is None else lower
     model = bundle.model.eval()
     example = ctc_inputs(bundle, calibration[0].audio)
     start = time.perf_counter()
-    config = stablequant_x86_config(act_rule, a_bits=a_bits, w_bits=w_bits, int8_grid=int8_grid)
-    if observer is not None:  # a baseline: the same specs with another activation observer
-        act = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=observer)
-        config = dataclasses.replace(config, input_activation=act, output_activation=act)
-    quantizer = stablequant_x86_quantizer(config, per_layer, a_bits=a_bits, w_bits=w_bits,
-                                          int8_grid=int8_grid)
+    if plan is not None:
+        plan.check_layers(quantizable_layers(model), model=bundle.name)
+        quantizer = stablequant_x86_quantizer_from_plan(plan)
+        # W8A8 (narrowed to 7 bits on one side without VNNI) runs on INT8 kernels; narrower plans simulate
+        narrowest = min(min(plan.layers[n].weight.bits, plan.layers[n].activation.bits) for n in plan.quantized)
+        lower = narrowest >= 7 if lower is None else lower
+    else:
+        config = stablequant_x86_config(act_rule, a_bits=a_bits, w_bits=w_bits, int8_grid=int8_grid)
+        if observer is not None:  # a baseline: the same specs with another activation observer
+            act = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=observer)
+            config = dataclasses.replace(config, input_activation=act, output_activation=act)
+        quantizer = stablequant_x86_quantizer(config, per_layer, a_bits=a_bits, w_bits=w_bits, int8_grid=int8_grid)
+        lower = (a_bits == 8 and w_bits == 8) if lower is None else lower
     prepared = prepare_stablequant(model, example, quantizer, strict=strict)
     calibrate(prepared, (ctc_inputs(bundle, u.audio) for u in calibration))
     converted = convert_pt2e(prepared)
     calib_seconds = time.perf_counter() - start
-    return finish_converted(bundle, converted, example, calib_seconds, lower=lower)
+    quantized = finish_converted(bundle, converted, example, calib_seconds, lower=lower)
+    if plan is not None:
+        quantized.plan_deviations = plan_deviations(converted, plan)
+    return quantized

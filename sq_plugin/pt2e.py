@@ -17,6 +17,7 @@ nodes too; Inductor's x86 lowering accepts them ("conv1d/2d"), which `lower_x86`
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 import weakref
@@ -35,6 +36,7 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
     _X86InductorQuantizationAnnotation,
 )
 
+from sq_plugin.core.plan import LayerPlan, PlanError, QuantPlan
 from sq_plugin.core.quant import DEFAULT_EPS, check_bits
 from sq_plugin.core.ranges import RangeRule, compute_range
 from sq_plugin.core.stats import DEFAULT_BINS, Histogram
@@ -204,6 +206,119 @@ def stablequant_x86_config(act_rule: RangeRule | None = None, weight_rule: Range
         observer_or_fake_quant_ctr=StableQuantPerChannelObserver.with_args(rule=weight_rule, bins=bins),
     )
     return QuantizationConfig(act, act, weight, None, False)
+
+
+class PlanRangeObserver(StableQuantObserver):
+    """An input-activation observer whose range is fixed by a `QuantPlan` (`act_range`): it collects
+    nothing, so the plan's decision reaches the graph unchanged, with no second statistics pass."""
+
+    def __init__(self, *, act_range: tuple[float, float], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.act_range = (float(act_range[0]), float(act_range[1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor(self.act_range[0]), torch.tensor(self.act_range[1])
+
+    def extra_repr(self) -> str:
+        return f"plan range={self.act_range}, bits={self.bits}, layer={self.layer_name}"
+
+
+def plan_layer_config(layer: LayerPlan, *, name: str, bins: int = DEFAULT_BINS) -> QuantizationConfig:
+    """The x86 `QuantizationConfig` of one quantized plan layer: its activation grid with the plan's range,
+    its weight grid with the plan's weight rule. Raises `PlanError` for grids oneDNN's ops cannot take."""
+    act, weight = layer.activation, layer.weight
+    if act is None or weight is None:
+        raise PlanError(f"layers.{name}: the x86 backend quantizes weight and input together; the plan quantizes "
+                        f"only the {'weight' if act is None else 'input'}. Fix: quantize both, or mark it float")
+    if act.signed or act.symmetric or act.channel_axis is not None:
+        raise PlanError(f"layers.{name}: the x86 backend takes uint8 affine per-tensor activations, not "
+                        f"{act.describe()}. Fix: make the plan for the x86 backend (core.plan.X86_ACTIVATION)")
+    if not weight.signed or not weight.symmetric or weight.channel_axis != 0:
+        raise PlanError(f"layers.{name}: the x86 backend takes int8 symmetric per-output-channel weights, not "
+                        f"{weight.describe()}. Fix: make the plan for the x86 backend (core.plan.X86_WEIGHT)")
+    act_spec = QuantizationSpec(
+        dtype=torch.uint8, quant_min=act.qmin, quant_max=act.qmax, qscheme=torch.per_tensor_affine, is_dynamic=False,
+        observer_or_fake_quant_ctr=PlanRangeObserver.with_args(act_range=layer.act_range, bins=bins))
+    # An op whose *output* the quantizer annotates (a fused pattern) still calibrates it from data.
+    out_spec = dataclasses.replace(act_spec, observer_or_fake_quant_ctr=StableQuantObserver.with_args(bins=bins))
+    weight_spec = QuantizationSpec(
+        dtype=torch.int8, quant_min=weight.qmin, quant_max=weight.qmax, qscheme=torch.per_channel_symmetric, ch_axis=0,
+        is_dynamic=False, observer_or_fake_quant_ctr=StableQuantPerChannelObserver.with_args(
+            rule=RangeRule(layer.weight_rule), bins=bins))  # type: ignore[arg-type]
+    return QuantizationConfig(act_spec, out_spec, weight_spec, None, False)
+
+
+def check_plan_runs_here(plan: QuantPlan, policy: X86IsaPolicy | None = None) -> None:
+    """Refuse (IsaError, layers named) a plan whose grids this CPU's oneDNN would compute wrong."""
+    from sq_plugin.x86_isa import IsaError
+
+    policy = policy or x86_policy()
+    problems = {}
+    for name, layer in plan.layers.items():
+        if layer.activation is not None and layer.weight is not None:
+            why = policy.op_problem(layer.op, layer.activation.qmax, max(-layer.weight.qmin, layer.weight.qmax))
+            if why is not None and "grouped" not in why:
+                problems[name] = why
+    if problems:
+        first = next(iter(problems))
+        raise IsaError(f"{len(problems)} plan layer(s) use grids this CPU ({policy.kind}) computes wrong, e.g. "
+                       f"{first}: {problems[first]}. Fix: make the plan on this CPU (int8_grid 'auto' narrows the "
+                       "weights to 7 bits without VNNI), or run it on a CPU with VNNI/AMX.")
+
+
+def plan_deviations(converted: torch.fx.GraphModule, plan: QuantPlan,
+                    graph_names: dict[str, str] | None = None) -> dict[str, str]:
+    """Per plan layer, how the converted graph departs from the plan (empty: it honours every layer).
+
+    PT2E quantizes a tensor once for all its consumers, so layers that share an input (q/k/v
+    projections) run with one range: the plan's range of the first of them.
+    """
+    from sq_plugin.artifact import layer_qparams
+    from sq_plugin.core.quant import qparams_from_range
+
+    graph = layer_qparams(converted)
+    deviations = {}
+    for name, layer in plan.layers.items():
+        entry = graph.get((graph_names or {}).get(name, name))
+        if entry is None:
+            continue
+        if layer.is_float:
+            if entry["input"] is not None:
+                deviations[name] = "quantized in the graph, float in the plan"
+            continue
+        if entry["input"] is None or entry["weight"] is None:
+            deviations[name] = f"{'weight-only' if entry['weight'] else 'float'} in the graph (this CPU's ISA policy)"
+            continue
+        scale, zero = qparams_from_range(layer.act_range[0], layer.act_range[1], layer.activation.qmin,
+                                         layer.activation.qmax, symmetric=False)
+        got = entry["input"]
+        if abs(got["scale"] - float(scale)) > 1e-6 * float(scale) or got["zero_point"] != int(zero):
+            deviations[name] = (f"input quantized with range {[round(v, 6) for v in got['range']]}, not the plan's "
+                                f"{[round(v, 6) for v in layer.act_range]}: it shares its input with another layer "
+                                "(PT2E quantizes a tensor once)")
+    return deviations
+
+
+def stablequant_x86_quantizer_from_plan(plan: QuantPlan, *, graph_names: dict[str, str] | None = None,
+                                        bins: int = DEFAULT_BINS) -> StableQuantX86Quantizer:
+    """The quantizer that applies `plan`: every plan layer gets its own config (fixed input range, its
+    grids); float layers get none; layers the plan does not name stay float.
+
+    graph_names: plan layer name -> module name in the graph being quantized, for graphs that hold the
+    model's layers under other paths (Whisper's INT8 graphs; `sq_plugin.whisper_int8.graph_layer_names`).
+    """
+    check_plan_runs_here(plan)
+    quantizer = StableQuantX86Quantizer()
+    for name, layer in plan.layers.items():
+        if graph_names is not None and name not in graph_names:
+            continue  # not in this graph (e.g. a decoder layer when quantizing the encoder graph)
+        target = graph_names[name] if graph_names is not None else name
+        config = None if layer.is_float else plan_layer_config(layer, name=name, bins=bins)
+        quantizer.set_module_name_qconfig(target, config)
+    return quantizer
 
 
 def cpu_has_amx() -> bool:

@@ -247,8 +247,9 @@ def _search(bundle: Any, calibration: Sequence[Any], recipe: Recipe, w_bits: int
 
 
 def _quantize(bundle: Any, method: str, recipe: Recipe, calibration: Sequence[Any], w_bits: int, a_bits: int,
-              lower: bool | None, per_layer: dict[str, Any] | None) -> Any:
-    """One quantized model (a `QuantizedModel`) for `method` at these bits."""
+              lower: bool | None, per_layer: dict[str, Any] | None, plan: Any = None) -> Any:
+    """One quantized model (a `QuantizedModel`) for `method` at these bits; CTC StableQuant applies the
+    search's `plan` (Whisper's simulation takes its `per_layer` rules)."""
     kwargs: dict[str, Any] = {"per_layer": per_layer} if method == "stablequant" else {}
     grid = _int8_grid(recipe)
     if bundle.kind == "whisper":
@@ -269,7 +270,9 @@ def _quantize(bundle: Any, method: str, recipe: Recipe, calibration: Sequence[An
         return quantize_ctc_quanto(bundle, calibration, a_bits=a_bits, w_bits=w_bits)
     from sq_plugin.pipeline import quantize_ctc_pt2e
 
-    if method != "stablequant":
+    if method == "stablequant" and plan is not None:
+        kwargs = {"plan": plan}
+    elif method != "stablequant":
         kwargs = _quantize_kwargs(method, recipe)
     return quantize_ctc_pt2e(bundle, calibration, a_bits=a_bits, w_bits=w_bits, lower=lower, int8_grid=grid,
                              **kwargs)
@@ -331,7 +334,7 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
                 say(f"{model} {label}: skipped: {reason}")
                 continue
             search_seconds = None
-            per_layer = None
+            per_layer = plan = None
             if method == "stablequant":
                 say(f"{model} {label}: searching ({len(calibration)} calibration utterances, metric "
                     f"{recipe.method_options.stablequant.metric})")
@@ -347,7 +350,8 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
                 say(f"{model} {label}: search {search_seconds:.0f} s, {search.evaluations} evaluations, flagged "
                     f"{search.flagged or 'none'}")
                 per_layer = search.per_layer_rules()
-            quantized = _quantize(bundle, method, recipe, calibration, bits.w, bits.a, lower, per_layer)
+                plan = run.plans[f"{model} {bits.label}"]
+            quantized = _quantize(bundle, method, recipe, calibration, bits.w, bits.a, lower, per_layer, plan)
             result = evaluate(quantized.bundle, evaluation, progress=False, **eval_kwargs)
             wer_q = _finite(result.wer, f"{model} {label} WER")
             cer_q = _finite(result.cer, f"{model} {label} CER")
@@ -356,7 +360,8 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
                              "int8_kernels": quantized.int8_kernels, "wer": wer_q, "cer": cer_q, "fp_wer": fp_wer,
                              "fp_cer": fp_cer, "calib_seconds": quantized.calib_seconds,
                              "search_seconds": search_seconds, "n_eval": result.n,
-                             "lower_seconds": quantized.lower_seconds, "eval_seconds": result.seconds})
+                             "lower_seconds": quantized.lower_seconds, "eval_seconds": result.seconds,
+                             "plan_deviations": getattr(quantized, "plan_deviations", {})})
             hypotheses[label] = {u.id: u.hypothesis for u in result.utterances}
             say(f"{model} {label}: WER {wer_q:.4f} ({(wer_q - fp_wer) * 100:+.2f} pp) CER {cer_q:.4f}; "
                 f"{quantized.backend}, {quantized.int8_kernels} INT8 kernels; calibration "
@@ -438,6 +443,17 @@ def _utterance_hash(utterances: Sequence[Any]) -> str:
     import hashlib
 
     return hashlib.sha256("\n".join(str(u.id) for u in utterances).encode()).hexdigest()
+
+
+def _deviations_md(run: RunResult, search: dict[str, Any]) -> str:
+    """The plan layers the backend ran otherwise than planned (never silently)."""
+    row = next((r for r in run.rows if r["model"] == search["model"] and r["method"] == "stablequant"
+                and f"w{r['w_bits']}a{r['a_bits']}" == search["bits"]), None)
+    deviations = (row or {}).get("plan_deviations") or {}
+    if not deviations:
+        return " The backend ran it as planned." if row is not None else ""
+    listed = "; ".join(f"`{name}`: {why}" for name, why in deviations.items())
+    return f" The backend ran {len(deviations)} layer(s) otherwise: {listed}."
 
 
 def _isa_record(recipe: Recipe) -> dict[str, Any]:
@@ -570,7 +586,8 @@ def _report_md(run: RunResult, plots: Sequence[str]) -> str:
             + (f" Kept float (float_fallback): {', '.join(search['float_layers'])}." if search.get("float_layers")
                else ""),
             "",
-            f"The per-layer decision is `plan_{_slug(key)}.json` (`stablequant plan show plan_{_slug(key)}.json`).",
+            f"The per-layer decision is `plan_{_slug(key)}.json` (`stablequant plan show plan_{_slug(key)}.json`)."
+            + _deviations_md(run, search),
             "",
             "| layer | kind | screen Δ | flagged | percentile | range (lo, hi) | MAX range (lo, hi) |",
             "|---|---|---:|---|---:|---|---|",

@@ -350,3 +350,48 @@ def test_strict_export_is_an_option_and_the_non_strict_error_names_it():
     calibrate(prepared, [x])
     _, report = lower_x86(convert_pt2e(prepared), (x,))
     assert report.qconv == 3 and report.qlinear == 1
+
+
+def test_a_searched_plan_reaches_the_int8_graph_as_each_layers_scale(tiny_hubert):
+    """search -> QuantPlan -> x86 quantizer: the cut-off the search chose for a layer is that layer's input
+    scale in the converted (and lowered) graph; layers sharing an input are reported, not hidden."""
+    import copy
+
+    from sq_plugin.artifact import layer_qparams
+    from sq_plugin.core.quant import qparams_from_range
+    from sq_plugin.pt2e import plan_deviations, stablequant_x86_quantizer_from_plan
+    from sq_plugin.search import SearchConfig, stablequant_search
+    from sq_plugin.simulate import strip_weight_norm
+
+    model = strip_weight_norm(copy.deepcopy(tiny_hubert))
+    xs = [audio(8000 + 1000 * i, i) for i in range(3)]
+    with torch.no_grad():
+        refs = [model(x).logits for x in xs]
+
+    @torch.no_grad()
+    def metric():
+        return float(sum(rel_err(model(x).logits, r) for x, r in zip(xs, refs, strict=True)))
+
+    result = stablequant_search(model, lambda: [model(x) for x in xs], metric, SearchConfig(threshold=0.0),
+                                progress=False)
+    clipped = [d.name for d in result.layers if d.percentile < 100]
+    assert clipped, "threshold 0 flags every layer; some cut-off below 100 must win"
+    plan = result.to_plan()
+    prepared = prepare_stablequant(tiny_hubert, (xs[0],), stablequant_x86_quantizer_from_plan(plan))
+    calibrate(prepared, xs[:1])  # weights only: the input ranges are the plan's
+    converted = convert_pt2e(prepared)
+    graph = layer_qparams(converted)
+    deviations = plan_deviations(converted, plan)
+    for name in plan.quantized:
+        layer = plan.layers[name]
+        scale, zero = qparams_from_range(*layer.act_range, layer.activation.qmin, layer.activation.qmax,
+                                         symmetric=False)
+        matches = graph[name]["input"]["scale"] == pytest.approx(float(scale), rel=1e-6)
+        assert matches == (name not in deviations), name
+    # only q/k/v projections share their input with another layer
+    assert all(n.rsplit(".", 1)[-1] in ("k_proj", "v_proj") for n in deviations)
+    assert any(n in clipped and n not in deviations for n in plan.quantized)
+    compiled, report = lower_x86(converted, (xs[0],))
+    assert report.int8_kernels == len(plan.quantized)
+    with torch.no_grad():
+        assert rel_err(compiled(xs[0]).logits, converted(xs[0]).logits) < 0.02

@@ -11,6 +11,7 @@ import sq_plugin.pipeline as pipeline
 import sq_plugin.runner as runner
 import sq_plugin.speech.evaluate as evaluate_mod
 import sq_plugin.speech.models as models
+from sq_plugin.core.plan import QuantPlan
 from sq_plugin.recipe import RecipeError, parse_recipe
 from sq_plugin.search import LayerDecision, SearchConfig, SearchResult
 from sq_plugin.speech.evaluate import EvalResult, UtteranceResult
@@ -51,8 +52,10 @@ def install_fakes(monkeypatch, *, wer_of=lambda bundle: 0.1 if not bundle.quanti
         return EvalResult(wer=wer, cer=wer / 2, n=len(us), utterances=us, seconds=0.01)
 
     def fake_quantize(bundle, calibration, *, act_rule=None, per_layer=None, observer=None, a_bits=8, w_bits=8,
-                      lower=None, int8_grid="auto"):
+                      lower=None, int8_grid="auto", plan=None):
         assert int8_grid in ("full", "narrow_weights", "narrow_activations")  # the runner resolves "auto"
+        assert (plan is not None) == (per_layer is None and act_rule is None and observer is None and
+                                      "stablequant" in str(getattr(plan, "provenance", {}).get("method", "")))
         real = lower if lower is not None else (a_bits == 8 and w_bits == 8)
         return pipeline.QuantizedModel(FakeBundle(bundle.name, quantized="yes"), "x86-onednn-int8" if real else
                                        "pt2e fake-quant simulation", not real, {"linear": 4}, 4 if real else 0,
@@ -76,8 +79,13 @@ def test_run_writes_report_results_and_plots(tmp_path, monkeypatch):
     out = result.output_dir
     assert out.parent == tmp_path / "out" / "nested" and out.name.startswith("fake-")
     assert sorted(p.name for p in out.iterdir()) == [
+        "plan_sq_wav2vec2-ref_w4a4.json", "plan_sq_wav2vec2-ref_w8a8.json",
         "report.md", "results.json", "stablequant_layers_sq_wav2vec2-ref_w4a4.png",
         "stablequant_layers_sq_wav2vec2-ref_w8a8.png", "wer_by_method_sq_wav2vec2-ref.png"]
+    plan = QuantPlan.load(out / "plan_sq_wav2vec2-ref_w8a8.json")  # what StableQuant ran on, saved with the report
+    assert plan.layers["enc.0"].act_range == (-1.0, 2.0) and plan.provenance["model"] == "sq/wav2vec2-ref"
+    assert len(plan.provenance["calibration_sha256"]) == 64 and "x86_isa" in plan.provenance
+    assert "The backend ran it as planned." in (out / "report.md").read_text()
     data = json.loads((out / "results.json").read_text())
     assert len(data["rows"]) == 1 + 2 * 3
     for row in data["rows"]:
