@@ -231,9 +231,21 @@ class QuantizedWhisper:
         return greedy_decode(self.encode, self.step, features, self._cache, self.settings)
 
 
+def graph_layer_names(whisper: nn.Module, graphs: dict[str, nn.Module] | None = None) -> dict[str, dict[str, str]]:
+    """Per INT8 graph ("encoder", "decoder_step"): the HF module name of each Linear/Conv1d it holds ->
+    its name in that graph ("model.encoder.layers.0.fc1" -> "encoder.layers.0.fc1", "model.decoder.
+    layers.1.encoder_attn.k_proj" -> "decoder_layers.1.encoder_attn.k_proj" in the encoder graph). Found by
+    module identity, so a plan made on the HF model (the search's names) applies to both graphs."""
+    hf_names = {id(m): name for name, m in whisper.named_modules()}
+    graphs = graphs if graphs is not None else _float_graphs(whisper)
+    return {g: {hf_names[id(m)]: name for name, m in module.named_modules()
+                if isinstance(m, nn.Linear | nn.Conv1d) and id(m) in hf_names}
+            for g, module in graphs.items()}
+
+
 def quantize_whisper_int8(bundle: Any, calibration_features: Sequence[torch.Tensor], *, quantizer: Any = None,
                           lower: bool = True, max_new_tokens: int | None = None,
-                          int8_grid: str = "auto") -> QuantizedWhisper:
+                          int8_grid: str = "auto", plan: Any = None) -> QuantizedWhisper:
     """PT2E-quantize Whisper's encoder(+cross K/V) and decoder step, calibrate them by greedy-decoding
     `calibration_features` (each [1, 80, 3000]) through the observed graphs, convert, and (lower=True)
     compile both to oneDNN INT8 kernels with `lower_x86` (which refuses to run them in float).
@@ -241,25 +253,36 @@ def quantize_whisper_int8(bundle: Any, calibration_features: Sequence[torch.Tens
     quantizer: a PT2E quantizer (default `stablequant_x86_quantizer()`: StableQuant's percentile+MSE
     activation ranges, per-channel symmetric weights, on `int8_grid`: "auto" = 7-bit weights on x86
     without VNNI, where oneDNN saturates the full W8A8 grids; see `sq_plugin.x86_isa`).
+    plan: a `QuantPlan` on the HF module names (`search_whisper(...).to_plan()`), applied to both graphs
+    through `graph_layer_names`: every input range is the plan's, so only the first calibration
+    utterance is decoded (to observe the weights). `report["plan_deviations"]` lists what ran otherwise.
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    from sq_plugin.pt2e import prepare_stablequant, stablequant_x86_quantizer
+    from sq_plugin.pt2e import plan_deviations, prepare_stablequant, stablequant_x86_quantizer
+    from sq_plugin.pt2e import stablequant_x86_quantizer_from_plan as from_plan
+    from sq_plugin.simulate import quantizable_layers
 
     if not calibration_features:
         raise ValueError("quantize_whisper_int8 needs at least one calibration utterance (log-mel features "
                          "[1, 80, 3000]); got none")
     whisper = bundle.model.eval()
     settings = GreedySettings.from_model(whisper, max_new_tokens)
-    quantizer = quantizer or stablequant_x86_quantizer(int8_grid=int8_grid)
     started = time.perf_counter()
     graphs = _float_graphs(whisper)
+    names = graph_layer_names(whisper, graphs)
+    if plan is not None:
+        plan.check_layers(quantizable_layers(whisper), model=bundle.name)
+        quantizers = {g: from_plan(plan, graph_names=names[g]) for g in graphs}
+        calibration_features = calibration_features[:1]  # weights only: the input ranges are the plan's
+    else:
+        quantizers = dict.fromkeys(graphs, quantizer or stablequant_x86_quantizer(int8_grid=int8_grid))
     example = calibration_features[0]
     with torch.no_grad():
         cross = graphs["encoder"].eval()(example)
     inputs = {"encoder": (example,), "decoder_step": decoder_step_inputs(whisper, cross)}
     # Static shapes: Whisper always sees a 30 s window, and the step's cache has a fixed size.
-    prepared = {name: prepare_stablequant(module, inputs[name], quantizer, dynamic_dims={})
+    prepared = {name: prepare_stablequant(module, inputs[name], quantizers[name], dynamic_dims={})
                 for name, module in graphs.items()}
     if not read_embedding_from_quantized_logits_weight(prepared["decoder_step"]):
         raise RuntimeError("the decoder step graph has no embedding lookup that shares its table with a quantized "
@@ -274,6 +297,10 @@ def quantize_whisper_int8(bundle: Any, calibration_features: Sequence[torch.Tens
     report: dict[str, Any] = {"calibration_utterances": len(calibration_features),
                               "calibration_decoder_steps": calibration_tokens,
                               "quantize_s": round(time.perf_counter() - started, 1)}
+    if plan is not None:
+        report["plan"] = dict(plan.provenance)
+        report["plan_deviations"] = {name: why for g, graph in converted.items()
+                                     for name, why in plan_deviations(graph, plan, names[g]).items()}
     return _assemble(bundle, converted, settings, report, lower)
 
 

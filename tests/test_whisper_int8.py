@@ -18,6 +18,7 @@ from sq_plugin.whisper_int8 import (
     quantize_whisper_int8,
     save_whisper_int8,
 )
+from sq_plugin.x86_isa import x86_policy
 
 SOT, EOT, NO_TIMESTAMPS = 50257, 50256, 50362
 
@@ -201,3 +202,46 @@ def test_gathering_int8_rows_equals_looking_up_the_dequantized_table():
     gather_int8_embedding_rows(graph)
     assert not [n for n in graph.graph.nodes if "dequantize" in str(n.target)]
     assert torch.equal(graph(token), want)
+
+
+def test_a_plan_on_the_hf_names_drives_both_int8_graphs(bundle, features):
+    """Whisper INT8 built from a QuantPlan made on the HF module names: a layer's planned range (here a
+    cut-off on two layers) is its input scale in the encoder and in the decoder-step graph."""
+    from sq_plugin.artifact import layer_qparams
+    from sq_plugin.core.plan import LayerPlan, PlanError, QuantPlan, x86_grids
+    from sq_plugin.core.quant import qparams_from_range
+    from sq_plugin.search import collect_input_histograms
+    from sq_plugin.simulate import quantizable_layers
+    from sq_plugin.whisper_int8 import graph_layer_names
+
+    whisper = bundle.model
+    names = list(quantizable_layers(whisper))
+    prompt = torch.tensor([[SOT, NO_TIMESTAMPS, 220, 400]])
+    hists = collect_input_histograms(whisper, lambda: whisper(input_features=features[0], decoder_input_ids=prompt),
+                                     names)
+    weight, act = x86_grids(8, 8) if x86_policy().int32_accumulation else x86_grids(7, 8)
+    clipped = {"model.encoder.layers.0.fc2": 0.5, "model.decoder.layers.1.fc1": 0.25}
+    plan = QuantPlan({n: LayerPlan("conv1d" if "conv" in n else "linear", act,
+                                   (float(hists[n].min_val[0]) * clipped.get(n, 1.0),
+                                    float(hists[n].max_val[0]) * clipped.get(n, 1.0)), weight)
+                      for n in names}, {"model": bundle.name})
+    graph_names = graph_layer_names(whisper)
+    assert graph_names["encoder"]["model.encoder.layers.0.fc2"] == "encoder.layers.0.fc2"
+    cross_k = "decoder_layers.1.encoder_attn.k_proj"
+    assert graph_names["encoder"]["model.decoder.layers.1.encoder_attn.k_proj"] == cross_k
+    assert graph_names["decoder_step"]["proj_out"] == "proj_out"
+
+    int8 = quantize_whisper_int8(bundle, features, plan=plan, lower=False)
+    assert int8.report["calibration_utterances"] == 1  # weights only
+    for graph, hf_name in (("encoder", "model.encoder.layers.0.fc2"), ("decoder_step", "model.decoder.layers.1.fc1")):
+        layer = plan.layers[hf_name]
+        scale, _ = qparams_from_range(*layer.act_range, act.qmin, act.qmax, symmetric=False)
+        got = layer_qparams(int8.converted[graph])[graph_names[graph][hf_name]]["input"]["scale"]
+        assert got == pytest.approx(float(scale), rel=1e-6)
+    # what shares an input (q/k/v; every decoder layer's cross-attention k/v read the encoder output) is reported
+    assert all(n.rsplit(".", 1)[-1] in ("k_proj", "v_proj") for n in int8.report["plan_deviations"])
+    assert "model.encoder.layers.0.fc2" not in int8.report["plan_deviations"]
+
+    other = QuantPlan({"model.encoder.conv1": plan.layers["model.encoder.conv1"]}, {"model": "another"})
+    with pytest.raises(PlanError, match=r"made for 'another'.*layer\(s\) of tiny-whisper are not in the plan"):
+        quantize_whisper_int8(bundle, features, plan=other, lower=False)
