@@ -15,7 +15,9 @@ Methods (activation ranges; weights are always per-channel MinMax, symmetric):
   it leaves standalone Conv1d float); quanto_absmax: optimum-quanto W8A8 (absmax + EMA).
 CTC models: backend x86 lowers W8A8 to oneDNN INT8 kernels; below 8 bits, or with backend
 "simulate", the converted q/dq graph runs as a float fake-quant simulation, labelled `simulated`.
-Whisper: every method runs as a fake-quant simulation of all its Conv1d/Linear layers (labelled);
+Whisper: StableQuant at W8A8 on backend x86 runs the search's plan on real INT8 kernels (encoder and
+static-cache decoder step, `sq_plugin.whisper_int8`); the other methods, and every method below 8 bits
+or on backend "simulate", run as a fake-quant simulation of all its Conv1d/Linear layers (labelled);
 INC and quanto are CTC-only here. A (method, bits) pair a framework cannot express (INC/quanto
 below 8 bits) is skipped and listed in the report with the reason, not silently dropped.
 """
@@ -253,8 +255,10 @@ def _quantize(bundle: Any, method: str, recipe: Recipe, calibration: Sequence[An
     kwargs: dict[str, Any] = {"per_layer": per_layer} if method == "stablequant" else {}
     grid = _int8_grid(recipe)
     if bundle.kind == "whisper":
-        from sq_plugin.whisper import quantize_whisper_simulated
+        from sq_plugin.whisper import quantize_whisper_simulated, quantize_whisper_x86
 
+        if method == "stablequant" and plan is not None and lower is not False and (w_bits, a_bits) == (8, 8):
+            return quantize_whisper_x86(bundle, calibration, plan)  # real INT8 encoder + decoder step
         if method != "stablequant":
             kwargs = _quantize_kwargs(method, recipe)
         return quantize_whisper_simulated(bundle, calibration, a_bits=a_bits, w_bits=w_bits, int8_grid=grid,

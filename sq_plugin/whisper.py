@@ -18,9 +18,10 @@ decoder-layer candidates (`sq_plugin.prefix_cache`):
 - `tf_token_error`: fraction of those tokens whose teacher-forced argmax differs (WER-like units).
 - `wer` / `cer`: greedy `generate`, as the paper; slow, and no prefix replay (the KV cache is state).
 
-Quantization here is a simulation (fake-quant weights per output channel and input activations per
-tensor, `sq_plugin.simulate`), labelled so in every report: it measures accuracy, not speed. The
-encoder's real INT8 path is `benchmarks/latency.py`.
+`quantize_whisper_simulated` is a simulation (fake-quant weights per output channel and input
+activations per tensor, `sq_plugin.simulate`), labelled so in every report: it measures accuracy, not
+speed. `quantize_whisper_x86` runs the search's plan on real INT8 kernels (`sq_plugin.whisper_int8`:
+the encoder and a static-cache decoder step), which the recipe runner uses for StableQuant at W8A8.
 """
 
 from __future__ import annotations
@@ -199,5 +200,28 @@ def quantize_whisper_simulated(bundle: SpeechModel, calibration: Sequence[Any], 
     return QuantizedModel(quantized, backend, True, counts, 0, calib_seconds, 0.0, None)
 
 
+def quantize_whisper_x86(bundle: SpeechModel, calibration: Sequence[Any], plan: Any) -> QuantizedModel:
+    """Whisper on oneDNN INT8 kernels from a `QuantPlan` (the search's, on the HF module names): the
+    encoder and the static-cache decoder step of `sq_plugin.whisper_int8`, decoded greedily by
+    `evaluate` through `QuantizedWhisper.generate`. The plan's ranges need one calibration utterance
+    (for the weights); the report's `plan_deviations` say what the graphs ran otherwise."""
+    from sq_plugin.whisper_int8 import quantize_whisper_int8
+
+    _require_whisper(bundle)
+    if not calibration:
+        raise ValueError("the calibration set is empty: pass at least one utterance")
+    start = time.perf_counter()
+    fe = bundle.processor.feature_extractor
+    features = [fe([calibration[0].audio], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features]
+    quantized = quantize_whisper_int8(bundle, features, plan=plan)
+    lowering = quantized.report["lowering"]
+    counts = {f"{graph}_{op}": n for graph, ops in lowering.items() for op, n in ops.items()}
+    return QuantizedModel(dataclasses.replace(bundle, model=quantized), quantized.report["backend"], False, counts,
+                          sum(counts.values()), quantized.report["quantize_s"],
+                          time.perf_counter() - start - quantized.report["quantize_s"], None,
+                          plan_deviations=quantized.report["plan_deviations"])
+
+
 __all__ = ["SIMULATED_BACKEND", "TEACHER_FORCED_METRICS", "WHISPER_METRICS", "TeacherForcedBatch",
-           "quantize_whisper_simulated", "search_whisper", "teacher_forced_batches", "teacher_forced_scores"]
+           "quantize_whisper_simulated", "quantize_whisper_x86", "search_whisper", "teacher_forced_batches",
+           "teacher_forced_scores"]

@@ -230,6 +230,31 @@ class QuantizedWhisper:
             self._cache = empty_cache(self.whisper)
         return greedy_decode(self.encode, self.step, features, self._cache, self.settings)
 
+    @property
+    def generation_config(self) -> Any:
+        return self.whisper.generation_config
+
+    def generate(self, input_features: torch.Tensor, *, max_length: int | None = None, num_beams: int = 1,
+                 do_sample: bool = False, return_timestamps: bool = False) -> torch.Tensor:
+        """What `sq_plugin.speech.evaluate` calls on a Whisper model: greedy tokens for a batch of features
+        [B, 80, 3000], one utterance at a time through the INT8 graphs, as HF's token rows (prompt first,
+        padded with <|endoftext|>). `max_length` counts new tokens, as in HF Whisper."""
+        if num_beams != 1 or do_sample or return_timestamps:
+            raise ValueError("the INT8 Whisper decodes greedily without timestamps: num_beams=1, do_sample=False, "
+                             "return_timestamps=False")
+        settings = self.settings
+        if max_length is not None and max_length < settings.max_new_tokens:
+            settings = dataclasses.replace(settings, max_new_tokens=max_length)
+        if self._cache is None:
+            self._cache = empty_cache(self.whisper)
+        rows = [list(settings.prompt) + greedy_decode(self.encode, self.step, features[None], self._cache, settings)
+                for features in input_features]
+        width = max(len(r) for r in rows) + 1
+        out = torch.full((len(rows), width), settings.eos, dtype=torch.long)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = torch.tensor(row)
+        return out
+
 
 def graph_layer_names(whisper: nn.Module, graphs: dict[str, nn.Module] | None = None) -> dict[str, dict[str, str]]:
     """Per INT8 graph ("encoder", "decoder_step"): the HF module name of each Linear/Conv1d it holds ->

@@ -230,11 +230,17 @@ def test_framework_baselines_run_at_w8a8_and_are_listed_as_skipped_below(tmp_pat
     assert json.loads((result.output_dir / "results.json").read_text())["skipped"] == result.skipped
 
 
-def test_whisper_runs_every_method_as_a_labelled_simulation(tmp_path, monkeypatch):
+def test_whisper_stablequant_runs_its_plan_on_int8_kernels_and_the_rest_as_labelled_simulations(tmp_path,
+                                                                                                  monkeypatch):
     install_fakes(monkeypatch)
     import sq_plugin.whisper as whisper
 
     seen = []
+
+    def fake_x86(bundle, calibration, plan):
+        seen.append(("x86", sorted(plan.layers)))
+        return pipeline.QuantizedModel(FakeBundle(bundle.name, quantized="yes"), "x86-onednn-int8 (vnni: ...)", False,
+                                       {"encoder_qlinear": 3, "decoder_step_qlinear": 2}, 5, 0.5, 0.2)
 
     def fake_evaluate(bundle, utterances, batch_size=8, progress=True, pad_to_multiple=None):
         assert batch_size == whisper.EVAL_BATCH and pad_to_multiple is None
@@ -256,8 +262,14 @@ def test_whisper_runs_every_method_as_a_labelled_simulation(tmp_path, monkeypatc
     monkeypatch.setattr(evaluate_mod, "evaluate", fake_evaluate)
     monkeypatch.setattr(whisper, "quantize_whisper_simulated", fake_quantize)
     monkeypatch.setattr(whisper, "search_whisper", fake_search)
+    monkeypatch.setattr(whisper, "quantize_whisper_x86", fake_x86)
     result = runner.run_recipe(make_recipe(tmp_path, model="openai/whisper-tiny.en", bits=["w8a8"],
                                            methods=["fp", "stablequant", "max", "histogram"]), progress=False)
-    assert seen == [(True, False, False, 8), (False, True, False, 8), (False, False, True, 8)]
+    assert seen == [("x86", ["enc.0"]), (False, True, False, 8), (False, False, True, 8)]
     assert [(r["method"], r["simulated"], r["int8_kernels"]) for r in result.rows] == [
-        ("fp", False, 0), ("stablequant", True, 0), ("max", True, 0), ("histogram", True, 0)]
+        ("fp", False, 0), ("stablequant", False, 5), ("max", True, 0), ("histogram", True, 0)]
+    # backend simulate: StableQuant too is a simulation, from its per-layer rules
+    seen.clear()
+    runner.run_recipe(make_recipe(tmp_path, model="openai/whisper-tiny.en", bits=["w8a8"], backend="simulate",
+                                  methods=["fp", "stablequant"]), progress=False)
+    assert seen == [(True, False, False, 8)]

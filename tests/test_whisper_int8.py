@@ -245,3 +245,30 @@ def test_a_plan_on_the_hf_names_drives_both_int8_graphs(bundle, features):
     other = QuantPlan({"model.encoder.conv1": plan.layers["model.encoder.conv1"]}, {"model": "another"})
     with pytest.raises(PlanError, match=r"made for 'another'.*layer\(s\) of tiny-whisper are not in the plan"):
         quantize_whisper_int8(bundle, features, plan=other, lower=False)
+
+
+def test_generate_is_transcribe_per_row_so_evaluate_runs_the_int8_graphs(bundle, int8, features):
+    import dataclasses
+
+    from sq_plugin.speech.evaluate import evaluate
+
+    batch = torch.cat(features)
+    rows = int8.generate(batch, max_length=12, num_beams=1, do_sample=False, return_timestamps=False)
+    for row, feats in zip(rows.tolist(), features, strict=True):
+        tokens = int8.transcribe(feats)
+        assert row[:2] == [SOT, NO_TIMESTAMPS] and row[2:2 + len(tokens)] == tokens
+        assert set(row[2 + len(tokens):]) <= {EOT}
+    assert len(int8.generate(batch[:1], max_length=2)[0]) <= 2 + 2 + 1  # max_length counts new tokens
+    with pytest.raises(ValueError, match="decodes greedily"):
+        int8.generate(batch, num_beams=4)
+
+    @dataclasses.dataclass
+    class Utt:
+        id: str
+        audio: np.ndarray
+        text: str
+
+    gen = np.random.default_rng(1)
+    utts = [Utt(f"u{i}", (0.1 * gen.standard_normal(16000)).astype(np.float32), "hello") for i in range(2)]
+    result = evaluate(dataclasses.replace(bundle, model=int8), utts, batch_size=2, progress=False)
+    assert result.n == 2 and np.isfinite(result.wer)
