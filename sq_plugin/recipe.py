@@ -43,6 +43,8 @@ INT8_GRIDS: tuple[str, ...] = ("auto", "full", "narrow_weights", "narrow_activat
 # Not imported from sq_plugin.speech.corpus: that pulls in scipy and makes `validate` slow.
 CORPUS_SIZES: dict[str, int] = {"corpus-dev": 300, "corpus-test": 600}
 DEFAULT_PERCENTILES: tuple[float, ...] = (100.0, 99.99, 99.9, 99.8, 99.5, 99.0)  # = sq_plugin.search's
+# Whisper's teacher-forced search proxies (sq_plugin.whisper imports them from here: the schema owns them).
+TEACHER_FORCED_METRICS: tuple[str, ...] = ("tf_loss", "tf_token_error")
 _BITS = re.compile(r"^w(\d+)a(\d+)$")
 
 

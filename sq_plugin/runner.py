@@ -87,7 +87,7 @@ def _is_whisper(model: str) -> bool:
 
 def check_runnable(recipe: Recipe) -> None:
     """Refuse, before loading anything, what this version cannot run (RecipeError: CLI exit 2)."""
-    from sq_plugin.whisper import TEACHER_FORCED_METRICS
+    from sq_plugin.recipe import TEACHER_FORCED_METRICS
 
     source = f"{recipe.name or 'recipe'}.yaml"
     errors = []

@@ -39,6 +39,7 @@ from sq_plugin.core.quant import grid_bits, quant_bounds
 from sq_plugin.core.ranges import RangeRule, compute_range
 from sq_plugin.pipeline import QuantizedModel
 from sq_plugin.prefix_cache import DEFAULT_BUDGET_MB
+from sq_plugin.recipe import TEACHER_FORCED_METRICS
 from sq_plugin.search import SearchConfig, SearchResult, collect_input_histograms, stablequant_search
 from sq_plugin.simulate import LayerQuant, apply_fake_quant, observer_ranges, quantizable_layers, strip_weight_norm
 from sq_plugin.speech.audio import SAMPLE_RATE
@@ -46,7 +47,6 @@ from sq_plugin.speech.evaluate import evaluate, transcribe
 from sq_plugin.speech.models import SpeechModel
 from sq_plugin.x86_isa import resolve_int8_grid
 
-TEACHER_FORCED_METRICS = ("tf_loss", "tf_token_error")
 WHISPER_METRICS = ("wer", "cer", *TEACHER_FORCED_METRICS)
 SIMULATED_BACKEND = "fake-quant simulation (float weights/activations rounded to the grid)"
 EVAL_BATCH = 16  # generate() batch for evaluation

@@ -33,7 +33,7 @@ import platform
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from sq_plugin.core.quant import INT8_GRIDS, grid_bits
+from sq_plugin.core.grid import INT8_GRIDS, grid_bits
 
 Int8Grid = Literal["full", "narrow_weights", "narrow_activations"]
 GRID_CHOICES = ("auto", *INT8_GRIDS)

@@ -145,3 +145,18 @@ def test_unavailable_librispeech_exits_1_with_the_fix(tmp_path, capsys):
     assert main(["run", str(path), "--output-dir", str(tmp_path / "out"), "--quiet"]) == 1
     assert "pip install datasets" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_validate_and_plan_show_import_no_torch(tmp_path):
+    """What keeps `stablequant validate` well under a second: it never imports torch (nor numpy)."""
+    from sq_plugin.core.plan import LayerPlan, QuantPlan, x86_grids
+
+    weight, act = x86_grids(8, 8)
+    plan = QuantPlan({"fc": LayerPlan("linear", act, (-1.0, 1.0), weight)}, {"model": "m"}).save(tmp_path / "p.json")
+    recipe = write(tmp_path, TINY, "tiny.yaml")
+    code = ("import sys; from sq_plugin.cli import main; "
+            f"assert main(['validate', {str(recipe)!r}]) == 0; assert main(['plan', 'show', {str(plan)!r}]) == 0; "
+            "heavy = [m for m in ('torch', 'numpy', 'torchao') if m in sys.modules]; assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| fc | linear | 8-bit uint 0..255 affine per tensor |" in proc.stdout

@@ -1,27 +1,23 @@
-"""Framework-free core: statistics, range rules and N-bit quantization math (numpy/torch only)."""
+"""Framework-free core: statistics, range rules, N-bit quantization math, grids and the plan.
 
-from sq_plugin.core.quant import fake_quantize, qparams_from_range, quant_bounds
-from sq_plugin.core.ranges import (
-    RULES,
-    RangeRule,
-    compute_range,
-    max_range,
-    mse_range,
-    percentile_range,
-    percentile_then_mse_range,
-)
-from sq_plugin.core.stats import Histogram
+Names load on first use, so that `sq_plugin.core.grid` and `sq_plugin.core.plan` (torch-free) can be
+imported without numpy or torch (`stablequant validate`, `stablequant plan show`).
+"""
 
-__all__ = [
-    "RULES",
-    "Histogram",
-    "RangeRule",
-    "compute_range",
-    "fake_quantize",
-    "max_range",
-    "mse_range",
-    "percentile_range",
-    "percentile_then_mse_range",
-    "qparams_from_range",
-    "quant_bounds",
-]
+from importlib import import_module
+from typing import Any
+
+_WHERE = {
+    "fake_quantize": "quant", "qparams_from_range": "quant", "quant_bounds": "grid",
+    "RULES": "ranges", "RangeRule": "ranges", "compute_range": "ranges", "max_range": "ranges",
+    "mse_range": "ranges", "percentile_range": "ranges", "percentile_then_mse_range": "ranges",
+    "Histogram": "stats", "Grid": "grid", "QuantPlan": "plan", "LayerPlan": "plan",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'sq_plugin.core' has no attribute {name!r}")
+    return getattr(import_module(f"sq_plugin.core.{_WHERE[name]}"), name)

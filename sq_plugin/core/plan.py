@@ -7,8 +7,7 @@
     print(plan.table())                               # `stablequant plan show w2v.plan.json`
 
 For each layer, by the model's own module name: the activation grid and its float range, the weight
-grid and its rule, or "float" with the reason. `Grid` is one named integer grid (bits, qmin..qmax,
-symmetric or affine, per-channel axis); `X86_ACTIVATION` / `X86_WEIGHT` are the x86 (oneDNN) ones.
+grid and its rule, or "float" with the reason. The grids are `sq_plugin.core.grid.Grid`s.
 
 Torch-free and numpy-free on purpose: reading, validating and printing a plan imports nothing heavy.
 """
@@ -19,62 +18,16 @@ import json
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sq_plugin.core.grid import X86_ACTIVATION, X86_WEIGHT, Grid, PlanError, x86_grids
+
 PLAN_FORMAT = "sq-plugin-quant-plan"
 PLAN_VERSION = 1
-
-
-class PlanError(ValueError):
-    """A plan that cannot be read or does not fit the model; the message names the layer or key and the fix."""
-
-
-@dataclass(frozen=True)
-class Grid:
-    """One integer grid: qmin..qmax, symmetric (zero point fixed) or affine, per tensor or per channel."""
-
-    qmin: int
-    qmax: int
-    symmetric: bool
-    channel_axis: int | None = None
-
-    def __post_init__(self) -> None:
-        levels = self.qmax - self.qmin + 1
-        if levels < 4 or levels & (levels - 1):
-            raise PlanError(f"grid {self.qmin}..{self.qmax} is not a 2- to 8-bit power-of-two grid")
-        if not (-128 <= self.qmin and self.qmax <= 255):
-            raise PlanError(f"grid {self.qmin}..{self.qmax} does not fit int8/uint8 storage")
-
-    @property
-    def bits(self) -> int:
-        return (self.qmax - self.qmin + 1).bit_length() - 1
-
-    @property
-    def signed(self) -> bool:
-        return self.qmin < 0
-
-    def narrowed(self, bits: int) -> Grid:
-        """The same kind of grid with `bits` levels (e.g. 7-bit weights on -64..63)."""
-        if self.signed:
-            return replace(self, qmin=-(2 ** (bits - 1)), qmax=2 ** (bits - 1) - 1)
-        return replace(self, qmin=0, qmax=2**bits - 1)
-
-    def describe(self) -> str:
-        kind = "symmetric" if self.symmetric else "affine"
-        where = "per tensor" if self.channel_axis is None else f"per channel (axis {self.channel_axis})"
-        return f"{self.bits}-bit {'s' if self.signed else 'u'}int {self.qmin}..{self.qmax} {kind} {where}"
-
-
-# oneDNN's INT8 ops: uint8 affine per-tensor activations, int8 symmetric per-output-channel weights.
-X86_ACTIVATION = Grid(0, 255, symmetric=False)
-X86_WEIGHT = Grid(-128, 127, symmetric=True, channel_axis=0)
-
-
-def x86_grids(w_bits: int, a_bits: int) -> tuple[Grid, Grid]:
-    """(weight grid, activation grid) of the x86 scheme at these widths (the grids that execute)."""
-    return X86_WEIGHT.narrowed(w_bits), X86_ACTIVATION.narrowed(a_bits)
+__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "X86_ACTIVATION", "X86_WEIGHT", "Grid", "LayerPlan", "PlanError",
+           "QuantPlan", "x86_grids"]
 
 
 @dataclass(frozen=True)

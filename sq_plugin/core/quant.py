@@ -16,39 +16,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+# The integer grids themselves (bits, bounds, the x86 narrowing) are torch-free: sq_plugin.core.grid.
+from sq_plugin.core.grid import INT8_GRIDS, NARROW_BITS, check_bits, grid_bits, quant_bounds  # noqa: F401
+
 DEFAULT_EPS = 2.0**-12
-
-
-def quant_bounds(bits: int, *, signed: bool) -> tuple[int, int]:
-    """Integer grid of an N-bit quantizer, e.g. (8, signed) -> (-128, 127), (6, unsigned) -> (0, 63)."""
-    check_bits(bits)
-    if signed:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
-
-
-INT8_GRIDS = ("full", "narrow_weights", "narrow_activations")
-NARROW_BITS = 7  # a narrowed operand: weights on -64..63, or activations on 0..127
-
-
-def grid_bits(w_bits: int, a_bits: int, grid: str) -> tuple[int, int]:
-    """(weight bits, activation bits) of the grids that execute for nominal `w_bits`/`a_bits`:
-    "full" keeps both; "narrow_weights" caps the weights at 7 bits, "narrow_activations" the
-    activations (what x86 CPUs without VNNI compute exactly at W8A8; 6 bits and fewer are unchanged)."""
-    check_bits(w_bits, name="w_bits")
-    check_bits(a_bits, name="a_bits")
-    if grid not in INT8_GRIDS:
-        raise ValueError(f"int8_grid must be one of {', '.join(INT8_GRIDS)} (got {grid!r})")
-    if grid == "narrow_weights":
-        return min(w_bits, NARROW_BITS), a_bits
-    if grid == "narrow_activations":
-        return w_bits, min(a_bits, NARROW_BITS)
-    return w_bits, a_bits
-
-
-def check_bits(bits: int, *, name: str = "bits") -> None:
-    if not isinstance(bits, int | np.integer) or isinstance(bits, bool) or not 2 <= bits <= 8:
-        raise ValueError(f"{name} must be an integer from 2 to 8 (got {bits!r}); use 8 for real INT8 kernels")
 
 
 def qparams_from_range(lo: np.ndarray | float, hi: np.ndarray | float, qmin: int, qmax: int, *,

@@ -1,0 +1,91 @@
+"""Integer grids: bit widths, bounds, the named x86 grids and the narrowing x86 CPUs without VNNI need.
+
+Torch-free and numpy-free, so validating a recipe or reading a plan imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, replace
+
+
+class PlanError(ValueError):
+    """A plan that cannot be read or does not fit the model; the message names the layer or key and the fix."""
+
+
+def check_bits(bits: int, *, name: str = "bits") -> None:
+    if not isinstance(bits, numbers.Integral) or isinstance(bits, bool) or not 2 <= bits <= 8:
+        raise ValueError(f"{name} must be an integer from 2 to 8 (got {bits!r}); use 8 for real INT8 kernels")
+
+
+def quant_bounds(bits: int, *, signed: bool) -> tuple[int, int]:
+    """Integer grid of an N-bit quantizer, e.g. (8, signed) -> (-128, 127), (6, unsigned) -> (0, 63)."""
+    check_bits(bits)
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+INT8_GRIDS = ("full", "narrow_weights", "narrow_activations")
+NARROW_BITS = 7  # a narrowed operand: weights on -64..63, or activations on 0..127
+
+
+def grid_bits(w_bits: int, a_bits: int, grid: str) -> tuple[int, int]:
+    """(weight bits, activation bits) of the grids that execute for nominal `w_bits`/`a_bits`:
+    "full" keeps both; "narrow_weights" caps the weights at 7 bits, "narrow_activations" the
+    activations (what x86 CPUs without VNNI compute exactly at W8A8; 6 bits and fewer are unchanged)."""
+    check_bits(w_bits, name="w_bits")
+    check_bits(a_bits, name="a_bits")
+    if grid not in INT8_GRIDS:
+        raise ValueError(f"int8_grid must be one of {', '.join(INT8_GRIDS)} (got {grid!r})")
+    if grid == "narrow_weights":
+        return min(w_bits, NARROW_BITS), a_bits
+    if grid == "narrow_activations":
+        return w_bits, min(a_bits, NARROW_BITS)
+    return w_bits, a_bits
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One integer grid: qmin..qmax, symmetric (zero point fixed) or affine, per tensor or per channel."""
+
+    qmin: int
+    qmax: int
+    symmetric: bool
+    channel_axis: int | None = None
+
+    def __post_init__(self) -> None:
+        levels = self.qmax - self.qmin + 1
+        if levels < 4 or levels & (levels - 1):
+            raise PlanError(f"grid {self.qmin}..{self.qmax} is not a 2- to 8-bit power-of-two grid")
+        if not (-128 <= self.qmin and self.qmax <= 255):
+            raise PlanError(f"grid {self.qmin}..{self.qmax} does not fit int8/uint8 storage")
+
+    @property
+    def bits(self) -> int:
+        return (self.qmax - self.qmin + 1).bit_length() - 1
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+    def narrowed(self, bits: int) -> Grid:
+        """The same kind of grid with `bits` levels (e.g. 7-bit weights on -64..63)."""
+        if self.signed:
+            return replace(self, qmin=-(2 ** (bits - 1)), qmax=2 ** (bits - 1) - 1)
+        return replace(self, qmin=0, qmax=2**bits - 1)
+
+    def describe(self) -> str:
+        kind = "symmetric" if self.symmetric else "affine"
+        where = "per tensor" if self.channel_axis is None else f"per channel (axis {self.channel_axis})"
+        return f"{self.bits}-bit {'s' if self.signed else 'u'}int {self.qmin}..{self.qmax} {kind} {where}"
+
+
+# oneDNN's INT8 ops: uint8 affine per-tensor activations, int8 symmetric per-output-channel weights.
+X86_ACTIVATION = Grid(0, 255, symmetric=False)
+X86_WEIGHT = Grid(-128, 127, symmetric=True, channel_axis=0)
+
+
+def x86_grids(w_bits: int, a_bits: int) -> tuple[Grid, Grid]:
+    """(weight grid, activation grid) of the x86 scheme at these widths (the grids that execute)."""
+    return X86_WEIGHT.narrowed(w_bits), X86_ACTIVATION.narrowed(a_bits)
