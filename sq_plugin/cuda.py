@@ -270,6 +270,63 @@ def quantize_cuda_int8(model: torch.nn.Module, ranges: Mapping[str, ActRange], *
     return plans
 
 
+def plan_act_qparams(lo: float, hi: float, ndim: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchao's asymmetric int8 (scale, zero point) for a plan's uint8 affine range: the same 256 levels
+    shifted by 128 (x86's zero point z on 0..255 is z - 128 on -128..127), shaped (1,)*ndim."""
+    from sq_plugin.core.quant import qparams_from_range
+
+    scale, zero = qparams_from_range(lo, hi, 0, 255, symmetric=False)
+    return (torch.full((1,) * ndim, float(scale), dtype=torch.float32),
+            torch.full((1,) * ndim, int(zero) - 128, dtype=torch.int8))
+
+
+def quantize_cuda_from_plan(model: torch.nn.Module, plan: Any, *, pad: bool = True, ndim: int = 3,
+                            ) -> tuple[list[LayerPlan], dict[str, str]]:
+    """Apply a `QuantPlan` to `model`'s linears in place: per layer an `Int8StaticActivationInt8WeightConfig`
+    with the plan's input range as an asymmetric int8 scale + zero point (no re-derivation, no symmetric
+    widening) and per-row int8 weights. Returns (paths, deviations): what each linear runs, and the plan
+    layers this backend cannot run as planned, each with the reason (never silently).
+
+    torchao's static INT8 takes the full int8 grids: a plan narrowed for x86 without VNNI (7-bit weights
+    or activations) runs here on 8 bits, which is listed; convs stay float (torchao quantizes linears).
+    """
+    from torchao.quantization import (
+        FqnToConfig,
+        Int8StaticActivationInt8WeightConfig,
+        MappingType,
+        PerRow,
+        PerTensor,
+        quantize_,
+    )
+
+    plan.check_layers([n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv1d)])
+    ranges = {n: ActRange(*plan.layers[n].act_range, ndim=ndim) for n in plan.quantized
+              if plan.layers[n].op == "linear"}
+    paths = plan_layers(model, ranges, pad=pad)
+    deviations: dict[str, str] = {}
+    for name in plan.quantized:
+        layer = plan.layers[name]
+        if layer.op != "linear":
+            deviations[name] = f"{layer.op} stays float on this backend (torchao's static INT8 covers nn.Linear)"
+        elif layer.activation.bits != 8 or layer.weight.bits != 8:
+            deviations[name] = (f"runs 8-bit weights and activations, not the plan's {layer.weight.bits}-bit weights "
+                                f"and {layer.activation.bits}-bit activations (torchao's static INT8 grids are fixed)")
+    if pad:
+        install_int_mm_padding()
+    table: OrderedDict[str, Any] = OrderedDict()
+    for path in paths:
+        if path.path == "float":
+            continue
+        scale, zero = plan_act_qparams(*plan.layers[path.name].act_range, ndim=ndim)
+        path.scale = float(scale.flatten()[0])
+        table[path.name] = Int8StaticActivationInt8WeightConfig(
+            act_quant_scale=scale, act_quant_zero_point=zero, act_mapping_type=MappingType.ASYMMETRIC,
+            granularity=[PerTensor(), PerRow()], set_inductor_config=False)
+    if table:
+        quantize_(model, FqnToConfig(fqn_to_config=table), filter_fn=None)
+    return paths, deviations
+
+
 def format_plan(plans: list[LayerPlan]) -> str:
     """A text table of the plan: one line per linear plus totals by path."""
     lines = [f"{'layer':<55} {'K':>5} {'N':>5}  {'path':<14} reason"]

@@ -39,6 +39,7 @@ except ImportError as exc:  # an optional extra: say how to get it
         'sq_plugin.inc needs Intel Neural Compressor 3.x (neural-compressor-pt 3.10): pip install "sq-plugin[inc]"'
     ) from exc
 
+from sq_plugin.core.plan import QuantPlan
 from sq_plugin.core.quant import check_bits
 from sq_plugin.core.ranges import RangeRule
 from sq_plugin.pipeline import QuantizedModel, _require_ctc, _require_utterances, ctc_inputs, finish_converted
@@ -64,6 +65,8 @@ class StableQuantConfig(TorchBaseConfig):
     taken from the global rule) or None (keep that layer float). `SearchResult.per_layer_rules()` fits.
     int8_grid: "auto" (this CPU's x86 policy: 7-bit weights without VNNI), "full", "narrow_weights",
     "narrow_activations" (`sq_plugin.x86_isa`).
+    plan: a `QuantPlan` (or its dict), e.g. `search.to_plan()`: applied as is (fixed input ranges and
+    grids); the rule and bit arguments are then unused.
     Stored as plain dicts so the config round-trips through `to_dict`/`from_dict`/JSON.
     """
 
@@ -72,12 +75,12 @@ class StableQuantConfig(TorchBaseConfig):
 
     def __init__(self, w_bits: int = 8, a_bits: int = 8, method: str = RangeRule.method,
                  percentile: float = RangeRule.percentile, mse_grid: int = RangeRule.mse_grid,
-                 per_layer: PerLayerRules | None = None, int8_grid: str = "auto",
+                 per_layer: PerLayerRules | None = None, int8_grid: str = "auto", plan: dict | None = None,
                  white_list: Any = DEFAULT_WHITE_LIST, **kwargs: Any) -> None:
         unknown = set(kwargs) - _INC_INTERNAL_KWARGS
         if unknown:
             raise TypeError(f"StableQuantConfig got unknown parameter(s) {sorted(unknown)}; valid: "
-                            "w_bits, a_bits, method, percentile, mse_grid, per_layer, int8_grid")
+                            "w_bits, a_bits, method, percentile, mse_grid, per_layer, int8_grid, plan")
         if int8_grid not in GRID_CHOICES:
             raise ValueError(f"StableQuantConfig: int8_grid must be one of {', '.join(GRID_CHOICES)} "
                              f"(got {int8_grid!r})")
@@ -94,6 +97,11 @@ class StableQuantConfig(TorchBaseConfig):
         self.mse_grid = rule.mse_grid
         self.per_layer = _per_layer_dicts(per_layer, rule)
         self.int8_grid = int8_grid
+        # A QuantPlan, stored as its dict so the config round-trips through INC's to_dict/from_dict/JSON.
+        self.plan = QuantPlan.from_dict(plan).to_dict() if isinstance(plan, dict) else (
+            plan.to_dict() if isinstance(plan, QuantPlan) else None)
+        if plan is not None and self.plan is None:
+            raise TypeError(f"StableQuantConfig: plan must be a QuantPlan or its dict (got {type(plan).__name__})")
         self._post_init()
 
     @property
@@ -135,8 +143,10 @@ def _per_layer_dicts(per_layer: PerLayerRules | None, default: RangeRule) -> dic
 
 def stablequant_quantizer_from_config(config: StableQuantConfig) -> Any:
     """The `StableQuantX86Quantizer` that `quantize_ctc_pt2e` builds for the same settings."""
-    from sq_plugin.pt2e import stablequant_x86_config, stablequant_x86_quantizer
+    from sq_plugin.pt2e import stablequant_x86_config, stablequant_x86_quantizer, stablequant_x86_quantizer_from_plan
 
+    if config.plan is not None:
+        return stablequant_x86_quantizer_from_plan(QuantPlan.from_dict(config.plan))
     grid = config.int8_grid
     global_config = stablequant_x86_config(config.act_rule, a_bits=config.a_bits, w_bits=config.w_bits,
                                            int8_grid=grid)

@@ -135,6 +135,26 @@ def apply_fake_quant(model: torch.nn.Module, plan: dict[str, LayerQuant]) -> tor
     return model
 
 
+def plan_layer_quants(plan: Any) -> dict[str, LayerQuant]:
+    """A `QuantPlan` as the simulation's per-layer specs: the plan's input range on its activation grid,
+    per-channel MAX weights on its weight grid; float layers are left out (they stay float).
+    Raises `PlanError` for what this simulation does not model (another weight rule, per-tensor weights,
+    signed or symmetric activations)."""
+    from sq_plugin.core.plan import PlanError
+
+    quants = {}
+    for name in plan.quantized:
+        layer = plan.layers[name]
+        act, weight = layer.activation, layer.weight
+        if act is None or weight is None or act.signed or act.symmetric or weight.channel_axis != 0 \
+                or not weight.symmetric or layer.weight_rule != "max":
+            raise PlanError(f"layers.{name}: the simulation models uint8 affine per-tensor inputs with int8 "
+                            "symmetric per-channel MAX weights (the x86 scheme); this layer's scheme differs. Fix: "
+                            "make the plan for the x86 scheme (sq_plugin.core.grid.x86_grids)")
+        quants[name] = LayerQuant(act_range=layer.act_range, a_bits=act.bits, w_bits=weight.bits)
+    return quants
+
+
 def observer_ranges(model: torch.nn.Module, run_calibration: Callable[[], None], layers: Sequence[str],
                     make_observer: Callable[[], torch.nn.Module]) -> dict[str, tuple[float, float]]:
     """Feed every layer's input activation to its own observer (e.g. torchao's HistogramObserver) in
