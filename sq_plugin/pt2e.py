@@ -343,19 +343,29 @@ def _conv_groups(node: torch.fx.Node) -> int:
 class StableQuantX86Quantizer(X86InductorQuantizer):
     """`X86InductorQuantizer` that also annotates standalone `aten.conv1d` (wav2vec2/HuBERT front end).
 
-    quantize_grouped_conv1d: None (default) quantizes grouped conv1d (the positional conv) only where
-    `grouped_qconv_is_safe()`; elsewhere it runs in float and is listed in `skipped_layers`, with its
-    weight still quantized (weight-only: stored INT8 with per-channel scales, dequantized for a float
-    conv; Inductor folds the dequantize at compile time). The artifact thus stays INT8-sized, and
-    the numbers are those of the fake-quant graph's weights with a float activation.
+    quantize_grouped_conv1d: None (default) asks this CPU's policy per grouped conv1d (the positional
+    conv; `X86IsaPolicy.grouped_conv_problem`: wrong on AMX, oneDNN's slow reference kernel without
+    VNNI for groups of channels that are not multiples of 4); a conv it refuses runs in float and is
+    listed in `skipped_layers`, with its weight still quantized (weight-only: stored INT8 with
+    per-channel scales, dequantized for a float conv; Inductor folds the dequantize at compile time).
+    The artifact thus stays INT8-sized, and the numbers are those of the fake-quant graph's weights
+    with a float activation. True / False: quantize every grouped conv1d / none.
     """
 
     def __init__(self, *, quantize_conv1d: bool = True, quantize_grouped_conv1d: bool | None = None) -> None:
         super().__init__()
         self.quantize_conv1d = quantize_conv1d
-        self.quantize_grouped_conv1d = (grouped_qconv_is_safe() if quantize_grouped_conv1d is None
-                                        else quantize_grouped_conv1d)
+        self.quantize_grouped_conv1d = quantize_grouped_conv1d
         self.skipped_layers: dict[str, str] = {}  # module name -> why it stays float
+
+    def _grouped_conv_problem(self, node: torch.fx.Node) -> str | None:
+        groups = _conv_groups(node)
+        if groups == 1 or self.quantize_grouped_conv1d:
+            return None
+        if self.quantize_grouped_conv1d is False:
+            return "quantize_grouped_conv1d=False"
+        out_channels, in_per_group = node.args[1].meta["val"].shape[:2]
+        return x86_policy().grouped_conv_problem(groups, int(in_per_group), int(out_channels) // groups)
 
     def _annotate_with_config(self, model: torch.fx.GraphModule, quantization_config: QuantizationConfig | None,
                               filter_fn: Any) -> None:
@@ -364,11 +374,10 @@ class StableQuantX86Quantizer(X86InductorQuantizer):
                 if node.op == "call_function" and node.target == torch.ops.aten.conv1d.default:
                     if _skip_annotate([node], filter_fn):
                         continue
-                    if _conv_groups(node) > 1 and not self.quantize_grouped_conv1d:
+                    why = self._grouped_conv_problem(node)
+                    if why is not None:
                         self.skipped_layers[_module_name(node) or node.name] = (
-                            "grouped conv1d runs in float (INT8 weight, float activation): oneDNN's AMX INT8 "
-                            "grouped conv is wrong in torch 2.13 (set ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI before "
-                            "starting Python to quantize it)")
+                            f"grouped conv1d runs in float (INT8 weight, float activation): {why}")
                         if quantization_config is not None:
                             node.meta[QUANT_ANNOTATION_KEY] = _X86InductorQuantizationAnnotation(
                                 input_qspec_map={node.args[1]: quantization_config.weight}, _annotated=True)

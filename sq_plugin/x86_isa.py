@@ -119,6 +119,21 @@ class X86IsaPolicy:
             return f"oneDNN's grouped INT8 conv ({groups} groups) is wrong on {self.kind} in torch 2.13"
         return None
 
+    def grouped_conv_problem(self, groups: int, in_per_group: int, out_per_group: int) -> str | None:
+        """Why a grouped INT8 conv should stay weight-only here (None: run it on INT8 kernels).
+
+        Wrong on AMX (torch 2.13). Slow without VNNI when a group's channels are not a multiple of 4:
+        oneDNN has no AVX2 INT8 kernel for them and runs its reference one (measured, 16 groups, kernel
+        64: 10 channels per group 43.5 ms, 6 per group 16.9 ms, 8 or 12 per group 0.45-0.71 ms), which made
+        hubert-ref's positional conv 86 % of its INT8 time."""
+        if not self.grouped_conv_int8:
+            return ("oneDNN's AMX INT8 grouped conv is wrong in torch 2.13 (set ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI "
+                    "before starting Python to quantize it)")
+        if not self.int32_accumulation and (in_per_group % 4 or out_per_group % 4):
+            return (f"oneDNN has no {self.kind} INT8 kernel for {groups} groups of {in_per_group} -> {out_per_group} "
+                    "channels (not multiples of 4) and would run its reference kernel, 20-70x slower")
+        return None
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -265,10 +265,39 @@ def test_grouped_conv1d_is_kept_float_and_named_when_asked():
     assert count_quantized_ops(converted) == {"conv1d_weight_only": 1}
     (conv,) = [n for n in converted.graph.nodes if n.target == torch.ops.aten.conv1d.default]
     assert "dequantize_per_channel" in str(conv.args[1].target) and conv.args[0].op == "placeholder"
-    assert list(quantizer.skipped_layers) == ["conv"] and "AMX" in quantizer.skipped_layers["conv"]
-    # the default follows the CPU: quantized unless oneDNN would pick its AMX kernel
-    assert StableQuantX86Quantizer().quantize_grouped_conv1d == grouped_qconv_is_safe()
+    assert list(quantizer.skipped_layers) == ["conv"]
+    assert "quantize_grouped_conv1d=False" in quantizer.skipped_layers["conv"]
+    # the default asks this CPU's policy per conv: quantized unless oneDNN would pick its AMX kernel
+    assert StableQuantX86Quantizer().quantize_grouped_conv1d is None
     assert grouped_qconv_is_safe() or cpu_has_amx()
+
+
+class GroupsOfTen(torch.nn.Module):
+    """hubert-ref's positional conv shape: 16 groups of 10 channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(160, 160, 64, padding=32, groups=16)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_a_grouped_conv_oneDNN_has_no_avx2_kernel_for_stays_weight_only_there(monkeypatch):
+    """Without VNNI, groups of channels that are not multiples of 4 run oneDNN's reference INT8 kernel
+    (43.5 ms against 0.45 ms for groups of 8, measured): the policy keeps such a conv weight-only."""
+    from sq_plugin import x86_isa
+
+    x = torch.randn(1, 160, 120)
+    for kind, expected in (("avx2", {"conv1d_weight_only": 1}), ("vnni", {"conv1d": 1})):
+        monkeypatch.setattr(x86_isa, "detect_kind", lambda flags=None, cap=None, kind=kind: kind)
+        quantizer = StableQuantX86Quantizer().set_global(stablequant_x86_config())
+        prepared = prepare_pt2e(export_for_quantization(GroupsOfTen().eval(), (x,), dynamic_dims={}), quantizer)
+        calibrate(prepared, [x])
+        assert count_quantized_ops(convert_pt2e(prepared)) == expected, kind
+        if kind == "avx2":
+            assert "reference kernel" in quantizer.skipped_layers["conv"]
+    assert x86_isa.X86IsaPolicy("avx2", "narrow_weights", True).grouped_conv_problem(16, 12, 12) is None
 
 
 def test_int8_module_raises_when_the_kernels_disagree_with_fake_quant(tiny_hubert):
@@ -293,7 +322,7 @@ def test_the_amx_grouped_conv_defect_is_caught_not_run_silently():
         compiled, _ = lower_x86(converted, (x,))
         assert compiled.errors[next(iter(compiled.errors))] < 0.02
     else:
-        with pytest.raises(RuntimeError, match="grouped conv1d on AMX"):
+        with pytest.raises(RuntimeError, match="grouped INT8 conv"):  # refused before compiling (isa_problems)
             lower_x86(converted, (x,))
 
 

@@ -80,3 +80,13 @@ def test_bad_plans_name_the_key_and_the_fix(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(PlanError, match="broken.json: not valid JSON"):
         QuantPlan.load(tmp_path / "broken.json")
+
+
+def test_the_shipped_example_plan_loads():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "recipes" / "plans" / "whisper-tiny-en-w8a8-narrow-weights.plan.json"
+    shipped = QuantPlan.load(path)
+    assert shipped.provenance["model"] == "openai/whisper-tiny.en" and len(shipped.quantized) == 67
+    assert shipped.provenance["int8_grid"] == "narrow_weights"
+    assert {layer.weight.qmin for layer in shipped.layers.values()} == {-64}
