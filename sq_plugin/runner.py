@@ -365,7 +365,7 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
                              "fp_cer": fp_cer, "calib_seconds": quantized.calib_seconds,
                              "search_seconds": search_seconds, "n_eval": result.n,
                              "lower_seconds": quantized.lower_seconds, "eval_seconds": result.seconds,
-                             "plan_deviations": getattr(quantized, "plan_deviations", {})})
+                             "plan_deviations": quantized.plan_deviations})
             hypotheses[label] = {u.id: u.hypothesis for u in result.utterances}
             say(f"{model} {label}: WER {wer_q:.4f} ({(wer_q - fp_wer) * 100:+.2f} pp) CER {cer_q:.4f}; "
                 f"{quantized.backend}, {quantized.int8_kernels} INT8 kernels; calibration "

@@ -148,10 +148,9 @@ class SearchResult:
             layers[d.name] = LayerPlan(op=op, activation=act_grid, act_range=d.act_range, weight=weight_grid,
                                        decision={"method": "percentile_then_mse", "percentile": d.percentile,
                                                  "flagged": d.flagged})
-        return QuantPlan(layers, {"method": "stablequant", "w_bits": self.config.w_bits,
+        return QuantPlan(layers, {**(provenance or {}), "method": "stablequant", "w_bits": self.config.w_bits,
                                   "a_bits": self.config.a_bits, "int8_grid": self.config.int8_grid,
-                                  "fp_metric": self.fp_metric, "final_metric": self.final_metric,
-                                  **(provenance or {})})
+                                  "fp_metric": self.fp_metric, "final_metric": self.final_metric})
 
     def to_dict(self) -> dict:
         return {

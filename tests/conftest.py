@@ -44,13 +44,16 @@ def conv1d_counts():
     return expected_conv1d_counts
 
 
-def expected_conv1d_counts(n_conv1d: int = 8, n_grouped: int = 1, *, also_float: int = 0) -> dict[str, int]:
-    """The conv1d entries of `count_quantized_ops` for a tiny CTC model under StableQuantX86Quantizer:
-    the grouped positional conv computes in float (its weight stays INT8) where oneDNN's grouped INT8
-    conv is wrong (AMX CPUs); `also_float` more are kept float altogether."""
-    from sq_plugin.pt2e import grouped_qconv_is_safe
+def expected_conv1d_counts(n_conv1d: int = 8, n_grouped: int = 1, *, also_float: int = 0,
+                           groups: int = 4, channels_per_group: int = 16) -> dict[str, int]:
+    """The conv1d entries of `count_quantized_ops` for a CTC model under StableQuantX86Quantizer: the
+    grouped positional conv (default: the tiny test models' 4 groups of 16) computes in float (its
+    weight stays INT8) where this CPU's policy says so (AMX: wrong; no VNNI: groups that are not
+    multiples of 4 channels run oneDNN's slow reference kernel); `also_float` more are kept float."""
+    from sq_plugin.x86_isa import x86_policy
 
-    weight_only = 0 if grouped_qconv_is_safe() else n_grouped
+    problem = x86_policy().grouped_conv_problem(groups, channels_per_group, channels_per_group)
+    weight_only = 0 if problem is None else n_grouped
     counts = {"conv1d": n_conv1d - also_float - weight_only}
     if weight_only:
         counts["conv1d_weight_only"] = weight_only
