@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sq_plugin.core.files import atomic_write
 from sq_plugin.core.grid import X86_ACTIVATION, X86_WEIGHT, Grid, PlanError, x86_grids
 
 PLAN_FORMAT = "sq-plugin-quant-plan"
@@ -148,16 +149,9 @@ class QuantPlan:
         return json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the plan as JSON, atomically (a temporary sibling, then one rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_text(self.to_json())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        """Write the plan as JSON, atomically (`sq_plugin.core.files.atomic_write`)."""
+        text = self.to_json().encode()
+        return atomic_write(path, lambda f: f.write(text))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> QuantPlan:

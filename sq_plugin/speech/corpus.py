@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from sq_plugin.core.files import atomic_write
 from sq_plugin.speech.audio import SAMPLE_RATE, prepare_audio
 from sq_plugin.speech.espeak import synthesize
 from sq_plugin.speech.sentences import SENTENCES_VERSION, generate_sentences
@@ -255,22 +255,6 @@ def _to_utterances(arrays: dict[str, np.ndarray], split: str, snr_db: float | No
 # ---------------------------------------------------------------------------------------------------
 # Cache
 # ---------------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via a temp file in the same directory + os.replace, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is shared data, not a secret
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_cached(data_path: Path, manifest_path: Path, split: str, snr_db: float | None) -> list[Utterance]:
     fix = f"delete {data_path} and {manifest_path} to regenerate it"
     try:
@@ -294,7 +278,7 @@ def _store(
     config: CorpusConfig, split: str, arrays: dict[str, np.ndarray], data_path: Path, manifest_path: Path
 ) -> list[Utterance]:
     utterances = _to_utterances(arrays, split, config.snr_db)
-    _atomic_write(data_path, lambda f: np.savez(f, **arrays))
+    atomic_write(data_path, lambda f: np.savez(f, **arrays))
     manifest = {
         "split": split,
         "version": config.version,
@@ -307,7 +291,7 @@ def _store(
         "sha256": split_hash(utterances),
         "file_bytes": data_path.stat().st_size,
     }
-    _atomic_write(manifest_path, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+    atomic_write(manifest_path, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
     return utterances
 
 
