@@ -13,8 +13,8 @@ Without VNNI the sum of two products must fit in int16: 2 * 255 * 128 = 65280 do
 operand narrowed to 7 bits fits: 7-bit weights (-64..63) with 0..255 activations give 2 * 255 * 64 =
 32640, 7-bit activations (0..127) with -128..127 weights 2 * 127 * 128 = 32512. Both are exact on every
 kind; the default there narrows the *weights*, because per-channel weights lose far less than a
-per-tensor activation grid (wav2vec2-ref, 600 test utterances, W8A8 MSE ranges: +0.37 pp WER with
-7-bit weights, +3.33 pp with 7-bit activations; BENCHMARKS.md). `X86IsaPolicy` holds that table for
+per-tensor activation grid (wav2vec2-ref, 600 test utterances, W8A8 StableQuant: +0.37 pp WER with
+7-bit weights, +1.73 pp with 7-bit activations; MAX: +1.28 / +6.22; BENCHMARKS.md). `X86IsaPolicy` holds that table for
 the CPU this process runs on; the quantizer configs, the search's scoring grid, the lowering check,
 the artifact metadata and the report all read it from here.
 
