@@ -229,16 +229,10 @@ class PlanRangeObserver(StableQuantObserver):
 def plan_layer_config(layer: LayerPlan, *, name: str, bins: int = DEFAULT_BINS) -> QuantizationConfig:
     """The x86 `QuantizationConfig` of one quantized plan layer: its activation grid with the plan's range,
     its weight grid with the plan's weight rule. Raises `PlanError` for grids oneDNN's ops cannot take."""
+    problem = layer.x86_scheme_problem(name)
+    if problem is not None:
+        raise PlanError(problem)
     act, weight = layer.activation, layer.weight
-    if act is None or weight is None:
-        raise PlanError(f"layers.{name}: the x86 backend quantizes weight and input together; the plan quantizes "
-                        f"only the {'weight' if act is None else 'input'}. Fix: quantize both, or mark it float")
-    if act.signed or act.symmetric or act.channel_axis is not None:
-        raise PlanError(f"layers.{name}: the x86 backend takes uint8 affine per-tensor activations, not "
-                        f"{act.describe()}. Fix: make the plan for the x86 backend (core.plan.X86_ACTIVATION)")
-    if not weight.signed or not weight.symmetric or weight.channel_axis != 0:
-        raise PlanError(f"layers.{name}: the x86 backend takes int8 symmetric per-output-channel weights, not "
-                        f"{weight.describe()}. Fix: make the plan for the x86 backend (core.plan.X86_WEIGHT)")
     act_spec = QuantizationSpec(
         dtype=torch.uint8, quant_min=act.qmin, quant_max=act.qmax, qscheme=torch.per_tensor_affine, is_dynamic=False,
         observer_or_fake_quant_ctr=PlanRangeObserver.with_args(act_range=layer.act_range, bins=bins))

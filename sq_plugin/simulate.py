@@ -145,13 +145,13 @@ def plan_layer_quants(plan: Any) -> dict[str, LayerQuant]:
     quants = {}
     for name in plan.quantized:
         layer = plan.layers[name]
-        act, weight = layer.activation, layer.weight
-        if act is None or weight is None or act.signed or act.symmetric or weight.channel_axis != 0 \
-                or not weight.symmetric or layer.weight_rule != "max":
-            raise PlanError(f"layers.{name}: the simulation models uint8 affine per-tensor inputs with int8 "
-                            "symmetric per-channel MAX weights (the x86 scheme); this layer's scheme differs. Fix: "
-                            "make the plan for the x86 scheme (sq_plugin.core.grid.x86_grids)")
-        quants[name] = LayerQuant(act_range=layer.act_range, a_bits=act.bits, w_bits=weight.bits)
+        problem = layer.x86_scheme_problem(name)
+        if problem is not None:
+            raise PlanError(problem)
+        if layer.weight_rule != "max":
+            raise PlanError(f"layers.{name}: the simulation quantizes weights with per-channel MAX ranges, not "
+                            f"{layer.weight_rule!r}. Fix: use weight_rule 'max', or the x86 backend")
+        quants[name] = LayerQuant(act_range=layer.act_range, a_bits=layer.activation.bits, w_bits=layer.weight.bits)
     return quants
 
 

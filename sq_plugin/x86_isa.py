@@ -208,11 +208,7 @@ def _policy(kind: str, int8_grid: str, cap: str | None) -> X86IsaPolicy:
 
 def resolve_int8_grid(int8_grid: str) -> Int8Grid:
     """"auto" -> this CPU's grid ("full" with VNNI/AMX, "narrow_weights" without); others as given."""
-    if int8_grid not in GRID_CHOICES:
-        raise ValueError(f"int8_grid must be one of {', '.join(GRID_CHOICES)} (got {int8_grid!r})")
-    if int8_grid == "auto":
-        return x86_policy().int8_grid
-    return int8_grid  # type: ignore[return-value]
+    return x86_policy(int8_grid).int8_grid
 
 
 def x86_policy(int8_grid: str = "auto") -> X86IsaPolicy:

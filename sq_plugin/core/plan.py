@@ -48,6 +48,21 @@ class LayerPlan:
     def is_float(self) -> bool:
         return self.activation is None and self.weight is None
 
+    def x86_scheme_problem(self, name: str) -> str | None:
+        """Why this quantized layer is not on the x86 scheme (uint8 affine per-tensor input, int8 symmetric
+        per-output-channel weight, both quantized), which the x86 backend and the simulation take; None if it is."""
+        act, weight = self.activation, self.weight
+        if act is None or weight is None:
+            return (f"layers.{name}: the x86 scheme quantizes weight and input together; the plan quantizes only "
+                    f"the {'weight' if act is None else 'input'}. Fix: quantize both, or mark it float")
+        if act.signed or act.symmetric or act.channel_axis is not None:
+            return (f"layers.{name}: the x86 scheme takes uint8 affine per-tensor activations, not "
+                    f"{act.describe()}. Fix: make the plan for the x86 scheme (core.grid.x86_grids)")
+        if not weight.signed or not weight.symmetric or weight.channel_axis != 0:
+            return (f"layers.{name}: the x86 scheme takes int8 symmetric per-output-channel weights, not "
+                    f"{weight.describe()}. Fix: make the plan for the x86 scheme (core.grid.x86_grids)")
+        return None
+
     def check(self, name: str) -> None:
         if self.is_float:
             if not self.why_float:
