@@ -25,9 +25,9 @@ demo: install
 	$(BIN)/python -m sq_plugin.demo
 
 # oneDNN reads ONEDNN_MAX_CPU_ISA once, at process start: the capped run needs its own pytest process.
-INT8_TESTS := tests/test_x86_isa.py tests/test_pt2e.py tests/test_artifact.py tests/test_whisper_int8.py \
-	tests/test_pipeline.py tests/test_inc.py tests/test_quanto.py tests/test_cuda.py tests/test_cli.py \
-	tests/test_plan_backends.py
+INT8_TESTS := tests/backends/test_x86_isa.py tests/backends/test_pt2e.py tests/backends/test_artifact.py tests/families/test_whisper_int8.py \
+	tests/families/test_ctc.py tests/backends/test_inc.py tests/backends/test_quanto.py tests/backends/test_cuda.py tests/test_cli.py \
+	tests/backends/test_plan_backends.py
 
 test: install
 	$(BIN)/python -m pytest -q

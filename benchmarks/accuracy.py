@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from common import RESULTS, atomic_write, device_name
 
+from sq_plugin.backends.x86_isa import GRID_CHOICES, resolve_int8_grid, x86_policy
 from sq_plugin.recipe import parse_recipe
 from sq_plugin.runner import run_recipe
-from sq_plugin.x86_isa import GRID_CHOICES, resolve_int8_grid, x86_policy
 
 ALL_METHODS = ("fp", "stablequant", "max", "moving_average", "histogram", "percentile", "mse",
                "inc_minmax", "inc_kl", "quanto_absmax")
@@ -203,7 +203,7 @@ def main() -> None:
         "runs": [*old.get("runs", []), {
             "command": command, "output_dir": str(run.output_dir), "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
-            # The CPU kind, and the INT8 grid the run used (sq_plugin.x86_isa): AMX keeps the grouped
+            # The CPU kind, and the INT8 grid the run used (sq_plugin.backends.x86_isa): AMX keeps the grouped
             # positional conv weight-only, x86 without VNNI narrows one side to 7 bits.
             "x86_isa": x86_policy().to_dict(), "int8_grid": resolve_int8_grid(args.int8_grid),
             "cpu": device_name(), "threads": args.threads,

@@ -27,9 +27,9 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def device_name() -> str:
-    """The CPU model and the kind oneDNN runs as (`sq_plugin.x86_isa`: avx2, avx512, vnni or amx;
+    """The CPU model and the kind oneDNN runs as (`sq_plugin.backends.x86_isa`: avx2, avx512, vnni or amx;
     ONEDNN_MAX_CPU_ISA lowers it), e.g. "cpu: AMD EPYC (2 cores; oneDNN as avx2, ONEDNN_MAX_CPU_ISA=AVX2)"."""
-    from sq_plugin.x86_isa import x86_policy
+    from sq_plugin.backends.x86_isa import x86_policy
 
     model = platform.processor() or platform.machine()
     try:

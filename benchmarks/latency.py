@@ -10,11 +10,11 @@ One run on one machine writes (atomically):
 Models and configurations:
   * sq/wav2vec2-ref, sq/hubert-ref (CTC): FP32 eager, FP32 `torch.compile` (Inductor, static shapes),
     INT8 = `stablequant_x86_quantizer()` ranges calibrated on --calib dev utterances, exported with a
-    dynamic batch and length, `convert_pt2e`, saved with `sq_plugin.artifact.save`, loaded back and
+    dynamic batch and length, `convert_pt2e`, saved with `sq_plugin.backends.artifact.save`, loaded back and
     lowered by `lower_x86`. Grid: --batches x --lengths at the first thread count; batch 1 x --seconds
     at the others. Batch b of s seconds = b different stretches of test speech.
   * openai/whisper-tiny.en end to end, greedy, prompt <|startoftranscript|><|notimestamps|>:
-    HF FP32 eager `generate`; `sq_plugin.whisper_int8` FP32 (the encoder+cross K/V and the static-cache
+    HF FP32 eager `generate`; `sq_plugin.families.whisper_int8` FP32 (the encoder+cross K/V and the static-cache
     decoder step, `torch.compile`d) and INT8 (the same two graphs quantized with the StableQuant
     recipe, calibrated by greedy-decoding dev utterances, saved, loaded and lowered to oneDNN INT8);
     ctranslate2 float32 and int8. Latency on one --seconds clip; WER on --wer-utts test utterances
@@ -177,8 +177,8 @@ def build_ctc(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    from sq_plugin.artifact import artifact_bytes, save
-    from sq_plugin.pt2e import calibrate, count_quantized_ops, prepare_stablequant, strip_weight_norm
+    from sq_plugin.backends.artifact import artifact_bytes, save
+    from sq_plugin.backends.pt2e import calibrate, count_quantized_ops, prepare_stablequant, strip_weight_norm
     from sq_plugin.speech.models import checkpoint_dir, load_model
 
     bundle = load_model(cfg["model"])
@@ -207,8 +207,8 @@ def build_ctc(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _verify_artifact(converted: Any, path: Path, x: Any, torch: Any) -> dict[str, Any]:
     """Bit-for-bit: fake-quant graph and lowered INT8 kernels, loaded artifact vs in-memory original."""
-    from sq_plugin.artifact import load
-    from sq_plugin.pt2e import lower_x86
+    from sq_plugin.backends.artifact import load
+    from sq_plugin.backends.pt2e import lower_x86
 
     loaded, _ = load(path)
     with torch.no_grad():
@@ -232,7 +232,7 @@ def time_ctc(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     import torch
     import torch._dynamo.config as dynamo_config
 
-    from sq_plugin.pt2e import lower_x86, strip_weight_norm
+    from sq_plugin.backends.pt2e import lower_x86, strip_weight_norm
     from sq_plugin.speech.models import load_model
 
     bundle = load_model(cfg["model"])
@@ -253,7 +253,7 @@ def time_ctc(cfg: dict[str, Any]) -> list[dict[str, Any]]:
                 fn(x)
                 name, precision = "torch.compile (inductor)", "fp32"
             else:
-                from sq_plugin.artifact import load
+                from sq_plugin.backends.artifact import load
 
                 if fn is None:
                     module, _ = load(cfg["artifact"], expect_model=cfg["model"])
@@ -286,11 +286,11 @@ def _unique_param_bytes(model: Any) -> int:
 
 def build_whisper(cfg: dict[str, Any]) -> dict[str, Any]:
     """INT8 Whisper (encoder + cross K/V, decoder step) with the StableQuant recipe, saved."""
-    from sq_plugin.artifact import artifact_bytes
-    from sq_plugin.pt2e import count_quantized_ops
+    from sq_plugin.backends.artifact import artifact_bytes
+    from sq_plugin.backends.pt2e import count_quantized_ops
+    from sq_plugin.families.whisper_int8 import quantize_whisper_int8, save_whisper_int8
     from sq_plugin.speech.corpus import load_split
     from sq_plugin.speech.models import load_model
-    from sq_plugin.whisper_int8 import quantize_whisper_int8, save_whisper_int8
 
     bundle = load_model(WHISPER)
     feats = [_whisper_features(bundle, [u.audio]) for u in load_split("dev", limit=cfg["calib"], progress=False)]
@@ -361,7 +361,7 @@ def time_whisper(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 
         name, precision = "HF generate (eager)", "fp32"
     else:
-        from sq_plugin.whisper_int8 import (
+        from sq_plugin.families.whisper_int8 import (
             GreedySettings,
             WhisperDecoderStep,
             WhisperEncoderKV,
@@ -528,9 +528,10 @@ def write_markdown(args: argparse.Namespace, rows: list[dict[str, Any]], sizes: 
     for s in sizes:
         lines.append(f"| {s['model']} | {s['precision']} | {s['bytes']} | {s['fp32_bytes']} | "
                      f"{s['bytes'] / s['fp32_bytes']:.3f} |")
-    lines += ["", "INT8 size = the `sq_plugin.artifact` directory (INT8 weights + scales in safetensors, the graph, "
-              "metadata); Whisper: both graphs' artifacts. CTC FP32 = the shipped model.safetensors; Whisper FP32 = "
-              "its parameters x 4 bytes (the tied embedding / logits weight once).", "", "## What runs in INT8", ""]
+    lines += ["", "INT8 size = the `sq_plugin.backends.artifact` directory (INT8 weights + scales in safetensors, "
+              "the graph, metadata); Whisper: both graphs' artifacts. CTC FP32 = the shipped model.safetensors; "
+              "Whisper FP32 = its parameters x 4 bytes (the tied embedding / logits weight once).", "",
+              "## What runs in INT8", ""]
     for name, b in builds.items():
         lines.append(f"* **{name}**: quantized in the PT2E graph: {b.get('quantized_ops')}; float compute ops left: "
                      f"{b.get('float_ops')}; calibration {b.get('calibration_utterances')} dev utterances, "

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from common import RESULTS, atomic_write
 
+from sq_plugin.backends.simulate import LayerQuant, quantizable_layers, simulate, strip_weight_norm
 from sq_plugin.core.ranges import RangeRule, compute_range
-from sq_plugin.pipeline import EVAL_KWARGS, ctc_inputs, ctc_labels, ctc_loss_per_char
+from sq_plugin.families.ctc import EVAL_KWARGS, ctc_inputs, ctc_labels, ctc_loss_per_char
 from sq_plugin.search import collect_input_histograms
-from sq_plugin.simulate import LayerQuant, quantizable_layers, simulate, strip_weight_norm
 from sq_plugin.speech.corpus import load_split
 from sq_plugin.speech.evaluate import evaluate
 from sq_plugin.speech.models import load_model

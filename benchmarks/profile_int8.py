@@ -90,7 +90,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     from latency import _calib_ctc, _whisper_features, ctc_input, speech_clip
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    from sq_plugin.pt2e import calibrate, lower_x86, prepare_stablequant, strip_weight_norm
+    from sq_plugin.backends.pt2e import calibrate, lower_x86, prepare_stablequant, strip_weight_norm
     from sq_plugin.speech.corpus import load_split
     from sq_plugin.speech.models import load_model
 

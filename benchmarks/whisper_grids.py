@@ -20,10 +20,10 @@ import torch
 from common import RESULTS, atomic_write, device_name
 
 from sq_plugin.core.ranges import RangeRule
+from sq_plugin.families.whisper import EVAL_BATCH, quantize_whisper_simulated
 from sq_plugin.speech.corpus import load_split
 from sq_plugin.speech.evaluate import evaluate
 from sq_plugin.speech.models import load_model
-from sq_plugin.whisper import EVAL_BATCH, quantize_whisper_simulated
 
 VARIANTS = {  # name -> (grid, layers that take W8A7 instead)
     "full": ("full", ()),

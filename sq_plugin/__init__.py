@@ -1,6 +1,6 @@
 """sq_plugin: StableQuant layer-adaptive post-training quantization for speech foundation models.
 
-Importing the package imports no optional framework: `sq_plugin.pt2e` needs torchao, `sq_plugin.inc`
+Importing the package imports no optional framework: `sq_plugin.backends.pt2e` needs torchao, `sq_plugin.backends.inc`
 needs Intel Neural Compressor (`pip install sq-plugin[inc]`).
 """
 
@@ -13,7 +13,7 @@ framework_logs.install()
 
 def __getattr__(name: str):  # lazy: `import sq_plugin` must not import torchao
     if name in ("save", "load"):
-        from sq_plugin import artifact
+        from sq_plugin.backends import artifact
 
         return getattr(artifact, name)
     raise AttributeError(f"module 'sq_plugin' has no attribute {name!r}")

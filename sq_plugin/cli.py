@@ -92,7 +92,7 @@ def models_command(_args: argparse.Namespace) -> int:
     print("offline (shipped or converted, no network):")
     for name in list_models():
         note = ("  (Whisper: recipes run it as a labelled fake-quant simulation; INT8 kernels through "
-                "sq_plugin.whisper_int8)") if "whisper" in name else ""
+                "sq_plugin.families.whisper_int8)") if "whisper" in name else ""
         print(f"  {name}{note}")
     print("hub (need network or a populated Hugging Face cache):")
     for name in HUB_MODELS:

@@ -18,7 +18,7 @@ import time
 import torch
 
 from sq_plugin.core.ranges import RangeRule
-from sq_plugin.pipeline import EVAL_KWARGS, quantize_ctc_pt2e, search_ctc
+from sq_plugin.families.ctc import EVAL_KWARGS, quantize_ctc_pt2e, search_ctc
 from sq_plugin.search import SearchConfig
 from sq_plugin.speech.corpus import load_split
 from sq_plugin.speech.evaluate import evaluate

@@ -12,7 +12,7 @@
     bits: [w8a8, w6a6]                 # or [{w: 8, a: 8}, ...]
     backend: x86                       # x86: real INT8 kernels for W8A8, fake-quant below; simulate: fake-quant always
     int8_grid: auto                    # auto: 7-bit weights on x86 without VNNI, else full; full;
-                                       # narrow_weights; narrow_activations (sq_plugin.x86_isa)
+                                       # narrow_weights; narrow_activations (sq_plugin.backends.x86_isa)
     output_dir: runs/recipes
     threads: 2                         # optional; torch intra-op threads
 
@@ -37,13 +37,13 @@ METHODS: tuple[str, ...] = ("fp", "stablequant", "max", "moving_average", "histo
 CALIBRATION_DATASETS: tuple[str, ...] = ("corpus-dev", "librispeech-validation.clean")
 EVALUATION_DATASETS: tuple[str, ...] = ("corpus-test", "librispeech-test.clean")
 BACKENDS: tuple[str, ...] = ("x86", "simulate")
-# = sq_plugin.x86_isa.GRID_CHOICES (not imported: it pulls in torch; tests/test_recipe.py checks they agree).
+# = sq_plugin.backends.x86_isa.GRID_CHOICES (not imported: it pulls in torch; tests/test_recipe.py checks they agree).
 INT8_GRIDS: tuple[str, ...] = ("auto", "full", "narrow_weights", "narrow_activations")
 # Split sizes of the offline corpus (CorpusConfig defaults; tests/test_recipe.py checks they agree).
 # Not imported from sq_plugin.speech.corpus: that pulls in scipy and makes `validate` slow.
 CORPUS_SIZES: dict[str, int] = {"corpus-dev": 300, "corpus-test": 600}
 DEFAULT_PERCENTILES: tuple[float, ...] = (100.0, 99.99, 99.9, 99.8, 99.5, 99.0)  # = sq_plugin.search's
-# Whisper's teacher-forced search proxies (sq_plugin.whisper imports them from here: the schema owns them).
+# Whisper's teacher-forced search proxies (sq_plugin.families.whisper imports them from here: the schema owns them).
 TEACHER_FORCED_METRICS: tuple[str, ...] = ("tf_loss", "tf_token_error")
 _BITS = re.compile(r"^w(\d+)a(\d+)$")
 
@@ -167,8 +167,8 @@ class StableQuantOptions(_Strict):
     threshold: float = 0.0025  # 0.25 % absolute WER, the paper's value
     percentiles: tuple[Percentile, ...] = DEFAULT_PERCENTILES
     # wer/cer: decode the calibration set per candidate (the paper). ctc_loss: CTC models only, CTC
-    # loss per reference character (sq_plugin.pipeline). tf_loss / tf_token_error: Whisper only,
-    # teacher-forced proxies (sq_plugin.whisper). The threshold is in the metric's units.
+    # loss per reference character (sq_plugin.families.ctc). tf_loss / tf_token_error: Whisper only,
+    # teacher-forced proxies (sq_plugin.families.whisper). The threshold is in the metric's units.
     metric: Literal["wer", "cer", "ctc_loss", "tf_loss", "tf_token_error"] = "wer"
     mse_grid: int = Field(default=100, ge=1)
     # Not in the paper: a flagged layer stays float when that beats its best cut-off by > threshold.
@@ -216,7 +216,7 @@ class Recipe(_Strict):
     method_options: MethodOptions = MethodOptions()
     bits: tuple[BitsItem, ...] = (Bits(w=8, a=8),)
     backend: Annotated[str, BeforeValidator(lambda v: _choice(v, BACKENDS, "backend"))] = "x86"
-    # The INT8 grids every method is calibrated, searched and run on (sq_plugin.x86_isa).
+    # The INT8 grids every method is calibrated, searched and run on (sq_plugin.backends.x86_isa).
     int8_grid: Annotated[str, BeforeValidator(lambda v: _choice(v, INT8_GRIDS, "int8_grid"))] = "auto"
     output_dir: str = "runs/recipes"
     threads: int | None = Field(default=None, ge=1)

@@ -16,7 +16,7 @@ Methods (activation ranges; weights are always per-channel MinMax, symmetric):
 CTC models: backend x86 lowers W8A8 to oneDNN INT8 kernels; below 8 bits, or with backend
 "simulate", the converted q/dq graph runs as a float fake-quant simulation, labelled `simulated`.
 Whisper: StableQuant at W8A8 on backend x86 runs the search's plan on real INT8 kernels (encoder and
-static-cache decoder step, `sq_plugin.whisper_int8`); the other methods, and every method below 8 bits
+static-cache decoder step, `sq_plugin.families.whisper_int8`); the other methods, and every method below 8 bits
 or on backend "simulate", run as a fake-quant simulation of all its Conv1d/Linear layers (labelled);
 INC and quanto are CTC-only here. A (method, bits) pair a framework cannot express (INC/quanto
 below 8 bits) is skipped and listed in the report with the reason, not silently dropped.
@@ -120,7 +120,7 @@ def _isa_errors(recipe: Recipe) -> list[str]:
     """What the x86 backend cannot run on this machine: no x86 CPU, or the full grid without VNNI."""
     if recipe.backend != "x86":
         return []
-    from sq_plugin.x86_isa import IsaError, is_x86, x86_policy
+    from sq_plugin.backends.x86_isa import IsaError, is_x86, x86_policy
 
     if not is_x86():
         return ["backend: 'x86' runs oneDNN INT8 kernels on an x86-64 CPU; this machine is not one: use "
@@ -224,7 +224,7 @@ def _unsupported(method: str, w_bits: int, a_bits: int, recipe: Recipe) -> str |
     if method == "quanto_absmax" and (w_bits, a_bits) != (8, 8):
         return "optimum-quanto quantizes activations to int8 or float8 only"
     if method == "quanto_absmax":
-        from sq_plugin.x86_isa import INT_MM_SATURATES, is_x86, x86_policy
+        from sq_plugin.backends.x86_isa import INT_MM_SATURATES, is_x86, x86_policy
 
         if is_x86() and not x86_policy().int32_accumulation:
             return f"optimum-quanto W8A8 would be wrong on this CPU: {INT_MM_SATURATES}"
@@ -232,7 +232,7 @@ def _unsupported(method: str, w_bits: int, a_bits: int, recipe: Recipe) -> str |
 
 
 def _search(bundle: Any, calibration: Sequence[Any], recipe: Recipe, w_bits: int, a_bits: int, progress: bool) -> Any:
-    from sq_plugin.pipeline import search_ctc
+    from sq_plugin.families.ctc import search_ctc
     from sq_plugin.search import SearchConfig
 
     opts = recipe.method_options.stablequant
@@ -240,7 +240,7 @@ def _search(bundle: Any, calibration: Sequence[Any], recipe: Recipe, w_bits: int
                           mse_grid=opts.mse_grid, float_fallback=opts.float_fallback,
                           keep_float=tuple(opts.keep_float), int8_grid=_int8_grid(recipe))
     if bundle.kind == "whisper":
-        from sq_plugin.whisper import search_whisper
+        from sq_plugin.families.whisper import search_whisper
 
         return search_whisper(bundle, calibration, config, metric=opts.metric, progress=progress,
                               cache_budget_mb=opts.cache_budget_mb)
@@ -255,7 +255,7 @@ def _quantize(bundle: Any, method: str, recipe: Recipe, calibration: Sequence[An
     kwargs: dict[str, Any] = {"per_layer": per_layer} if method == "stablequant" else {}
     grid = _int8_grid(recipe)
     if bundle.kind == "whisper":
-        from sq_plugin.whisper import quantize_whisper_simulated, quantize_whisper_x86
+        from sq_plugin.families.whisper import quantize_whisper_simulated, quantize_whisper_x86
 
         if method == "stablequant" and plan is not None and lower is not False and (w_bits, a_bits) == (8, 8):
             return quantize_whisper_x86(bundle, calibration, plan)  # real INT8 encoder + decoder step
@@ -264,15 +264,15 @@ def _quantize(bundle: Any, method: str, recipe: Recipe, calibration: Sequence[An
         return quantize_whisper_simulated(bundle, calibration, a_bits=a_bits, w_bits=w_bits, int8_grid=grid,
                                           **kwargs)
     if method in ("inc_minmax", "inc_kl"):
-        from sq_plugin.inc import quantize_ctc_inc
+        from sq_plugin.families.ctc import quantize_ctc_inc
 
         return quantize_ctc_inc(bundle, calibration, act_algo=method.removeprefix("inc_"), a_bits=a_bits,
                                 w_bits=w_bits, lower=lower)
     if method == "quanto_absmax":
-        from sq_plugin.quanto import quantize_ctc_quanto
+        from sq_plugin.families.ctc import quantize_ctc_quanto
 
         return quantize_ctc_quanto(bundle, calibration, a_bits=a_bits, w_bits=w_bits)
-    from sq_plugin.pipeline import quantize_ctc_pt2e
+    from sq_plugin.families.ctc import quantize_ctc_pt2e
 
     if method == "stablequant" and plan is not None:
         kwargs = {"plan": plan}
@@ -284,7 +284,7 @@ def _quantize(bundle: Any, method: str, recipe: Recipe, calibration: Sequence[An
 
 def _int8_grid(recipe: Recipe) -> str:
     """The recipe's grid, "auto" resolved for this CPU ("narrow_weights" without VNNI)."""
-    from sq_plugin.x86_isa import resolve_int8_grid
+    from sq_plugin.backends.x86_isa import resolve_int8_grid
 
     return resolve_int8_grid(recipe.int8_grid)
 
@@ -294,7 +294,7 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
     """FP once, then every bits x method of one model; appends to `run` (rows, fp, searches, examples)."""
     import torch
 
-    from sq_plugin.pipeline import EVAL_KWARGS
+    from sq_plugin.families.ctc import EVAL_KWARGS
     from sq_plugin.speech.evaluate import evaluate
     from sq_plugin.speech.models import load_model
 
@@ -302,7 +302,7 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
     say(f"loading {model}")
     bundle = load_model(model)
     if bundle.kind == "whisper":
-        from sq_plugin.whisper import EVAL_BATCH
+        from sq_plugin.families.whisper import EVAL_BATCH
 
         # Whisper pads every clip to 30 s itself; batches only change the speed of generate().
         eval_kwargs: dict[str, Any] = {"batch_size": EVAL_BATCH}
@@ -461,8 +461,8 @@ def _deviations_md(run: RunResult, search: dict[str, Any]) -> str:
 
 
 def _isa_record(recipe: Recipe) -> dict[str, Any]:
-    """The CPU policy and the INT8 grid the run used (sq_plugin.x86_isa)."""
-    from sq_plugin.x86_isa import x86_policy
+    """The CPU policy and the INT8 grid the run used (sq_plugin.backends.x86_isa)."""
+    from sq_plugin.backends.x86_isa import x86_policy
 
     return {**x86_policy().to_dict(), "int8_grid": _int8_grid(recipe)}
 

@@ -50,7 +50,7 @@ def expected_conv1d_counts(n_conv1d: int = 8, n_grouped: int = 1, *, also_float:
     grouped positional conv (default: the tiny test models' 4 groups of 16) computes in float (its
     weight stays INT8) where this CPU's policy says so (AMX: wrong; no VNNI: groups that are not
     multiples of 4 channels run oneDNN's slow reference kernel); `also_float` more are kept float."""
-    from sq_plugin.x86_isa import x86_policy
+    from sq_plugin.backends.x86_isa import x86_policy
 
     problem = x86_policy().grouped_conv_problem(groups, channels_per_group, channels_per_group)
     weight_only = 0 if problem is None else n_grouped

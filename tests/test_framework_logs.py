@@ -8,7 +8,7 @@ import sq_plugin  # noqa: F401  (installs the filters)
 
 
 def test_adapter_imports_print_none_of_the_known_harmless_messages():
-    code = "import sq_plugin.pt2e, sq_plugin.inc"
+    code = "import sq_plugin.backends.pt2e, sq_plugin.backends.inc"
     stderr = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stderr
     for message in ("Failed to load", "Auto detect accelerator", "hw aligned scales", "is an Enum subclass"):
         assert message not in stderr, stderr[-2000:]

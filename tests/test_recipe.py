@@ -130,8 +130,8 @@ def test_corpus_sizes_match_the_corpus_config():
 
 
 def test_int8_grid_choices_match_the_x86_policy_and_bad_ones_are_refused(tmp_path):
+    from sq_plugin.backends.x86_isa import GRID_CHOICES
     from sq_plugin.recipe import INT8_GRIDS
-    from sq_plugin.x86_isa import GRID_CHOICES
 
     assert INT8_GRIDS == GRID_CHOICES
     assert load_recipe(write(tmp_path, MINIMAL + "int8_grid: narrow_activations\n")).int8_grid == "narrow_activations"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import sq_plugin.pipeline as pipeline
+import sq_plugin.families.ctc as pipeline
 import sq_plugin.runner as runner
 import sq_plugin.speech.evaluate as evaluate_mod
 import sq_plugin.speech.models as models
@@ -180,7 +180,7 @@ def test_unrunnable_combinations_are_refused_before_any_work(tmp_path, monkeypat
 
 def fake_cpu(monkeypatch, kind: str) -> None:
     """The policy of another CPU kind (the runner's decisions only; these tests run no kernel)."""
-    from sq_plugin import x86_isa
+    from sq_plugin.backends import x86_isa
 
     monkeypatch.setattr(x86_isa, "detect_kind", lambda flags=None, cap=None: kind)
 
@@ -218,9 +218,7 @@ def test_framework_baselines_run_at_w8a8_and_are_listed_as_skipped_below(tmp_pat
         return pipeline.QuantizedModel(FakeBundle(bundle.name, quantized="yes"), "inc: x86-onednn-int8", False,
                                        {"linear": 4}, 4, 0.5, 0.1)
 
-    import sq_plugin.inc as inc
-
-    monkeypatch.setattr(inc, "quantize_ctc_inc", fake_inc)
+    monkeypatch.setattr(pipeline, "quantize_ctc_inc", fake_inc)
     result = runner.run_recipe(make_recipe(tmp_path, methods=["fp", "inc_minmax", "inc_kl"]), progress=False)
     assert calls == [("inc", "minmax", 8, 8), ("inc", "kl", 8, 8)]
     assert [(r["method"], r["w_bits"]) for r in result.rows] == [("fp", 32), ("inc_minmax", 8), ("inc_kl", 8)]
@@ -233,7 +231,7 @@ def test_framework_baselines_run_at_w8a8_and_are_listed_as_skipped_below(tmp_pat
 def test_whisper_stablequant_runs_its_plan_on_int8_kernels_and_the_rest_as_labelled_simulations(tmp_path,
                                                                                                   monkeypatch):
     install_fakes(monkeypatch)
-    import sq_plugin.whisper as whisper
+    import sq_plugin.families.whisper as whisper
 
     seen = []
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-from sq_plugin.artifact import (
+from sq_plugin.backends.artifact import (
     METADATA_FILE,
     PROGRAM_FILE,
     WEIGHTS_FILE,
@@ -19,8 +19,8 @@ from sq_plugin.artifact import (
     read_metadata,
     save,
 )
-from sq_plugin.pt2e import calibrate, count_quantized_ops, lower_x86, prepare_stablequant, strip_weight_norm
-from sq_plugin.x86_isa import x86_policy
+from sq_plugin.backends.pt2e import calibrate, count_quantized_ops, lower_x86, prepare_stablequant, strip_weight_norm
+from sq_plugin.backends.x86_isa import x86_policy
 
 
 def audio(n: int, seed: int) -> torch.Tensor:
@@ -80,7 +80,7 @@ def test_metadata_records_model_qparams_versions_and_recipe(hubert_artifact):
     assert set(meta["versions"]) >= {"torch", "torchao"}
     layer = meta["layers"]["hubert.encoder.layers.0.attention.q_proj"]
     lo, hi = layer["input"]["range"]
-    # weights on -128..127 where oneDNN sums in int32 (VNNI/AMX), on -64..63 without VNNI (sq_plugin.x86_isa)
+    # weights on -128..127 where oneDNN sums in int32 (VNNI/AMX), on -64..63 without VNNI (sq_plugin.backends.x86_isa)
     policy = x86_policy()
     assert lo < 0 < hi and layer["input"]["quant_max"] == 255
     assert layer["weight"]["quant_min"] == (-128 if policy.int32_accumulation else -64)
@@ -218,8 +218,8 @@ def test_an_artifact_made_under_another_isa_policy_runs_right_or_is_refused(tmp_
     naming the fix; narrowed-grid artifacts lower everywhere and equal their fake-quant graphs."""
     from transformers import HubertForCTC
 
-    from sq_plugin.pt2e import stablequant_x86_quantizer
-    from sq_plugin.x86_isa import IsaError
+    from sq_plugin.backends.pt2e import stablequant_x86_quantizer
+    from sq_plugin.backends.x86_isa import IsaError
     from tests.conftest import tiny_ctc_config
 
     torch.manual_seed(0)
@@ -228,7 +228,8 @@ def test_an_artifact_made_under_another_isa_policy_runs_right_or_is_refused(tmp_
     paths = {}
     for grid in ("full", "narrow_weights", "narrow_activations"):
         if grid == "full" and not x86_policy().int32_accumulation:
-            monkeypatch.setattr("sq_plugin.x86_isa.detect_kind", lambda flags=None, cap=None: "vnni")  # made "there"
+            # made "there"
+            monkeypatch.setattr("sq_plugin.backends.x86_isa.detect_kind", lambda flags=None, cap=None: "vnni")
         prepared = prepare_stablequant(model, (x,), stablequant_x86_quantizer(int8_grid=grid))
         calibrate(prepared, [x])
         paths[grid] = save(convert_pt2e(prepared), tmp_path / f"{grid}.sqa", example_inputs=(x,),

@@ -1,7 +1,7 @@
 """One QuantPlan, made once, drives the fake-quant simulation, x86 INT8, INC and the CUDA path (its
 numerics on CPU), and all agree with the plan's fake-quant reference: the PT2E q/dq graph of the plan.
 
-The project's own simulation (`sq_plugin.simulate`, what the search scores) matches that reference to
+The project's own simulation (`sq_plugin.backends.simulate`, what the search scores) matches that reference to
 0.3 % here, not exactly: a weight at exactly -max of its channel lands on -127.5 steps, which torch.round
 takes to -128 and PT2E's float32 x * (1/scale) to -127 (0.2 % of this MLP's weights)."""
 
@@ -11,18 +11,18 @@ import pytest
 import torch
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-from sq_plugin.core.plan import LayerPlan, PlanError, QuantPlan, x86_grids
-from sq_plugin.core.ranges import RangeRule, compute_range
-from sq_plugin.pt2e import (
+from sq_plugin.backends.pt2e import (
     calibrate,
     lower_x86,
     plan_deviations,
     prepare_stablequant,
     stablequant_x86_quantizer_from_plan,
 )
+from sq_plugin.backends.simulate import apply_fake_quant, plan_layer_quants
+from sq_plugin.backends.x86_isa import x86_policy
+from sq_plugin.core.plan import LayerPlan, PlanError, QuantPlan, x86_grids
+from sq_plugin.core.ranges import RangeRule, compute_range
 from sq_plugin.search import collect_input_histograms
-from sq_plugin.simulate import apply_fake_quant, plan_layer_quants
-from sq_plugin.x86_isa import x86_policy
 
 
 class Mlp(torch.nn.Module):
@@ -83,7 +83,7 @@ def test_inc_with_the_plan_builds_the_same_graph(setup):
     pytest.importorskip("neural_compressor.torch.quantization")
     from neural_compressor.torch.quantization import quantize
 
-    from sq_plugin.inc import StableQuantConfig
+    from sq_plugin.backends.inc import StableQuantConfig
 
     model, x, plan, reference, _ = setup
     config = StableQuantConfig(plan=plan)
@@ -96,7 +96,7 @@ def test_inc_with_the_plan_builds_the_same_graph(setup):
 @pytest.mark.skipif(not x86_policy().int32_accumulation, reason="CPU torch._int_mm saturates without VNNI, and "
                     "the plan there is narrowed to 7-bit weights, which torchao's static INT8 cannot run")
 def test_cuda_path_with_the_plans_zero_points_on_cpu(setup):
-    from sq_plugin.cuda import quantize_cuda_from_plan, uninstall_int_mm_padding
+    from sq_plugin.backends.cuda import quantize_cuda_from_plan, uninstall_int_mm_padding
 
     model, x, plan, reference, _ = setup
     quantized = copy.deepcopy(model)
@@ -111,7 +111,7 @@ def test_cuda_path_with_the_plans_zero_points_on_cpu(setup):
 
 
 def test_a_backend_says_which_plan_layers_it_cannot_run(setup):
-    from sq_plugin.cuda import quantize_cuda_from_plan, uninstall_int_mm_padding
+    from sq_plugin.backends.cuda import quantize_cuda_from_plan, uninstall_int_mm_padding
 
     model, x, plan, _, _ = setup
     weight, act = x86_grids(7, 8)

@@ -156,7 +156,7 @@ def require_x86() -> None:
     if not is_x86():
         raise IsaError(f"the x86 INT8 backend (oneDNN through Inductor) needs an x86-64 CPU; this machine is "
                        f"{platform.machine() or 'unknown'}. Fix: use backend 'simulate' (fake-quant, labelled as "
-                       "such) or the CUDA backend (sq_plugin.cuda) on a GPU.")
+                       "such) or the CUDA backend (sq_plugin.backends.cuda) on a GPU.")
 
 
 @functools.cache

@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 import torch
 
+from sq_plugin.backends.simulate import quantizable_layers
+from sq_plugin.backends.x86_isa import x86_policy
 from sq_plugin.core import RangeRule
-from sq_plugin.search import SearchConfig
-from sq_plugin.simulate import quantizable_layers
-from sq_plugin.whisper import (
+from sq_plugin.families.whisper import (
     SIMULATED_BACKEND,
     quantize_whisper_simulated,
     search_whisper,
     teacher_forced_batches,
     teacher_forced_scores,
 )
-from sq_plugin.x86_isa import x86_policy
+from sq_plugin.search import SearchConfig
 
 
 @dataclasses.dataclass
@@ -100,7 +100,7 @@ def test_simulated_whisper_quantizes_every_layer_and_leaves_the_original_alone(t
     before = teacher_forced_scores(model, teacher_forced_batches(tiny_whisper, utterances))
     q8 = quantize_whisper_simulated(tiny_whisper, utterances, a_bits=8, w_bits=8)
     q4 = quantize_whisper_simulated(tiny_whisper, utterances, a_bits=4, w_bits=4)
-    # the grids this CPU's x86 kernels run: 7-bit weights without VNNI (sq_plugin.x86_isa)
+    # the grids this CPU's x86 kernels run: 7-bit weights without VNNI (sq_plugin.backends.x86_isa)
     grid = "" if x86_policy().int32_accumulation else ", 7-bit weights"
     assert q8.simulated and q8.backend == SIMULATED_BACKEND + grid and q8.int8_kernels == 0
     n = len(quantizable_layers(model))

@@ -10,9 +10,10 @@ import torch
 
 pytest.importorskip("optimum.quanto")
 
-from sq_plugin.quanto import count_int8_matmuls, quantize_ctc_quanto  # noqa: E402
+from sq_plugin.backends.quanto import count_int8_matmuls  # noqa: E402
+from sq_plugin.backends.x86_isa import INT_MM_SATURATES, IsaError, x86_policy  # noqa: E402
+from sq_plugin.families.ctc import quantize_ctc_quanto  # noqa: E402
 from sq_plugin.speech.models import SpeechModel  # noqa: E402
-from sq_plugin.x86_isa import INT_MM_SATURATES, IsaError, x86_policy  # noqa: E402
 
 N_LINEAR = 2 * 6 + 2  # per layer q,k,v,out,fc1,fc2; + feature projection + lm_head
 N_CONV1D = 7 + 1  # feature extractor + positional conv
@@ -63,7 +64,7 @@ def test_quanto_w8a8_runs_int8_matmuls_on_cpu(model_fixture, request):
 
 
 def test_quanto_is_refused_where_cpu_int_mm_saturates(tiny_wav2vec2, monkeypatch):
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # the policy only (see tests/test_x86_isa.py)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # the policy only (see tests/backends/test_x86_isa.py)
     with pytest.raises(IsaError, match=r"optimum-quanto W8A8 .* wrong results on this CPU \(avx2\).*saturates.*Fix"):
         quantize_ctc_quanto(ctc_bundle(tiny_wav2vec2), utterances(1))
 
@@ -81,6 +82,6 @@ def test_quanto_baseline_is_w8a8_only(tiny_wav2vec2):
 def test_missing_quanto_names_the_extra(monkeypatch):
     for name in [n for n in sys.modules if n == "optimum.quanto" or n.startswith("optimum.quanto.")]:
         monkeypatch.setitem(sys.modules, name, None)  # None: what an uninstalled package looks like to import
-    monkeypatch.delitem(sys.modules, "sq_plugin.quanto")
+    monkeypatch.delitem(sys.modules, "sq_plugin.backends.quanto")
     with pytest.raises(ImportError, match=r'pip install "sq-plugin\[quanto\]"'):
-        importlib.import_module("sq_plugin.quanto")
+        importlib.import_module("sq_plugin.backends.quanto")

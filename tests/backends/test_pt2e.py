@@ -7,8 +7,7 @@ import pytest
 import torch
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-from sq_plugin.core import Histogram, RangeRule, compute_range, qparams_from_range
-from sq_plugin.pt2e import (
+from sq_plugin.backends.pt2e import (
     PercentileObserver,
     StableQuantObserver,
     StableQuantPerChannelObserver,
@@ -23,6 +22,7 @@ from sq_plugin.pt2e import (
     stablequant_x86_config,
     stablequant_x86_quantizer,
 )
+from sq_plugin.core import Histogram, RangeRule, compute_range, qparams_from_range
 
 N_LINEAR = 2 * 6 + 2  # per layer q,k,v,out,fc1,fc2; + feature projection + lm_head
 N_CONV1D = 7 + 1  # feature extractor + positional conv
@@ -219,7 +219,7 @@ def test_export_helper_accepts_other_lengths(tiny_wav2vec2):
 
 
 def test_dynamic_batch_export_serves_every_batch_size_with_the_batch_1_numbers(tiny_wav2vec2):
-    from sq_plugin.pt2e import prepare_stablequant
+    from sq_plugin.backends.pt2e import prepare_stablequant
 
     one = audio(8000, 0)
     fixed = export_for_quantization(tiny_wav2vec2, (one,))
@@ -286,7 +286,7 @@ class GroupsOfTen(torch.nn.Module):
 def test_a_grouped_conv_oneDNN_has_no_avx2_kernel_for_stays_weight_only_there(monkeypatch):
     """Without VNNI, groups of channels that are not multiples of 4 run oneDNN's reference INT8 kernel
     (43.5 ms against 0.45 ms for groups of 8, measured): the policy keeps such a conv weight-only."""
-    from sq_plugin import x86_isa
+    from sq_plugin.backends import x86_isa
 
     x = torch.randn(1, 160, 120)
     for kind, expected in (("avx2", {"conv1d_weight_only": 1}), ("vnni", {"conv1d": 1})):
@@ -386,11 +386,11 @@ def test_a_searched_plan_reaches_the_int8_graph_as_each_layers_scale(tiny_hubert
     scale in the converted (and lowered) graph; layers sharing an input are reported, not hidden."""
     import copy
 
-    from sq_plugin.artifact import layer_qparams
+    from sq_plugin.backends.artifact import layer_qparams
+    from sq_plugin.backends.pt2e import plan_deviations, stablequant_x86_quantizer_from_plan
+    from sq_plugin.backends.simulate import strip_weight_norm
     from sq_plugin.core.quant import qparams_from_range
-    from sq_plugin.pt2e import plan_deviations, stablequant_x86_quantizer_from_plan
     from sq_plugin.search import SearchConfig, stablequant_search
-    from sq_plugin.simulate import strip_weight_norm
 
     model = strip_weight_norm(copy.deepcopy(tiny_hubert))
     xs = [audio(8000 + 1000 * i, i) for i in range(3)]

@@ -15,7 +15,7 @@ new token's keys/values instead of writing into its input (graphs stay functiona
 Inductor freezing need); `greedy_decode` writes them into the cache between steps. Every Linear layer
 is quantized, including the 384x51864 logits projection, which is most of a step's MACs.
 
-    from sq_plugin.whisper_int8 import quantize_whisper_int8
+    from sq_plugin.families.whisper_int8 import quantize_whisper_int8
     int8 = quantize_whisper_int8(bundle, calibration_features)   # StableQuant PT2E ranges, oneDNN INT8
     tokens = int8.transcribe(features)
     save_whisper_int8(int8, "whisper.sqa", metadata={"recipe": ...})  # two artifacts + decoding settings
@@ -277,16 +277,16 @@ def quantize_whisper_int8(bundle: Any, calibration_features: Sequence[torch.Tens
 
     quantizer: a PT2E quantizer (default `stablequant_x86_quantizer()`: StableQuant's percentile+MSE
     activation ranges, per-channel symmetric weights, on `int8_grid`: "auto" = 7-bit weights on x86
-    without VNNI, where oneDNN saturates the full W8A8 grids; see `sq_plugin.x86_isa`).
+    without VNNI, where oneDNN saturates the full W8A8 grids; see `sq_plugin.backends.x86_isa`).
     plan: a `QuantPlan` on the HF module names (`search_whisper(...).to_plan()`), applied to both graphs
     through `graph_layer_names`: every input range is the plan's, so only the first calibration
     utterance is decoded (to observe the weights). `report["plan_deviations"]` lists what ran otherwise.
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    from sq_plugin.pt2e import plan_deviations, prepare_stablequant, stablequant_x86_quantizer
-    from sq_plugin.pt2e import stablequant_x86_quantizer_from_plan as from_plan
-    from sq_plugin.simulate import quantizable_layers
+    from sq_plugin.backends.pt2e import plan_deviations, prepare_stablequant, stablequant_x86_quantizer
+    from sq_plugin.backends.pt2e import stablequant_x86_quantizer_from_plan as from_plan
+    from sq_plugin.backends.simulate import quantizable_layers
 
     if not calibration_features:
         raise ValueError("quantize_whisper_int8 needs at least one calibration utterance (log-mel features "
@@ -388,7 +388,7 @@ def _assemble(bundle: Any, converted: dict[str, torch.fx.GraphModule], settings:
               report: dict[str, Any], lower: bool) -> QuantizedWhisper:
     """A QuantizedWhisper running the converted graphs as they are (lower=False: float q/dq, for checks)
     or compiled to oneDNN INT8 kernels by `lower_x86`, which raises rather than run them in float."""
-    from sq_plugin.pt2e import lower_x86
+    from sq_plugin.backends.pt2e import lower_x86
 
     whisper = bundle.model
     if not lower:
@@ -417,10 +417,10 @@ def _float_graphs(whisper: nn.Module) -> dict[str, nn.Module]:
 
 
 def save_whisper_int8(quantized: QuantizedWhisper, path: str | os.PathLike, *, metadata: dict[str, Any]) -> Path:
-    """Write both converted graphs as `sq_plugin.artifact` directories under `path` (`encoder/`,
+    """Write both converted graphs as `sq_plugin.backends.artifact` directories under `path` (`encoder/`,
     `decoder_step/`) plus the greedy settings; the whole directory appears at once (temporary sibling,
     then one rename), replacing an existing one."""
-    from sq_plugin.artifact import atomic_directory, save
+    from sq_plugin.backends.artifact import atomic_directory, save
 
     path = Path(path)
     whisper = quantized.whisper
@@ -441,13 +441,13 @@ def load_whisper_int8(path: str | os.PathLike, bundle: Any, *, lower: bool = Tru
     """Load `save_whisper_int8`'s directory for `bundle` (the same Whisper checkpoint: its config and
     tokenizer drive decoding) and, with lower=True, compile both graphs to oneDNN INT8 kernels.
     Raises `ArtifactError` if a part is missing, damaged, or was made for another model."""
-    from sq_plugin.artifact import ArtifactError, architecture_fingerprint, load
+    from sq_plugin.backends.artifact import ArtifactError, architecture_fingerprint, load
 
     path = Path(path)
     settings_file = path / SETTINGS_FILE
     if not settings_file.is_file():
         raise ArtifactError(f"{settings_file} is missing: {path} is not a save_whisper_int8 directory "
-                            "(re-save it with sq_plugin.whisper_int8.save_whisper_int8)")
+                            "(re-save it with sq_plugin.families.whisper_int8.save_whisper_int8)")
     try:
         settings = GreedySettings(**{k: tuple(v) if isinstance(v, list) else v
                                      for k, v in json.loads(settings_file.read_text()).items()})

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from sq_plugin.prefix_cache import PrefixCache, ordered_blocks
+from sq_plugin.backends.simulate import LayerQuant, simulate
 from sq_plugin.search import SearchConfig, stablequant_search
-from sq_plugin.simulate import LayerQuant, simulate
+from sq_plugin.search.prefix_cache import PrefixCache, ordered_blocks
 
 
 class Stack(torch.nn.Module):

@@ -9,7 +9,7 @@ Metrics for the search. The paper screens by WER, which for Whisper means autore
 of the whole calibration set per candidate (about 1 s per utterance per evaluation on one CPU
 core, with ~70 layers to screen). So two teacher-forced proxies are offered, one encoder pass plus
 one decoder pass over the reference transcript, with the float encoder output replayed for
-decoder-layer candidates (`sq_plugin.prefix_cache`):
+decoder-layer candidates (`sq_plugin.search.prefix_cache`):
 
 - `tf_loss`: mean cross-entropy (nats per token) of the float model's own greedy transcript of
   each calibration clip; threshold in nats. The float model's transcript, not the reference: the
@@ -19,8 +19,8 @@ decoder-layer candidates (`sq_plugin.prefix_cache`):
 - `wer` / `cer`: greedy `generate`, as the paper; slow, and no prefix replay (the KV cache is state).
 
 `quantize_whisper_simulated` is a simulation (fake-quant weights per output channel and input
-activations per tensor, `sq_plugin.simulate`), labelled so in every report: it measures accuracy, not
-speed. `quantize_whisper_x86` runs the search's plan on real INT8 kernels (`sq_plugin.whisper_int8`:
+activations per tensor, `sq_plugin.backends.simulate`), labelled so in every report: it measures accuracy, not
+speed. `quantize_whisper_x86` runs the search's plan on real INT8 kernels (`sq_plugin.families.whisper_int8`:
 the encoder and a static-cache decoder step), which the recipe runner uses for StableQuant at W8A8.
 """
 
@@ -35,17 +35,23 @@ from typing import Any
 
 import torch
 
+from sq_plugin.backends.simulate import (
+    LayerQuant,
+    apply_fake_quant,
+    observer_ranges,
+    quantizable_layers,
+    strip_weight_norm,
+)
+from sq_plugin.backends.x86_isa import resolve_int8_grid
 from sq_plugin.core.quant import grid_bits, quant_bounds
 from sq_plugin.core.ranges import RangeRule, compute_range
-from sq_plugin.pipeline import QuantizedModel
-from sq_plugin.prefix_cache import DEFAULT_BUDGET_MB
+from sq_plugin.families.ctc import QuantizedModel
 from sq_plugin.recipe import TEACHER_FORCED_METRICS
 from sq_plugin.search import SearchConfig, SearchResult, collect_input_histograms, stablequant_search
-from sq_plugin.simulate import LayerQuant, apply_fake_quant, observer_ranges, quantizable_layers, strip_weight_norm
+from sq_plugin.search.prefix_cache import DEFAULT_BUDGET_MB
 from sq_plugin.speech.audio import SAMPLE_RATE
 from sq_plugin.speech.evaluate import evaluate, transcribe
 from sq_plugin.speech.models import SpeechModel
-from sq_plugin.x86_isa import resolve_int8_grid
 
 WHISPER_METRICS = ("wer", "cer", *TEACHER_FORCED_METRICS)
 SIMULATED_BACKEND = "fake-quant simulation (float weights/activations rounded to the grid)"
@@ -158,7 +164,7 @@ def quantize_whisper_simulated(bundle: SpeechModel, calibration: Sequence[Any], 
     one `act_rule` (default MAX), or a torchao `observer` constructor (a baseline such as
     `HistogramObserver.with_args(eps=2**-12)`), calibrated teacher-forced on `calibration`.
     int8_grid: "auto" simulates the grids this CPU's x86 INT8 kernels run (7-bit weights without VNNI,
-    `sq_plugin.x86_isa`), or "full" / "narrow_weights" / "narrow_activations"."""
+    `sq_plugin.backends.x86_isa`), or "full" / "narrow_weights" / "narrow_activations"."""
     _require_whisper(bundle)
     nominal = (w_bits, a_bits)
     w_bits, a_bits = grid_bits(w_bits, a_bits, resolve_int8_grid(int8_grid))  # the grids that will execute
@@ -202,10 +208,10 @@ def quantize_whisper_simulated(bundle: SpeechModel, calibration: Sequence[Any], 
 
 def quantize_whisper_x86(bundle: SpeechModel, calibration: Sequence[Any], plan: Any) -> QuantizedModel:
     """Whisper on oneDNN INT8 kernels from a `QuantPlan` (the search's, on the HF module names): the
-    encoder and the static-cache decoder step of `sq_plugin.whisper_int8`, decoded greedily by
+    encoder and the static-cache decoder step of `sq_plugin.families.whisper_int8`, decoded greedily by
     `evaluate` through `QuantizedWhisper.generate`. The plan's ranges need one calibration utterance
     (for the weights); the report's `plan_deviations` say what the graphs ran otherwise."""
-    from sq_plugin.whisper_int8 import quantize_whisper_int8
+    from sq_plugin.families.whisper_int8 import quantize_whisper_int8
 
     _require_whisper(bundle)
     if not calibration:

@@ -11,7 +11,7 @@ Following the paper's public description (Hong et al., ICASSP 2025; see shared/r
 3. **MSE.** Every layer's range is the MSE-optimal one on its histogram clipped at its percentile
    (100 for layers not flagged): `percentile_then_mse_range`.
 
-The search is framework-free: it drives a plain `nn.Module` through `sq_plugin.simulate` and asks
+The search is framework-free: it drives a plain `nn.Module` through `sq_plugin.backends.simulate` and asks
 two callables for the data: `run_calibration()` (pushes the calibration set through the model) and
 `metric()` (evaluates the model as it currently is; lower is better). The result is a per-layer
 `RangeRule` map that the PT2E quantizer (`stablequant_x86_quantizer(per_layer=...)`) consumes.
@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sq_plugin.backends.simulate import LayerQuant, observe_inputs, quantizable_layers, simulate, strip_weight_norm
+from sq_plugin.backends.x86_isa import resolve_int8_grid
 from sq_plugin.core.plan import LayerPlan, QuantPlan, x86_grids
 from sq_plugin.core.quant import check_bits, grid_bits
 from sq_plugin.core.ranges import RangeRule, check_percentile, compute_range
 from sq_plugin.core.stats import DEFAULT_BINS, Histogram
-from sq_plugin.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
-from sq_plugin.simulate import LayerQuant, observe_inputs, quantizable_layers, simulate, strip_weight_norm
-from sq_plugin.x86_isa import resolve_int8_grid
+from sq_plugin.search.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
 
 DEFAULT_PERCENTILES = (100.0, 99.99, 99.9, 99.8, 99.5, 99.0)
 

@@ -1,9 +1,9 @@
 """Intel Neural Compressor 3.x adapter: StableQuant as an INC algorithm, and INC's own static quant as a baseline.
 
 Importing this module registers the "stablequant" config and algorithm with INC; then INC's own
-entry points run StableQuant's PT2E path (`sq_plugin.pt2e`):
+entry points run StableQuant's PT2E path (`sq_plugin.backends.pt2e`):
 
-    import sq_plugin.inc  # noqa: F401  (the registration)
+    import sq_plugin.backends.inc  # noqa: F401  (the registration)
     from neural_compressor.torch.quantization import convert, prepare, quantize
 
     config = StableQuantConfig(per_layer=search.per_layer_rules())        # or {"stablequant": {...}}
@@ -13,17 +13,16 @@ entry points run StableQuant's PT2E path (`sq_plugin.pt2e`):
 Translation only: the config becomes `stablequant_x86_quantizer(...)`, the model goes through
 `prepare_stablequant` and torchao's `convert_pt2e`, exactly as `quantize_ctc_pt2e` does.
 
-The baseline (`quantize_ctc_inc`) is INC's built-in `StaticQuantConfig` as shipped: X86InductorQuantizer
-with MovingAverageMinMaxObserver ("minmax") or HistogramObserver ("kl"), W8A8 only. INC's PT2E path
+The baseline (`sq_plugin.families.ctc.quantize_ctc_inc`) is INC's built-in `StaticQuantConfig` as shipped:
+X86InductorQuantizer with MovingAverageMinMaxObserver ("minmax") or HistogramObserver ("kl"), W8A8 only. INC's PT2E path
 leaves standalone Conv1d (the wav2vec2/HuBERT front end and positional conv) in float; the op counts
 report it.
 """
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -36,15 +35,14 @@ try:
     from neural_compressor.torch.utils.utility import register_algo
 except ImportError as exc:  # an optional extra: say how to get it
     raise ImportError(
-        'sq_plugin.inc needs Intel Neural Compressor 3.x (neural-compressor-pt 3.10): pip install "sq-plugin[inc]"'
+        "sq_plugin.backends.inc needs Intel Neural Compressor 3.x (neural-compressor-pt 3.10): "
+        'pip install "sq-plugin[inc]"'
     ) from exc
 
+from sq_plugin.backends.x86_isa import GRID_CHOICES
 from sq_plugin.core.plan import QuantPlan
 from sq_plugin.core.quant import check_bits
 from sq_plugin.core.ranges import RangeRule
-from sq_plugin.pipeline import QuantizedModel, _require_ctc, _require_utterances, ctc_inputs, finish_converted
-from sq_plugin.speech.models import SpeechModel
-from sq_plugin.x86_isa import GRID_CHOICES
 
 STABLEQUANT = "stablequant"
 INC_ACT_ALGOS = ("minmax", "kl")
@@ -64,7 +62,7 @@ class StableQuantConfig(TorchBaseConfig):
     per_layer: module name -> RangeRule, its dict ({"method", "percentile", "mse_grid"}, missing keys
     taken from the global rule) or None (keep that layer float). `SearchResult.per_layer_rules()` fits.
     int8_grid: "auto" (this CPU's x86 policy: 7-bit weights without VNNI), "full", "narrow_weights",
-    "narrow_activations" (`sq_plugin.x86_isa`).
+    "narrow_activations" (`sq_plugin.backends.x86_isa`).
     plan: a `QuantPlan` (or its dict), e.g. `search.to_plan()`: applied as is (fixed input ranges and
     grids); the rule and bit arguments are then unused.
     Stored as plain dicts so the config round-trips through `to_dict`/`from_dict`/JSON.
@@ -143,7 +141,11 @@ def _per_layer_dicts(per_layer: PerLayerRules | None, default: RangeRule) -> dic
 
 def stablequant_quantizer_from_config(config: StableQuantConfig) -> Any:
     """The `StableQuantX86Quantizer` that `quantize_ctc_pt2e` builds for the same settings."""
-    from sq_plugin.pt2e import stablequant_x86_config, stablequant_x86_quantizer, stablequant_x86_quantizer_from_plan
+    from sq_plugin.backends.pt2e import (
+        stablequant_x86_config,
+        stablequant_x86_quantizer,
+        stablequant_x86_quantizer_from_plan,
+    )
 
     if config.plan is not None:
         return stablequant_x86_quantizer_from_plan(QuantPlan.from_dict(config.plan))
@@ -160,7 +162,7 @@ class StableQuantINCQuantizer(Quantizer):
     def prepare(self, model: torch.nn.Module, example_inputs: Any = None, **kwargs: Any) -> torch.fx.GraphModule:
         from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
-        from sq_plugin.pt2e import label_observers, prepare_stablequant
+        from sq_plugin.backends.pt2e import label_observers, prepare_stablequant
 
         quantizer = stablequant_quantizer_from_config(self.quant_config)
         if getattr(model, "_exported", False):  # already exported with neural_compressor.torch.export.export
@@ -191,7 +193,7 @@ def stablequant_entry(model: torch.nn.Module, configs_mapping: dict, mode: Mode 
 # Baseline: INC's built-in static quantization
 # ----------------------------------------------------------------------------------------------------
 
-def _check_inc_static(act_algo: str, a_bits: int, w_bits: int) -> None:
+def check_inc_static(act_algo: str, a_bits: int, w_bits: int) -> None:
     if act_algo not in INC_ACT_ALGOS:
         raise ValueError(f"unknown INC act_algo {act_algo!r}; INC 3.10 static quant offers {', '.join(INC_ACT_ALGOS)}")
     if a_bits != 8 or w_bits != 8:
@@ -212,9 +214,9 @@ def quantize_inc_static(model: torch.nn.Module, example_inputs: tuple, batches: 
     from neural_compressor.torch.quantization import StaticQuantConfig, convert, prepare
     from torch.export import Dim
 
-    from sq_plugin.pt2e import calibrate
+    from sq_plugin.backends.pt2e import calibrate
 
-    _check_inc_static(act_algo, a_bits, w_bits)
+    check_inc_static(act_algo, a_bits, w_bits)
     # A dynamic audio length, for calibration utterances of any length. Dim.AUTO because a bounded Dim
     # fails on the conv-stride arithmetic of wav2vec2-style front ends (see pt2e.export_for_quantization).
     dynamic_shapes = tuple({1: Dim.AUTO} for _ in example_inputs)  # the waveform's and the mask's time axis
@@ -222,20 +224,3 @@ def quantize_inc_static(model: torch.nn.Module, example_inputs: tuple, batches: 
     prepared = prepare(exported, StaticQuantConfig(act_algo=act_algo), example_inputs=example_inputs)
     calibrate(prepared, batches)
     return convert(prepared)
-
-
-def quantize_ctc_inc(bundle: SpeechModel, calibration: Sequence[Any], *, act_algo: str, a_bits: int = 8,
-                     w_bits: int = 8, lower: bool | None = None) -> QuantizedModel:
-    """Baseline: INC 3.10 static quant of a CTC model (calibrated one utterance at a time), lowered
-    to oneDNN INT8 kernels with `lower_x86` (default) or run as a q/dq simulation (`lower=False`)."""
-    _require_ctc(bundle)
-    _require_utterances(calibration, "calibration")
-    _check_inc_static(act_algo, a_bits, w_bits)
-    lower = True if lower is None else lower
-    model = bundle.model.eval()
-    example = ctc_inputs(bundle, calibration[0].audio)
-    start = time.perf_counter()
-    converted = quantize_inc_static(model, example, (ctc_inputs(bundle, u.audio) for u in calibration),
-                                    act_algo=act_algo, a_bits=a_bits, w_bits=w_bits)
-    calib_seconds = time.perf_counter() - start
-    return finish_converted(bundle, converted, example, calib_seconds, lower=lower, label=f"inc {act_algo}")

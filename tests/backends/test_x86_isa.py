@@ -14,8 +14,8 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
     get_default_x86_inductor_quantization_config,
 )
 
-from sq_plugin import x86_isa
-from sq_plugin.pt2e import (
+from sq_plugin.backends import x86_isa
+from sq_plugin.backends.pt2e import (
     Int8Module,
     calibrate,
     count_quantized_ops,
@@ -25,8 +25,8 @@ from sq_plugin.pt2e import (
     prepare_stablequant,
     stablequant_x86_config,
 )
+from sq_plugin.backends.x86_isa import IsaError, X86IsaPolicy, detect_kind, x86_policy
 from sq_plugin.search import SearchConfig
-from sq_plugin.x86_isa import IsaError, X86IsaPolicy, detect_kind, x86_policy
 
 AVX2_EPYC = frozenset({"sse4_2", "avx", "avx2", "fma"})  # family 25 model 1: no AVX512, no VNNI
 GENOA = AVX2_EPYC | {"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from sq_plugin.backends.simulate import LayerQuant, simulate
 from sq_plugin.core import RangeRule
 from sq_plugin.search import SearchConfig, stablequant_search
-from sq_plugin.simulate import LayerQuant, simulate
 
 
 class ThreeLayers(torch.nn.Module):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sq_plugin.pipeline import EVAL_KWARGS, ctc_inputs, ctc_labels, ctc_loss_per_char, quantize_ctc_pt2e, search_ctc
+from sq_plugin.families.ctc import EVAL_KWARGS, ctc_inputs, ctc_labels, ctc_loss_per_char, quantize_ctc_pt2e, search_ctc
 from sq_plugin.search import SearchConfig
 from sq_plugin.speech.corpus import load_split
 from sq_plugin.speech.evaluate import evaluate

@@ -11,17 +11,14 @@ What it runs on CPU (optimum-quanto 0.2.7, read in its source): `QLinear.forward
 x86) whenever torch >= 2.6 and both operands are int8, else a dequantized float matmul. So Linear layers
 are real INT8 matmuls, run eagerly: activations are quantized and outputs rescaled per call in
 PyTorch, and Conv1d stays float (quanto has no QConv1d). Rather than trust this reading,
-`quantize_ctc_quanto` counts the `_int_mm` calls of one forward and labels the run simulated if there
-are none.
+`sq_plugin.families.ctc.quantize_ctc_quanto` counts the `_int_mm` calls of one forward and labels the run
+simulated if there are none.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable
 
 import torch
 
@@ -29,16 +26,14 @@ try:
     from optimum.quanto import Calibration, freeze, qint8, quantize
     from optimum.quanto.nn import QConv2d, QLinear
 except ImportError as exc:  # an optional extra: say how to get it
-    raise ImportError('sq_plugin.quanto needs optimum-quanto 0.2.7: pip install "sq-plugin[quanto]"') from exc
+    raise ImportError('sq_plugin.backends.quanto needs optimum-quanto 0.2.7: pip install "sq-plugin[quanto]"') from exc
 
-from sq_plugin.pipeline import QuantizedModel, _require_ctc, _require_utterances, ctc_inputs
-from sq_plugin.speech.models import SpeechModel
 
 # quanto's EMA over per-batch absmax scales (Calibration's default, the value its docs use).
 CALIBRATION_MOMENTUM = 0.9
 
 
-def _check_bits(a_bits: int, w_bits: int) -> None:
+def check_quanto_bits(a_bits: int, w_bits: int) -> None:
     if a_bits != 8 or w_bits != 8:
         # Activations: quanto quantizes them to qint8 or qfloat8 only. Weights could go to qint4/qint2,
         # but then no int8 x int8 matmul runs; this baseline is W8A8.
@@ -47,7 +42,7 @@ def _check_bits(a_bits: int, w_bits: int) -> None:
 
 
 def _check_int_mm_is_exact() -> None:
-    from sq_plugin.x86_isa import INT_MM_SATURATES, IsaError, is_x86, x86_policy
+    from sq_plugin.backends.x86_isa import INT_MM_SATURATES, IsaError, is_x86, x86_policy
 
     policy = x86_policy()
     if is_x86() and not policy.int32_accumulation:
@@ -60,9 +55,9 @@ def quantize_quanto(model: torch.nn.Module, batches: Iterable[tuple | torch.Tens
                     w_bits: int = 8, momentum: float = CALIBRATION_MOMENTUM) -> torch.nn.Module:
     """quanto W8A8 on a deep copy of `model` (quanto swaps modules in place): qint8 weights and
     activations, `Calibration(momentum)` over `batches` (one forward each), then `freeze`."""
-    from sq_plugin.pt2e import calibrate
+    from sq_plugin.backends.pt2e import calibrate
 
-    _check_bits(a_bits, w_bits)
+    check_quanto_bits(a_bits, w_bits)
     _check_int_mm_is_exact()
     quantized = copy.deepcopy(model).eval()
     quantize(quantized, weights=qint8, activations=qint8)
@@ -99,27 +94,3 @@ def quanto_op_counts(model: torch.nn.Module) -> dict[str, int]:
             continue
         counts[key] = counts.get(key, 0) + 1
     return counts
-
-
-def quantize_ctc_quanto(bundle: SpeechModel, calibration: Sequence[Any], *, a_bits: int = 8,
-                        w_bits: int = 8) -> QuantizedModel:
-    """Baseline: optimum-quanto W8A8 of a CTC model, calibrated one utterance at a time.
-
-    `int8_kernels` is the number of INT8 matmuls one forward runs (measured); with none, the run is
-    labelled simulated.
-    """
-    _require_ctc(bundle)
-    _require_utterances(calibration, "calibration")
-    _check_bits(a_bits, w_bits)
-    start = time.perf_counter()
-    model = quantize_quanto(bundle.model, (ctc_inputs(bundle, u.audio) for u in calibration))
-    calib_seconds = time.perf_counter() - start
-    int8_matmuls = count_int8_matmuls(model, ctc_inputs(bundle, calibration[0].audio))
-    if int8_matmuls:
-        backend = ("optimum-quanto W8A8 eager: Linear as torch._int_mm INT8 GEMM, activations quantized and "
-                   "outputs rescaled in eager PyTorch, Conv1d float")
-    else:
-        backend = "optimum-quanto W8A8 eager: dequantized float matmuls (simulation)"
-    quantized = dataclasses.replace(bundle, model=model)
-    return QuantizedModel(quantized, backend, int8_matmuls == 0, quanto_op_counts(model), int8_matmuls,
-                          calib_seconds, 0.0, model)

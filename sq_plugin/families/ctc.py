@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from sq_plugin.backends.simulate import is_parametrized, quantizable_layers, strip_weight_norm
 from sq_plugin.core.plan import QuantPlan
 from sq_plugin.core.ranges import RangeRule
-from sq_plugin.prefix_cache import DEFAULT_BUDGET_MB
 from sq_plugin.search import SearchConfig, SearchResult, stablequant_search
-from sq_plugin.simulate import is_parametrized, quantizable_layers, strip_weight_norm
+from sq_plugin.search.prefix_cache import DEFAULT_BUDGET_MB
 from sq_plugin.speech.audio import SAMPLE_RATE
 from sq_plugin.speech.evaluate import evaluate, transcribe, uses_attention_mask
 from sq_plugin.speech.models import SpeechModel
@@ -107,7 +107,7 @@ def search_ctc(bundle: SpeechModel, calibration: Sequence[Any], config: SearchCo
     calibration utterances.
 
     prefix_cache: replay the outputs of unchanged conv / Transformer layers between evaluations
-    (exact; `sq_plugin.prefix_cache`), keeping at most `cache_budget_mb` of them.
+    (exact; `sq_plugin.search.prefix_cache`), keeping at most `cache_budget_mb` of them.
     """
     _require_ctc(bundle)
     _require_utterances(calibration, "calibration")
@@ -157,12 +157,12 @@ def finish_converted(bundle: SpeechModel, converted: Any, example: tuple, calib_
                      label: str = "") -> QuantizedModel:
     """A `convert_pt2e` graph of `bundle.model` as a `QuantizedModel`: lowered to oneDNN INT8 kernels
     (`lower_x86`), or run as the q/dq fake-quant simulation. `label` prefixes the backend (a baseline's name)."""
-    from sq_plugin.pt2e import count_quantized_ops, lower_x86
+    from sq_plugin.backends.pt2e import count_quantized_ops, lower_x86
 
     counts = count_quantized_ops(converted)
     info = {**bundle.info, "model_config": getattr(bundle.model, "config", bundle.info.get("model_config"))}
     if not lower:
-        from sq_plugin.pt2e import graph_grid_bits
+        from sq_plugin.backends.pt2e import graph_grid_bits
 
         quantized = dataclasses.replace(bundle, model=converted, info=info)
         grid = "".join(f", {bits}-bit {what}" for bits, what in zip(graph_grid_bits(converted),
@@ -189,7 +189,7 @@ def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_ru
     lower: default True for W8A8, False below 8 bits, where the converted q/dq graph is run as a
     fake-quant simulation (labelled `simulated=True`).
     int8_grid: "auto" (this CPU's x86 policy: 7-bit weights without VNNI), "full", "narrow_weights",
-    "narrow_activations" (`sq_plugin.x86_isa`).
+    "narrow_activations" (`sq_plugin.backends.x86_isa`).
     strict: export in strict mode (see `export_for_quantization`).
     plan: apply a `QuantPlan` (e.g. `search_ctc(...).to_plan()`) instead of rules: each layer's input
     range and grids come from the plan (checked against the model's layers), so calibration only
@@ -197,7 +197,7 @@ def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_ru
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    from sq_plugin.pt2e import (
+    from sq_plugin.backends.pt2e import (
         calibrate,
         plan_deviations,
         prepare_stablequant,
@@ -232,3 +232,48 @@ def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_ru
     if plan is not None:
         quantized.plan_deviations = plan_deviations(converted, plan)
     return quantized
+
+
+def quantize_ctc_inc(bundle: SpeechModel, calibration: Sequence[Any], *, act_algo: str, a_bits: int = 8,
+                     w_bits: int = 8, lower: bool | None = None) -> QuantizedModel:
+    """Baseline: INC 3.10 static quant of a CTC model (calibrated one utterance at a time), lowered
+    to oneDNN INT8 kernels with `lower_x86` (default) or run as a q/dq simulation (`lower=False`)."""
+    from sq_plugin.backends.inc import check_inc_static, quantize_inc_static
+
+    _require_ctc(bundle)
+    _require_utterances(calibration, "calibration")
+    check_inc_static(act_algo, a_bits, w_bits)
+    lower = True if lower is None else lower
+    model = bundle.model.eval()
+    example = ctc_inputs(bundle, calibration[0].audio)
+    start = time.perf_counter()
+    converted = quantize_inc_static(model, example, (ctc_inputs(bundle, u.audio) for u in calibration),
+                                    act_algo=act_algo, a_bits=a_bits, w_bits=w_bits)
+    calib_seconds = time.perf_counter() - start
+    return finish_converted(bundle, converted, example, calib_seconds, lower=lower, label=f"inc {act_algo}")
+
+
+def quantize_ctc_quanto(bundle: SpeechModel, calibration: Sequence[Any], *, a_bits: int = 8,
+                        w_bits: int = 8) -> QuantizedModel:
+    """Baseline: optimum-quanto W8A8 of a CTC model, calibrated one utterance at a time.
+
+    `int8_kernels` is the number of INT8 matmuls one forward runs (measured); with none, the run is
+    labelled simulated.
+    """
+    from sq_plugin.backends.quanto import check_quanto_bits, count_int8_matmuls, quantize_quanto, quanto_op_counts
+
+    _require_ctc(bundle)
+    _require_utterances(calibration, "calibration")
+    check_quanto_bits(a_bits, w_bits)
+    start = time.perf_counter()
+    model = quantize_quanto(bundle.model, (ctc_inputs(bundle, u.audio) for u in calibration))
+    calib_seconds = time.perf_counter() - start
+    int8_matmuls = count_int8_matmuls(model, ctc_inputs(bundle, calibration[0].audio))
+    if int8_matmuls:
+        backend = ("optimum-quanto W8A8 eager: Linear as torch._int_mm INT8 GEMM, activations quantized and "
+                   "outputs rescaled in eager PyTorch, Conv1d float")
+    else:
+        backend = "optimum-quanto W8A8 eager: dequantized float matmuls (simulation)"
+    quantized = dataclasses.replace(bundle, model=model)
+    return QuantizedModel(quantized, backend, int8_matmuls == 0, quanto_op_counts(model), int8_matmuls,
+                          calib_seconds, 0.0, model)

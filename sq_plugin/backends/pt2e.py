@@ -36,12 +36,12 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
     _X86InductorQuantizationAnnotation,
 )
 
+from sq_plugin.backends.simulate import is_parametrized, strip_weight_norm
+from sq_plugin.backends.x86_isa import X86IsaPolicy, require_x86, x86_policy
 from sq_plugin.core.plan import LayerPlan, PlanError, QuantPlan
 from sq_plugin.core.quant import DEFAULT_EPS, check_bits
 from sq_plugin.core.ranges import RangeRule, compute_range
 from sq_plugin.core.stats import DEFAULT_BINS, Histogram
-from sq_plugin.simulate import is_parametrized, strip_weight_norm
-from sq_plugin.x86_isa import X86IsaPolicy, require_x86, x86_policy
 
 _SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
 
@@ -187,7 +187,7 @@ def stablequant_x86_config(act_rule: RangeRule | None = None, weight_rule: Range
 
     Activations: unsigned per-tensor affine on [0, 2**a_bits - 1] (what oneDNN's qlinear/qconv take).
     Weights: signed per-output-channel symmetric on [-2**(w_bits-1), 2**(w_bits-1) - 1].
-    int8_grid: "auto" (this CPU's policy, `sq_plugin.x86_isa`: W8A8 in full with VNNI, 7-bit weights
+    int8_grid: "auto" (this CPU's policy, `sq_plugin.backends.x86_isa`: W8A8 in full with VNNI, 7-bit weights
     without), "full" (refused without VNNI), "narrow_weights", "narrow_activations" (7-bit at 8 bits).
     Bits below 8 keep int8 storage with a narrower grid: real INT8 kernels computing a W6A6/W4A4 grid.
     """
@@ -247,7 +247,7 @@ def plan_layer_config(layer: LayerPlan, *, name: str, bins: int = DEFAULT_BINS) 
 
 def check_plan_runs_here(plan: QuantPlan, policy: X86IsaPolicy | None = None) -> None:
     """Refuse (IsaError, layers named) a plan whose grids this CPU's oneDNN would compute wrong."""
-    from sq_plugin.x86_isa import IsaError
+    from sq_plugin.backends.x86_isa import IsaError
 
     policy = policy or x86_policy()
     problems = {}
@@ -271,7 +271,7 @@ def plan_deviations(converted: torch.fx.GraphModule, plan: QuantPlan,
     PT2E quantizes a tensor once for all its consumers, so layers that share an input (q/k/v
     projections) run with one range: the plan's range of the first of them.
     """
-    from sq_plugin.artifact import layer_qparams
+    from sq_plugin.backends.artifact import layer_qparams
     from sq_plugin.core.quant import qparams_from_range
 
     graph = layer_qparams(converted)
@@ -303,7 +303,7 @@ def stablequant_x86_quantizer_from_plan(plan: QuantPlan, *, graph_names: dict[st
     grids); float layers get none; layers the plan does not name stay float.
 
     graph_names: plan layer name -> module name in the graph being quantized, for graphs that hold the
-    model's layers under other paths (Whisper's INT8 graphs; `sq_plugin.whisper_int8.graph_layer_names`).
+    model's layers under other paths (Whisper's INT8 graphs; `sq_plugin.families.whisper_int8.graph_layer_names`).
     """
     check_plan_runs_here(plan)
     quantizer = StableQuantX86Quantizer()
@@ -327,7 +327,7 @@ def grouped_qconv_is_safe() -> bool:
     several times its own norm away from the fake-quant graph (kernel 16 and 8+ channels per group
     already), while the same kernels capped at AVX512-VNNI (ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI)
     agree to rounding. Setting that variable before torch starts makes grouped convs safe again.
-    The rule is one row of the ISA table in `sq_plugin.x86_isa`."""
+    The rule is one row of the ISA table in `sq_plugin.backends.x86_isa`."""
     return x86_policy().grouped_conv_int8
 
 
@@ -549,7 +549,7 @@ class LoweringReport:
 def graph_grid_bits(converted: torch.fx.GraphModule) -> tuple[int | None, int | None]:
     """(weight bits, activation bits) of the widest grids of the INT8 ops in a converted graph (None:
     nothing quantized on that side)."""
-    from sq_plugin.artifact import layer_qparams
+    from sq_plugin.backends.artifact import layer_qparams
 
     weights, activations = [], []
     for entry in layer_qparams(converted).values():
@@ -568,7 +568,7 @@ def isa_problems(converted: torch.fx.GraphModule, policy: X86IsaPolicy | None = 
     Reads the grids in the graph itself, so it judges any PT2E graph: ours, torchao's default X86
     config (full 0..255 activations) or a loaded artifact made on another CPU.
     """
-    from sq_plugin.artifact import layer_qparams
+    from sq_plugin.backends.artifact import layer_qparams
 
     policy = policy or x86_policy()
     problems = {}
@@ -587,7 +587,7 @@ def isa_problems(converted: torch.fx.GraphModule, policy: X86IsaPolicy | None = 
 def check_runs_right_here(converted: torch.fx.GraphModule) -> X86IsaPolicy:
     """Refuse (IsaError, every layer named) a graph whose INT8 ops oneDNN would compute wrong on this
     CPU; return the policy it will run under."""
-    from sq_plugin.x86_isa import IsaError
+    from sq_plugin.backends.x86_isa import IsaError
 
     require_x86()
     policy = x86_policy()
@@ -639,7 +639,7 @@ MAX_KERNEL_ERROR = 0.1
 KNOWN_KERNEL_DEFECTS = (
     "(1) AVX2/AVX512 without VNNI: u8 x s8 products are summed in int16 pairs, which saturate on the full "
     "W8A8 grids (fix: quantize with int8_grid='auto', 7-bit weights there, or 'narrow_activations'; "
-    "sq_plugin.x86_isa detects it, but a CPU or ONEDNN_MAX_CPU_ISA cap it does not know may slip through); "
+    "sq_plugin.backends.x86_isa detects it, but a CPU or ONEDNN_MAX_CPU_ISA cap it does not know may slip through); "
     "(2) AMX: grouped INT8 conv1d is wrong in torch 2.13 (fix: StableQuantX86Quantizer keeps it weight-only "
     "by default, or set ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI before starting Python)"
 )
@@ -745,7 +745,7 @@ def lower_x86(converted: torch.fx.GraphModule, example_inputs: tuple, *,
     compile time and saves per-call overhead, which matters for graphs of many small kernels (a
     decoder step).
     Before compiling, `check_runs_right_here` refuses a graph whose INT8 ops this CPU's oneDNN would
-    compute wrong (`sq_plugin.x86_isa`), naming each layer and the fix.
+    compute wrong (`sq_plugin.backends.x86_isa`), naming each layer and the fix.
     """
     policy = check_runs_right_here(converted)
     install_conv1d_meta_fix()

@@ -1,6 +1,6 @@
 """Save and load a quantized (PT2E-converted) speech model as a self-checking artifact directory.
 
-    from sq_plugin.artifact import save, load
+    from sq_plugin.backends.artifact import save, load
     save(converted, "w2v.sqa", example_inputs=(audio,), metadata={"model": "sq/wav2vec2-ref",
          "recipe": {...}}, fp_model=fp_model)
     module, meta = load("w2v.sqa", expect_model="sq/wav2vec2-ref")
@@ -290,8 +290,8 @@ def save(converted: torch.fx.GraphModule, path: str | os.PathLike, *, example_in
     for k in narrowed:
         tensors[k] = tensors[k].to(torch.int8)
 
-    from sq_plugin.pt2e import count_quantized_ops, graph_grid_bits
-    from sq_plugin.x86_isa import x86_policy
+    from sq_plugin.backends.pt2e import count_quantized_ops, graph_grid_bits
+    from sq_plugin.backends.x86_isa import x86_policy
 
     fp_fingerprint = architecture_fingerprint(fp_model) if fp_model is not None else None
     meta: dict[str, Any] = {
@@ -359,7 +359,7 @@ def artifact_bytes(path: str | os.PathLike) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 _FIX_RESAVE = ("Fix: copy the artifact again from its source, or re-create it: quantize the model "
-               "(prepare_stablequant -> calibrate -> convert_pt2e) and call sq_plugin.artifact.save().")
+               "(prepare_stablequant -> calibrate -> convert_pt2e) and call sq_plugin.backends.artifact.save().")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -368,7 +368,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     meta_path = path / METADATA_FILE
     if not path.is_dir():
         raise ArtifactError(f"{path}: no such artifact directory (an artifact is a directory written by "
-                            "sq_plugin.artifact.save). Fix: check the path.")
+                            "sq_plugin.backends.artifact.save). Fix: check the path.")
     if not meta_path.is_file():
         raise ArtifactError(f"{meta_path} is missing: {path} is not a complete artifact. {_FIX_RESAVE}")
     try:
@@ -381,7 +381,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{meta_path}: artifact format version {meta.get('format_version')} is not supported "
                             f"by this sq-plugin (reads version {FORMAT_VERSION}). Fix: re-save it with this "
-                            "version of sq_plugin.artifact.save(), or load it with the version that wrote it.")
+                            "version of sq_plugin.backends.artifact.save(), or load it with the version that wrote it.")
     return meta
 
 
@@ -413,7 +413,7 @@ def load(path: str | os.PathLike, *, expect_model: str | None = None) -> tuple[t
     """Load an artifact: returns (module, metadata).
 
     module: the quantized q/dq graph (a GraphModule) with the saved INT8 weights; call it like the
-        converted model, or lower it with `sq_plugin.pt2e.lower_x86(module, example_inputs)`.
+        converted model, or lower it with `sq_plugin.backends.pt2e.lower_x86(module, example_inputs)`.
     expect_model: a model name or architecture fingerprint (`architecture_fingerprint(fp_model)`); if
         given and the artifact was made for another model, raises ArtifactError.
     Raises ArtifactError, naming the file and the fix, for missing/truncated/corrupted files.

@@ -1,4 +1,4 @@
-"""Whisper encoder + decoder step on INT8 kernels (sq_plugin.whisper_int8), on a tiny random Whisper with
+"""Whisper encoder + decoder step on INT8 kernels (sq_plugin.families.whisper_int8), on a tiny random Whisper with
 the real tiny.en processor."""
 
 import json
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sq_plugin.artifact import ArtifactError
-from sq_plugin.whisper_int8 import (
+from sq_plugin.backends.artifact import ArtifactError
+from sq_plugin.backends.x86_isa import x86_policy
+from sq_plugin.families.whisper_int8 import (
     GreedySettings,
     WhisperDecoderStep,
     WhisperEncoderKV,
@@ -18,7 +19,6 @@ from sq_plugin.whisper_int8 import (
     quantize_whisper_int8,
     save_whisper_int8,
 )
-from sq_plugin.x86_isa import x86_policy
 
 SOT, EOT, NO_TIMESTAMPS = 50257, 50256, 50362
 
@@ -106,7 +106,7 @@ def test_every_linear_runs_on_onednn_int8_kernels(int8):
 
 
 def test_embedding_reads_the_int8_logits_table_instead_of_a_float_copy(int8):
-    from sq_plugin.artifact import _get_attr, _prune_unused_state
+    from sq_plugin.backends.artifact import _get_attr, _prune_unused_state
 
     graph = int8.converted["decoder_step"]
     lookups = [n for n in graph.graph.nodes if n.target == torch.ops.aten.embedding.default]
@@ -181,7 +181,7 @@ def test_bad_input_is_refused_with_the_fix(bundle, features, int8):
 def test_gathering_int8_rows_equals_looking_up_the_dequantized_table():
     import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops)
 
-    from sq_plugin.whisper_int8 import gather_int8_embedding_rows
+    from sq_plugin.families.whisper_int8 import gather_int8_embedding_rows
 
     class Lookup(torch.nn.Module):
         def __init__(self):
@@ -207,12 +207,12 @@ def test_gathering_int8_rows_equals_looking_up_the_dequantized_table():
 def test_a_plan_on_the_hf_names_drives_both_int8_graphs(bundle, features):
     """Whisper INT8 built from a QuantPlan made on the HF module names: a layer's planned range (here a
     cut-off on two layers) is its input scale in the encoder and in the decoder-step graph."""
-    from sq_plugin.artifact import layer_qparams
+    from sq_plugin.backends.artifact import layer_qparams
+    from sq_plugin.backends.simulate import quantizable_layers
     from sq_plugin.core.plan import LayerPlan, PlanError, QuantPlan, x86_grids
     from sq_plugin.core.quant import qparams_from_range
+    from sq_plugin.families.whisper_int8 import graph_layer_names
     from sq_plugin.search import collect_input_histograms
-    from sq_plugin.simulate import quantizable_layers
-    from sq_plugin.whisper_int8 import graph_layer_names
 
     whisper = bundle.model
     names = list(quantizable_layers(whisper))

@@ -16,14 +16,12 @@ from neural_compressor.torch.quantization import convert, prepare, quantize  # n
 from neural_compressor.torch.utils.utility import algos_mapping  # noqa: E402
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e  # noqa: E402
 
-from sq_plugin.core.ranges import RangeRule  # noqa: E402
-from sq_plugin.inc import (  # noqa: E402
+from sq_plugin.backends.inc import (  # noqa: E402
     StableQuantConfig,
-    quantize_ctc_inc,
     quantize_inc_static,
     stablequant_entry,
 )
-from sq_plugin.pt2e import (  # noqa: E402
+from sq_plugin.backends.pt2e import (  # noqa: E402
     StableQuantObserver,
     calibrate,
     count_quantized_ops,
@@ -32,8 +30,10 @@ from sq_plugin.pt2e import (  # noqa: E402
     stablequant_x86_config,
     stablequant_x86_quantizer,
 )
+from sq_plugin.backends.x86_isa import IsaError, x86_policy  # noqa: E402
+from sq_plugin.core.ranges import RangeRule  # noqa: E402
+from sq_plugin.families.ctc import quantize_ctc_inc  # noqa: E402
 from sq_plugin.speech.models import SpeechModel  # noqa: E402
-from sq_plugin.x86_isa import IsaError, x86_policy  # noqa: E402
 
 N_LINEAR = 2 * 6 + 2  # per layer q,k,v,out,fc1,fc2; + feature projection + lm_head
 N_CONV1D = 7 + 1  # feature extractor + positional conv
@@ -253,6 +253,6 @@ def test_inc_baseline_refuses_what_inc_cannot_express(tiny_wav2vec2):
 def test_missing_inc_names_the_extra(monkeypatch):
     for name in [n for n in sys.modules if n.split(".")[0] == "neural_compressor"]:
         monkeypatch.setitem(sys.modules, name, None)  # None: what an uninstalled package looks like to import
-    monkeypatch.delitem(sys.modules, "sq_plugin.inc")
+    monkeypatch.delitem(sys.modules, "sq_plugin.backends.inc")
     with pytest.raises(ImportError, match=r'pip install "sq-plugin\[inc\]"'):
-        importlib.import_module("sq_plugin.inc")
+        importlib.import_module("sq_plugin.backends.inc")

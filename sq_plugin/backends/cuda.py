@@ -24,7 +24,7 @@ padding of M/K/N and slicing of the result (exact: zero rows/columns add nothing
 `PADDING_STATS` counts padded calls at run time.
 
 On CPU the same `torch._int_mm` is oneDNN's: exact with VNNI/AMX, but on x86 without VNNI it saturates
-for full-range int8 weights (`sq_plugin.x86_isa.INT_MM_SATURATES`), so CPU runs of this path check its
+for full-range int8 weights (`sq_plugin.backends.x86_isa.INT_MM_SATURATES`), so CPU runs of this path check its
 numerics only on VNNI/AMX machines.
 
 Status: the config construction, the layer plan and the padding arithmetic are tested on CPU (CPU
@@ -157,9 +157,9 @@ def activation_ranges(source: torch.fx.GraphModule | Mapping[str, Any]) -> dict[
     """Input ranges of the quantized *linear* layers, by module name.
 
     source: a `convert_pt2e` GraphModule (StableQuant ranges as applied there), or the "layers" dict of
-    an artifact's metadata (`sq_plugin.artifact.load(path)[1]["layers"]`).
+    an artifact's metadata (`sq_plugin.backends.artifact.load(path)[1]["layers"]`).
     """
-    from sq_plugin.artifact import layer_qparams
+    from sq_plugin.backends.artifact import layer_qparams
 
     layers = layer_qparams(source) if isinstance(source, torch.fx.GraphModule) else source
     ranges: dict[str, ActRange] = {}

@@ -55,7 +55,7 @@ def ordered_blocks(model: torch.nn.Module) -> list[str]:
     models keep their repeated layers there: wav2vec2/HuBERT's feature-extractor convs and
     Transformer layers, Whisper's encoder and decoder layers), plus every Linear/Conv1d outside those
     (Whisper's two input convs, the positional conv, projections, heads)."""
-    from sq_plugin.simulate import QUANTIZABLE
+    from sq_plugin.backends.simulate import QUANTIZABLE
 
     blocks: list[str] = []
     for name, module in model.named_modules():

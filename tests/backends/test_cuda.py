@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-from sq_plugin.cuda import (
+from sq_plugin.backends.cuda import (
     PADDING_STATS,
     ActRange,
     act_scale,
@@ -20,8 +20,8 @@ from sq_plugin.cuda import (
     quantize_cuda_int8,
     uninstall_int_mm_padding,
 )
-from sq_plugin.pt2e import calibrate, prepare_stablequant, strip_weight_norm
-from sq_plugin.x86_isa import x86_policy
+from sq_plugin.backends.pt2e import calibrate, prepare_stablequant, strip_weight_norm
+from sq_plugin.backends.x86_isa import x86_policy
 
 cuda = pytest.mark.cuda
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -144,7 +144,7 @@ def test_stablequant_ranges_drive_torchao_int8_linears_on_cpu(tiny_wav2vec2):
 
 
 def test_activation_ranges_from_artifact_metadata(tiny_hubert, tmp_path):
-    from sq_plugin.artifact import load, save
+    from sq_plugin.backends.artifact import load, save
 
     model = strip_weight_norm(tiny_hubert)
     x = torch.randn(1, 8000, generator=torch.Generator().manual_seed(0)) * 0.1
