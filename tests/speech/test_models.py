@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -16,6 +19,24 @@ SHIPPED = {"sq/wav2vec2-ref": "Wav2Vec2ForCTC", "sq/hubert-ref": "HubertForCTC"}
 # The recorded subset CER must be reproduced within this absolute tolerance (same corpus version,
 # same per-utterance greedy decode; only float summation order may differ across machines).
 CER_TOLERANCE = 0.02
+TRAIN_CTC = Path(__file__).resolve().parents[2] / "tools" / "train_ctc.py"
+
+
+def _train_ctc() -> ModuleType:
+    """tools/train_ctc.py, the script that trained the shipped checkpoints (a repository tool, not part of
+    the installed package), imported by file path so that it works from any working directory."""
+    name = "_sq_tools_train_ctc"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, TRAIN_CTC)
+        assert spec is not None and spec.loader is not None, f"cannot import {TRAIN_CTC}"
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their defining module up here
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +52,6 @@ def test_list_models_names_the_offline_defaults() -> None:
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_checkpoint_reaches_recorded_cer(name: str) -> None:
     from sq_plugin.speech.corpus import CORPUS_VERSION, load_split
-    from sq_plugin.speech.train_ctc import evaluate_local
 
     bundle = load_model(name)
     assert isinstance(bundle, SpeechModel) and bundle.kind == "ctc" and bundle.name == name
@@ -44,13 +64,12 @@ def test_shipped_checkpoint_reaches_recorded_cer(name: str) -> None:
     assert bundle.info["fp_test_wer"] < 0.5 and bundle.info["fp_test_cer"] < 0.2
     # Figures are tied to the corpus they were measured on (it may differ from the training corpus).
     eval_version = training.get("eval_corpus_version", training["corpus_version"])
-    assert eval_version == CORPUS_VERSION, "corpus changed since evaluation: re-run train_ctc --eval-only"
+    assert eval_version == CORPUS_VERSION, "corpus changed since evaluation: re-run tools/train_ctc.py --eval-only"
     assert training["test_voices_held_out"]
 
     subset = training["test_subset"]
     utts = load_split("test", limit=subset["first_n"], progress=False)
-    vocab = dict(bundle.processor.tokenizer.get_vocab())
-    got = evaluate_local(bundle.model, utts, vocab)
+    got = _train_ctc().evaluate_local(bundle, utts)
     assert got["cer"] == pytest.approx(subset["cer"], abs=CER_TOLERANCE)
 
 
@@ -75,11 +94,11 @@ def _tiny_ctc(tmp_path: Path, cls_name: str) -> Path:
     import transformers
 
     from sq_plugin.speech.sentences import CHARSET
-    from sq_plugin.speech.train_ctc import build_processor, build_vocab
 
     config_cls = {"Wav2Vec2ForCTC": transformers.Wav2Vec2Config, "HubertForCTC": transformers.HubertConfig}
     config_cls = config_cls[cls_name]
-    vocab = build_vocab(CHARSET)
+    train_ctc = _train_ctc()
+    vocab = train_ctc.build_vocab(CHARSET)
     config = config_cls(
         vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=32,
@@ -89,7 +108,7 @@ def _tiny_ctc(tmp_path: Path, cls_name: str) -> Path:
     out = tmp_path / cls_name
     out.mkdir()
     getattr(transformers, cls_name)(config).save_pretrained(out)
-    build_processor(vocab, out).save_pretrained(out)
+    train_ctc.build_processor(vocab, out).save_pretrained(out)
     return out
 
 
