@@ -32,17 +32,18 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-METHODS: tuple[str, ...] = ("fp", "stablequant", "max", "moving_average", "histogram", "percentile", "mse",
-                            "inc_minmax", "inc_kl", "quanto_absmax")
+# Torch-free: the registry, the grids and the search defaults are imported, not copied.
+from sq_plugin.core.defaults import DEFAULT_MSE_GRID, DEFAULT_PERCENTILES, DEFAULT_THRESHOLD
+from sq_plugin.core.grid import GRID_CHOICES
+from sq_plugin.methods import METHOD_NAMES as METHODS
+
 CALIBRATION_DATASETS: tuple[str, ...] = ("corpus-dev", "librispeech-validation.clean")
 EVALUATION_DATASETS: tuple[str, ...] = ("corpus-test", "librispeech-test.clean")
 BACKENDS: tuple[str, ...] = ("x86", "simulate")
-# = sq_plugin.backends.x86_isa.GRID_CHOICES (not imported: it pulls in torch; tests/test_recipe.py checks they agree).
-INT8_GRIDS: tuple[str, ...] = ("auto", "full", "narrow_weights", "narrow_activations")
+INT8_GRIDS: tuple[str, ...] = GRID_CHOICES
 # Split sizes of the offline corpus (CorpusConfig defaults; tests/test_recipe.py checks they agree).
 # Not imported from sq_plugin.speech.corpus: that pulls in scipy and makes `validate` slow.
 CORPUS_SIZES: dict[str, int] = {"corpus-dev": 300, "corpus-test": 600}
-DEFAULT_PERCENTILES: tuple[float, ...] = (100.0, 99.99, 99.9, 99.8, 99.5, 99.0)  # = sq_plugin.search's
 # Whisper's teacher-forced search proxies (sq_plugin.families.whisper imports them from here: the schema owns them).
 TEACHER_FORCED_METRICS: tuple[str, ...] = ("tf_loss", "tf_token_error")
 _BITS = re.compile(r"^w(\d+)a(\d+)$")
@@ -164,13 +165,13 @@ def _check_fits(dataset: str, size: int) -> None:
 
 
 class StableQuantOptions(_Strict):
-    threshold: float = 0.0025  # 0.25 % absolute WER, the paper's value
+    threshold: float = DEFAULT_THRESHOLD  # 0.25 % absolute WER, the paper's value
     percentiles: tuple[Percentile, ...] = DEFAULT_PERCENTILES
     # wer/cer: decode the calibration set per candidate (the paper). ctc_loss: CTC models only, CTC
     # loss per reference character (sq_plugin.families.ctc). tf_loss / tf_token_error: Whisper only,
     # teacher-forced proxies (sq_plugin.families.whisper). The threshold is in the metric's units.
     metric: Literal["wer", "cer", "ctc_loss", "tf_loss", "tf_token_error"] = "wer"
-    mse_grid: int = Field(default=100, ge=1)
+    mse_grid: int = Field(default=DEFAULT_MSE_GRID, ge=1)
     # Not in the paper: a flagged layer stays float when that beats its best cut-off by > threshold.
     float_fallback: bool = False
     # Layers (names or globs) that stay float, outside the search: user-chosen mixed precision.
@@ -198,7 +199,7 @@ class PercentileOptions(_Strict):
 
 
 class MseOptions(_Strict):
-    mse_grid: int = Field(default=100, ge=1)
+    mse_grid: int = Field(default=DEFAULT_MSE_GRID, ge=1)
 
 
 class MethodOptions(_Strict):

@@ -7,19 +7,19 @@ Everything is computed in memory first; the files are then written into a hidden
 next to the final one and moved into place with one `os.replace`. So a failure (an exception, a NaN
 metric, Ctrl-C) leaves no partial report behind.
 
-Methods (activation ranges; weights are always per-channel MinMax, symmetric):
-- stablequant: the layer-adaptive search (`search_ctc`), then PT2E with its per-layer rules;
-- max / percentile / mse: the project's PT2E observers with one rule for every layer;
-- moving_average / histogram: torchao's own observers (histogram = L2 search, the x86 default);
-- inc_minmax / inc_kl: Intel Neural Compressor 3.10's built-in static quant as shipped (W8A8 only;
-  it leaves standalone Conv1d float); quanto_absmax: optimum-quanto W8A8 (absmax + EMA).
-CTC models: backend x86 lowers W8A8 to oneDNN INT8 kernels; below 8 bits, or with backend
-"simulate", the converted q/dq graph runs as a float fake-quant simulation, labelled `simulated`.
-Whisper: StableQuant at W8A8 on backend x86 runs the search's plan on real INT8 kernels (encoder and
-static-cache decoder step, `sq_plugin.families.whisper_int8`); the other methods, and every method below 8 bits
-or on backend "simulate", run as a fake-quant simulation of all its Conv1d/Linear layers (labelled);
-INC and quanto are CTC-only here. A (method, bits) pair a framework cannot express (INC/quanto
-below 8 bits) is skipped and listed in the report with the reason, not silently dropped.
+Methods are the entries of `sq_plugin.methods.METHODS` (its families, bits, optional extra and builder):
+- stablequant: the layer-adaptive search, whose `QuantPlan` the family applies on the backend;
+- max / percentile / mse: one rule for every layer, decided on the same input histograms (collected once per
+  model, by the search when it runs) and written as a `QuantPlan` too;
+- moving_average / histogram: torchao's own observers on the same x86 scheme (histogram = L2 search, the x86
+  default);
+- inc_minmax / inc_kl: Intel Neural Compressor 3.10's built-in static quant as shipped (W8A8 only; it leaves
+  standalone Conv1d float); quanto_absmax: optimum-quanto W8A8 (absmax + EMA). CTC only.
+Backend x86 runs W8A8 on oneDNN INT8 kernels: CTC models as one lowered graph, Whisper as its INT8 encoder
+and static-cache decoder step (`sq_plugin.families.whisper_int8`). Below 8 bits, or with backend "simulate",
+the model runs as a float fake-quant simulation, labelled `simulated`. A (method, bits) pair a framework cannot
+express (INC/quanto below 8 bits) is skipped and listed in the report with the reason, not silently dropped.
+Every plan is saved next to the report (`plan_<model>_<method>_<bits>.json`).
 """
 
 from __future__ import annotations
@@ -39,20 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sq_plugin.methods import METHODS, QuantizeJob
 from sq_plugin.recipe import Recipe, RecipeError
 
 ROW_KEYS: tuple[str, ...] = ("model", "method", "w_bits", "a_bits", "simulated", "backend", "int8_kernels", "wer",
                              "cer", "fp_wer", "fp_cer", "calib_seconds", "search_seconds", "n_eval")
-# torchao's x86 default activation spec uses eps=2**-12 (smallest scale); the baselines keep it.
-OBSERVER_EPS = 2**-12
 N_EXAMPLES = 5
-
-# Methods that need an optional framework, and how to get it.
-_OPTIONAL: dict[str, tuple[str, str]] = {
-    "inc_minmax": ("neural_compressor", 'pip install "sq-plugin[inc]"'),
-    "inc_kl": ("neural_compressor", 'pip install "sq-plugin[inc]"'),
-    "quanto_absmax": ("optimum.quanto", 'pip install "sq-plugin[quanto]"'),
-}
 
 
 @dataclass
@@ -66,7 +58,8 @@ class RunResult:
     searches: dict[str, dict[str, Any]] = field(default_factory=dict)  # "<model> <bits>" -> SearchResult.to_dict()+
     examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # model -> example transcripts
     skipped: list[dict[str, Any]] = field(default_factory=list)  # {model, method, bits, reason}
-    plans: dict[str, Any] = field(default_factory=dict)  # "<model> <bits>" -> the search's QuantPlan
+    plans: dict[str, Any] = field(default_factory=dict)  # "<model> <method> <bits>" -> its QuantPlan
+    statistics_seconds: dict[str, float] = field(default_factory=dict)  # model -> the one statistics pass
     peak_rss_mb: float = 0.0
     seconds: float = 0.0
 
@@ -78,11 +71,22 @@ def _find_spec(module: str) -> bool:
         return False
 
 
-CTC_ONLY_METHODS = ("inc_minmax", "inc_kl", "quanto_absmax")
-
-
 def _is_whisper(model: str) -> bool:
     return "whisper" in model.lower()
+
+
+def _family(model: str) -> str:
+    """The family a model name points to, before loading it (checked again after loading)."""
+    return "whisper" if _is_whisper(model) else "ctc"
+
+
+_FAMILY_NAMES = {"ctc": "CTC", "whisper": "Whisper"}
+
+
+def _family_error(model: str, family: str, methods: list[str]) -> str:
+    takes = " / ".join(_FAMILY_NAMES[f] for f in METHODS[methods[0]].families)
+    return (f"model: {model!r} is a {_FAMILY_NAMES[family]} model; methods {methods} run on {takes} models only: "
+            "drop them or the model")
 
 
 def check_runnable(recipe: Recipe) -> None:
@@ -93,23 +97,20 @@ def check_runnable(recipe: Recipe) -> None:
     errors = []
     metric = recipe.method_options.stablequant.metric
     for model in recipe.models:
-        if _is_whisper(model):
-            bad = [m for m in recipe.methods if m in CTC_ONLY_METHODS]
-            if bad:
-                errors.append(f"model: {model!r}: methods {bad} run on CTC models only (INC/quanto baselines); "
-                              "drop them or the Whisper model")
-            if "stablequant" in recipe.methods and metric == "ctc_loss":
-                errors.append(f"method_options.stablequant.metric: 'ctc_loss' needs a CTC model; {model!r} is "
-                              "Whisper: use tf_loss, tf_token_error, wer or cer")
-        elif "stablequant" in recipe.methods and metric in TEACHER_FORCED_METRICS:
+        family = _family(model)
+        bad = [m for m in recipe.methods if family not in METHODS[m].families]
+        if bad:
+            errors.append(_family_error(model, family, bad))
+        if family == "whisper" and "stablequant" in recipe.methods and metric == "ctc_loss":
+            errors.append(f"method_options.stablequant.metric: 'ctc_loss' needs a CTC model; {model!r} is "
+                          "Whisper: use tf_loss, tf_token_error, wer or cer")
+        elif family == "ctc" and "stablequant" in recipe.methods and metric in TEACHER_FORCED_METRICS:
             errors.append(f"method_options.stablequant.metric: {metric!r} is a Whisper proxy; model {model!r} "
                           "is a CTC model: use wer, cer or ctc_loss")
     for i, method in enumerate(recipe.methods):
-        if method not in _OPTIONAL:
-            continue
-        module, install = _OPTIONAL[method]
-        if not _find_spec(module):
-            errors.append(f"methods[{i}]: {method!r} needs {module}, which is not installed; run `{install}` "
+        extra = METHODS[method].extra
+        if extra is not None and not _find_spec(extra[0]):
+            errors.append(f"methods[{i}]: {method!r} needs {extra[0]}, which is not installed; run `{extra[1]}` "
                           "or drop the method")
     errors += _isa_errors(recipe)
     if errors:
@@ -163,28 +164,6 @@ def _finite(value: float, what: str) -> float:
     return float(value)
 
 
-def _quantize_kwargs(method: str, recipe: Recipe) -> dict[str, Any]:
-    """The `quantize_ctc_pt2e` arguments of one baseline method."""
-    from sq_plugin.core.ranges import RangeRule
-
-    opts = recipe.method_options
-    if method == "max":
-        return {"act_rule": RangeRule("max")}
-    if method == "percentile":
-        return {"act_rule": RangeRule("percentile", percentile=opts.percentile.percentile)}
-    if method == "mse":
-        return {"act_rule": RangeRule("mse", mse_grid=opts.mse.mse_grid)}
-    if method in ("moving_average", "histogram"):
-        # These take quant_min/quant_max from the spec (so they work below 8 bits), but torchao's
-        # HistogramObserver scores its L2 search on 2**8 bins whatever the range: its sub-8-bit rows are
-        # torchao's behaviour as shipped, not a tuned baseline.
-        from torchao.quantization.pt2e import HistogramObserver, MovingAverageMinMaxObserver
-
-        ctor = MovingAverageMinMaxObserver if method == "moving_average" else HistogramObserver
-        return {"observer": ctor.with_args(eps=OBSERVER_EPS)}
-    raise ValueError(f"no PT2E recipe for method {method!r}")  # check_runnable refused the rest
-
-
 def run_recipe(recipe: Recipe, *, progress: bool = True, log: Callable[[str], None] | None = None) -> RunResult:
     """Run every model x bits x method of `recipe`, then write the report atomically (see module docstring)."""
     import torch
@@ -214,21 +193,8 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, log: Callable[[str], No
 
 
 def _unsupported(method: str, w_bits: int, a_bits: int, recipe: Recipe) -> str | None:
-    """Why a framework baseline cannot run at these bits, on this grid and CPU (None: it can)."""
-    if method in ("inc_minmax", "inc_kl") and (w_bits, a_bits) != (8, 8):
-        return "INC 3.10 static quant is int8-only (its observers use the full 8-bit grid)"
-    if method in ("inc_minmax", "inc_kl") and _int8_grid(recipe) != "full":
-        return ("INC 3.10 static quant always uses the full W8A8 grids (-128..127 weights, 0..255 activations), "
-                "not the narrowed grid this recipe runs (int8_grid, or an x86 CPU without VNNI whose oneDNN kernels "
-                "saturate on the full grids); run it on a VNNI/AMX CPU with int8_grid: auto or full")
-    if method == "quanto_absmax" and (w_bits, a_bits) != (8, 8):
-        return "optimum-quanto quantizes activations to int8 or float8 only"
-    if method == "quanto_absmax":
-        from sq_plugin.backends.x86_isa import INT_MM_SATURATES, is_x86, x86_policy
-
-        if is_x86() and not x86_policy().int32_accumulation:
-            return f"optimum-quanto W8A8 would be wrong on this CPU: {INT_MM_SATURATES}"
-    return None
+    """Why a method cannot run at these bits, on this grid and CPU (None: it can)."""
+    return METHODS[method].refusal(w_bits=w_bits, a_bits=a_bits, int8_grid=_int8_grid(recipe))
 
 
 def _search(bundle: Any, calibration: Sequence[Any], recipe: Recipe, w_bits: int, a_bits: int, progress: bool) -> Any:
@@ -248,38 +214,15 @@ def _search(bundle: Any, calibration: Sequence[Any], recipe: Recipe, w_bits: int
                       cache_budget_mb=opts.cache_budget_mb)
 
 
-def _quantize(bundle: Any, method: str, recipe: Recipe, calibration: Sequence[Any], w_bits: int, a_bits: int,
-              lower: bool | None, per_layer: dict[str, Any] | None, plan: Any = None) -> Any:
-    """One quantized model (a `QuantizedModel`) for `method` at these bits; CTC StableQuant applies the
-    search's `plan` (Whisper's simulation takes its `per_layer` rules)."""
-    kwargs: dict[str, Any] = {"per_layer": per_layer} if method == "stablequant" else {}
-    grid = _int8_grid(recipe)
+def _statistics(bundle: Any, calibration: Sequence[Any]) -> dict[str, Any]:
+    """The family's one statistics pass: every quantizable layer's input histogram."""
     if bundle.kind == "whisper":
-        from sq_plugin.families.whisper import quantize_whisper_simulated, quantize_whisper_x86
+        from sq_plugin.families.whisper import whisper_statistics
 
-        if method == "stablequant" and plan is not None and lower is not False and (w_bits, a_bits) == (8, 8):
-            return quantize_whisper_x86(bundle, calibration, plan)  # real INT8 encoder + decoder step
-        if method != "stablequant":
-            kwargs = _quantize_kwargs(method, recipe)
-        return quantize_whisper_simulated(bundle, calibration, a_bits=a_bits, w_bits=w_bits, int8_grid=grid,
-                                          **kwargs)
-    if method in ("inc_minmax", "inc_kl"):
-        from sq_plugin.families.ctc import quantize_ctc_inc
+        return whisper_statistics(bundle, calibration)
+    from sq_plugin.families.ctc import ctc_statistics
 
-        return quantize_ctc_inc(bundle, calibration, act_algo=method.removeprefix("inc_"), a_bits=a_bits,
-                                w_bits=w_bits, lower=lower)
-    if method == "quanto_absmax":
-        from sq_plugin.families.ctc import quantize_ctc_quanto
-
-        return quantize_ctc_quanto(bundle, calibration, a_bits=a_bits, w_bits=w_bits)
-    from sq_plugin.families.ctc import quantize_ctc_pt2e
-
-    if method == "stablequant" and plan is not None:
-        kwargs = {"plan": plan}
-    elif method != "stablequant":
-        kwargs = _quantize_kwargs(method, recipe)
-    return quantize_ctc_pt2e(bundle, calibration, a_bits=a_bits, w_bits=w_bits, lower=lower, int8_grid=grid,
-                             **kwargs)
+    return ctc_statistics(bundle, calibration)
 
 
 def _int8_grid(recipe: Recipe) -> str:
@@ -306,15 +249,13 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
 
         # Whisper pads every clip to 30 s itself; batches only change the speed of generate().
         eval_kwargs: dict[str, Any] = {"batch_size": EVAL_BATCH}
-        baseline_methods = [m for m in recipe.quantized_methods if m in CTC_ONLY_METHODS]
-        if baseline_methods:  # a name without "whisper" that loaded a Whisper model
-            raise RecipeError(f"{recipe.name or 'recipe'}.yaml",
-                              [f"model: {model!r} is a Whisper model; methods {baseline_methods} run on CTC "
-                               "models only"])
     else:
         # batch_size=1 with 2-s buckets: the quantized graphs run one utterance at a time, and the FP
         # reference must see the same inputs for the difference to measure quantization only.
         eval_kwargs = dict(EVAL_KWARGS)
+    wrong_family = [m for m in recipe.quantized_methods if bundle.kind not in METHODS[m].families]
+    if wrong_family:  # a name that did not say its family (e.g. a local directory)
+        raise RecipeError(f"{recipe.name or 'recipe'}.yaml", [_family_error(model, bundle.kind, wrong_family)])
     fp = evaluate(bundle, evaluation, progress=False, **eval_kwargs)
     fp_wer, fp_cer = _finite(fp.wer, f"{model} FP WER"), _finite(fp.cer, f"{model} FP CER")
     run.fp[model] = {"wer": fp_wer, "cer": fp_cer, "n": fp.n}
@@ -328,9 +269,24 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
                          "fp_wer": fp_wer, "fp_cer": fp_cer, "calib_seconds": None, "search_seconds": None,
                          "n_eval": fp.n, "lower_seconds": None, "eval_seconds": fp.seconds})
     lower = False if recipe.backend == "simulate" else None  # None: real INT8 for W8A8, simulated below
+    provenance = {"model": model, "calibration": f"{recipe.calibration.dataset}[:{len(calibration)}]",
+                  "calibration_sha256": _utterance_hash(calibration), "x86_isa": _isa_record(recipe)}
+    histograms: dict[str, Any] = {}
+
+    def statistics() -> dict[str, Any]:
+        """Every layer's input histogram, computed once per model (or taken from the search)."""
+        if not histograms:
+            t0 = time.perf_counter()
+            histograms.update(_statistics(bundle, calibration))
+            run.statistics_seconds[model] = time.perf_counter() - t0
+            say(f"{model}: statistics of {len(histograms)} layers in {run.statistics_seconds[model]:.1f} s")
+        return histograms
 
     for bits in recipe.bits:
-        for method in recipe.quantized_methods:
+        # StableQuant first: its search collects the statistics the plan baselines then reuse.
+        order = sorted(recipe.quantized_methods, key=lambda m: m != "stablequant")
+        rows: dict[str, dict[str, Any]] = {}
+        for method in order:
             label = f"{method} {bits.label}"
             reason = _unsupported(method, bits.w, bits.a, recipe)
             if reason is not None:
@@ -338,7 +294,7 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
                 say(f"{model} {label}: skipped: {reason}")
                 continue
             search_seconds = None
-            per_layer = plan = None
+            searched_plan = None
             if method == "stablequant":
                 say(f"{model} {label}: searching ({len(calibration)} calibration utterances, metric "
                     f"{recipe.method_options.stablequant.metric})")
@@ -347,25 +303,30 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
                 search_seconds = time.perf_counter() - t0
                 run.searches[f"{model} {bits.label}"] = {**search.to_dict(), "model": model, "bits": bits.label,
                                                          "wall_seconds": search_seconds}
-                run.plans[f"{model} {bits.label}"] = search.to_plan({
-                    "model": model, "metric": recipe.method_options.stablequant.metric,
-                    "calibration": f"{recipe.calibration.dataset}[:{len(calibration)}]",
-                    "calibration_sha256": _utterance_hash(calibration), "x86_isa": _isa_record(recipe)})
+                searched_plan = search.to_plan({**provenance, "metric": recipe.method_options.stablequant.metric})
+                if not histograms:
+                    histograms.update(search.histograms)
+                    run.statistics_seconds[model] = search.seconds.get("statistics", 0.0)
                 say(f"{model} {label}: search {search_seconds:.0f} s, {search.evaluations} evaluations, flagged "
                     f"{search.flagged or 'none'}")
-                per_layer = search.per_layer_rules()
-                plan = run.plans[f"{model} {bits.label}"]
-            quantized = _quantize(bundle, method, recipe, calibration, bits.w, bits.a, lower, per_layer, plan)
+            job = QuantizeJob(w_bits=bits.w, a_bits=bits.a, lower=lower, int8_grid=_int8_grid(recipe),
+                              options=recipe.method_options, statistics=statistics, plan=searched_plan,
+                              provenance=provenance)
+            quantized = METHODS[method].build(bundle, calibration, job)
+            if quantized.plan is not None:
+                run.plans[f"{model} {method} {bits.label}"] = quantized.plan
             result = evaluate(quantized.bundle, evaluation, progress=False, **eval_kwargs)
             wer_q = _finite(result.wer, f"{model} {label} WER")
             cer_q = _finite(result.cer, f"{model} {label} CER")
-            run.rows.append({"model": model, "method": method, "w_bits": bits.w, "a_bits": bits.a,
-                             "simulated": quantized.simulated, "backend": quantized.backend,
-                             "int8_kernels": quantized.int8_kernels, "wer": wer_q, "cer": cer_q, "fp_wer": fp_wer,
-                             "fp_cer": fp_cer, "calib_seconds": quantized.calib_seconds,
-                             "search_seconds": search_seconds, "n_eval": result.n,
-                             "lower_seconds": quantized.lower_seconds, "eval_seconds": result.seconds,
-                             "plan_deviations": quantized.plan_deviations})
+            rows[method] = {"model": model, "method": method, "w_bits": bits.w, "a_bits": bits.a,
+                            "simulated": quantized.simulated, "backend": quantized.backend,
+                            "int8_kernels": quantized.int8_kernels, "wer": wer_q, "cer": cer_q, "fp_wer": fp_wer,
+                            "fp_cer": fp_cer, "calib_seconds": quantized.calib_seconds,
+                            "search_seconds": search_seconds, "n_eval": result.n,
+                            "lower_seconds": quantized.lower_seconds, "eval_seconds": result.seconds,
+                            "plan_deviations": quantized.plan_deviations,
+                            "plan": f"plan_{_slug(f'{model} {method} {bits.label}')}.json"
+                            if quantized.plan is not None else None}
             hypotheses[label] = {u.id: u.hypothesis for u in result.utterances}
             say(f"{model} {label}: WER {wer_q:.4f} ({(wer_q - fp_wer) * 100:+.2f} pp) CER {cer_q:.4f}; "
                 f"{quantized.backend}, {quantized.int8_kernels} INT8 kernels; calibration "
@@ -374,6 +335,7 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
             del quantized
             torch._dynamo.reset()
             gc.collect()
+        run.rows += [rows[m] for m in recipe.quantized_methods if m in rows]  # in the recipe's order
     run.examples[model] = _pick_examples(references, hypotheses)
 
 
@@ -416,7 +378,7 @@ def write_outputs(run: RunResult) -> Path:
         payload = {
             "recipe": recipe.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fp": run.fp,
             "rows": run.rows, "searches": run.searches, "examples": run.examples, "skipped": run.skipped,
-            "peak_rss_mb": run.peak_rss_mb,
+            "peak_rss_mb": run.peak_rss_mb, "statistics_seconds": run.statistics_seconds,
             "seconds": run.seconds, "versions": _versions(), "x86_isa": _isa_record(recipe),
         }
         # allow_nan=False: the rows were checked finite; anything else here is a bug, not a report.
@@ -562,6 +524,18 @@ def _report_md(run: RunResult, plots: Sequence[str]) -> str:
             f"{(row['cer'] - row['fp_cer']) * 100:+.2f} | {backend} | {row['int8_kernels']} | "
             f"{_fmt(row['calib_seconds'])} | {_fmt(row['search_seconds'])} |")
     lines.append("")
+    planned = [r for r in run.rows if r.get("plan")]
+    if planned:
+        shared = "; ".join(f"{m}: {secs:.1f} s" for m, secs in run.statistics_seconds.items())
+        lines += ["Plans (one per row, `stablequant plan show FILE`): "
+                  + ", ".join(f"`{row['plan']}`" for row in planned) + ". "
+                  f"The plan methods decide on one statistics pass per model ({shared or 'none'}); their calib s "
+                  "is making and applying the plan.", ""]
+        for row in planned:
+            if row["method"] != "stablequant" and row.get("plan_deviations"):  # stablequant's: in its section
+                listed = "; ".join(f"`{name}`: {why}" for name, why in row["plan_deviations"].items())
+                lines += [f"- {row['model']} {row['method']} {_bits_label(row)}: the backend ran "
+                          f"{len(row['plan_deviations'])} layer(s) otherwise: {listed}", ""]
     if run.skipped:
         lines += ["Not run (the framework cannot express these bits):", ""]
         lines += [f"- {s['model']} {s['method']} {s['bits']}: {s['reason']}" for s in run.skipped]
@@ -571,8 +545,10 @@ def _report_md(run: RunResult, plots: Sequence[str]) -> str:
         calib = {row["method"]: row["calib_seconds"] for row in run.rows
                  if row["model"] == search["model"] and _bits_label(row) == search["bits"]}
         cfg = search["config"]
+        plan_file = f"plan_{_slug(search['model'] + ' stablequant ' + search['bits'])}.json"
         secs = search["seconds"]
-        minmax = f"; MinMax (`max`) calibration alone takes {calib['max']:.1f} s" if "max" in calib else ""
+        minmax = (f"; MAX's plan from the same statistics, applied, takes {calib['max']:.1f} s" if "max" in calib
+                  else "")
         cache = search.get("cache") or {}
         replay = (f" Prefix cache: {cache['replayed_calls']} block calls replayed, {cache['computed_calls']} computed; "
                   f"peak {cache['peak_mb']:.0f} of {cache['budget_mb']:.0f} MiB." if cache else "")
@@ -590,7 +566,7 @@ def _report_md(run: RunResult, plots: Sequence[str]) -> str:
             + (f" Kept float (float_fallback): {', '.join(search['float_layers'])}." if search.get("float_layers")
                else ""),
             "",
-            f"The per-layer decision is `plan_{_slug(key)}.json` (`stablequant plan show plan_{_slug(key)}.json`)."
+            f"The per-layer decision is `{plan_file}` (`stablequant plan show {plan_file}`)."
             + _deviations_md(run, search),
             "",
             "| layer | kind | screen Δ | flagged | percentile | range (lo, hi) | MAX range (lo, hi) |",

@@ -131,12 +131,15 @@ def test_run_tiny_recipe_end_to_end_on_real_int8(tmp_path):
     assert sq["search_seconds"] > 0 and data["peak_rss_mb"] > 0
     assert "## StableQuant search: sq/wav2vec2-ref w8a8" in (run_dir / "report.md").read_text()
     # the search's decision is saved as a plan, readable with `stablequant plan show`
-    plan_file = str(run_dir / "plan_sq_wav2vec2-ref_w8a8.json")
+    plan_file = str(run_dir / "plan_sq_wav2vec2-ref_stablequant_w8a8.json")
     shown = subprocess.run([sys.executable, "-m", "sq_plugin.cli", "plan", "show", plan_file], capture_output=True,
                            text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
     assert "model: sq/wav2vec2-ref" in shown.stdout and "method: stablequant" in shown.stdout
     assert "| wav2vec2.feature_extractor.conv_layers.0.conv | conv1d |" in shown.stdout
+    # MAX decided on the search's statistics (one pass), as a plan of its own
+    assert "plan_sq_wav2vec2-ref_max_w8a8.json" in names and data["statistics_seconds"]["sq/wav2vec2-ref"] > 0
+    assert rows["max"]["plan"] == "plan_sq_wav2vec2-ref_max_w8a8.json"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets installed: may really download")

@@ -2,9 +2,10 @@
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import sq_plugin.families.ctc as pipeline
@@ -32,17 +33,39 @@ class Utt:
     text: str
 
 
+def tiny_model():
+    import torch
+
+    model = torch.nn.Module()
+    model.enc = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
+    return model
+
+
 @dataclass
 class FakeBundle:
     name: str
     kind: str = "ctc"
     quantized: str = ""
+    model: object = field(default_factory=tiny_model)
+
+
+def fake_histograms():
+    from sq_plugin.core.stats import Histogram
+
+    values = np.linspace(-1.0, 3.0, 1001)
+    return {"enc.0": Histogram.of(values), "enc.1": Histogram.of(values / 2)}
+
+
+def fake_search_result(config, layers):
+    return SearchResult(config or SearchConfig(), 0.1, 0.2, 0.11, layers,
+                        {"statistics": 0.1, "screen": 0.2, "clip": 0.3, "total": 0.6}, 9, histograms=fake_histograms())
 
 
 def install_fakes(monkeypatch, *, wer_of=lambda bundle: 0.1 if not bundle.quantized else 0.12):
     utts = [Utt(f"u{i}", None, f"hello world {i}") for i in range(3)]
     monkeypatch.setattr(runner, "_load_data", lambda dataset, size: utts[:size])
     monkeypatch.setattr(models, "load_model", lambda name: FakeBundle(name, "whisper" if "whisper" in name else "ctc"))
+    statistics_calls = []
 
     def fake_evaluate(bundle, utterances, batch_size=8, progress=True, pad_to_multiple=None):
         assert batch_size == 1
@@ -53,38 +76,53 @@ def install_fakes(monkeypatch, *, wer_of=lambda bundle: 0.1 if not bundle.quanti
 
     def fake_quantize(bundle, calibration, *, act_rule=None, per_layer=None, observer=None, a_bits=8, w_bits=8,
                       lower=None, int8_grid="auto", plan=None):
-        assert int8_grid in ("full", "narrow_weights", "narrow_activations")  # the runner resolves "auto"
-        assert (plan is not None) == (per_layer is None and act_rule is None and observer is None and
-                                      "stablequant" in str(getattr(plan, "provenance", {}).get("method", "")))
+        assert act_rule is None and per_layer is None  # every rule method hands over a plan
+        assert plan is not None or int8_grid in ("full", "narrow_weights", "narrow_activations")  # "auto" resolved
+        assert (plan is None) == (observer is not None)  # a plan, or a framework's observer
+        if plan is not None:
+            w_bits, a_bits = plan.provenance["w_bits"], plan.provenance["a_bits"]
         real = lower if lower is not None else (a_bits == 8 and w_bits == 8)
         return pipeline.QuantizedModel(FakeBundle(bundle.name, quantized="yes"), "x86-onednn-int8" if real else
                                        "pt2e fake-quant simulation", not real, {"linear": 4}, 4 if real else 0,
-                                       0.5, 0.1)
+                                       0.5, 0.1, plan=plan)
 
     def fake_search(bundle, calibration, config=None, *, metric="wer", batch_size=8, progress=True,
                     cache_budget_mb=1024.0):
         layers = [LayerDecision("enc.0", "Linear", 0.11, 0.01, True, 99.9, (-1.0, 2.0), (-3.0, 9.0), {100.0: 0.2}),
                   LayerDecision("enc.1", "Linear", 0.10, 0.0, False, 100.0, (-1.0, 1.0), (-1.0, 1.0), {})]
-        return SearchResult(config or SearchConfig(), 0.1, 0.2, 0.11, layers,
-                            {"statistics": 0.1, "screen": 0.2, "clip": 0.3, "total": 0.6}, 9)
+        return fake_search_result(config, layers)
+
+    def fake_statistics(bundle, calibration):
+        statistics_calls.append(bundle.name)
+        return fake_histograms()
 
     monkeypatch.setattr(evaluate_mod, "evaluate", fake_evaluate)
     monkeypatch.setattr(pipeline, "quantize_ctc_pt2e", fake_quantize)
     monkeypatch.setattr(pipeline, "search_ctc", fake_search)
+    monkeypatch.setattr(pipeline, "ctc_statistics", fake_statistics)
+    return statistics_calls
 
 
 def test_run_writes_report_results_and_plots(tmp_path, monkeypatch):
-    install_fakes(monkeypatch)
+    statistics_calls = install_fakes(monkeypatch)
     result = runner.run_recipe(make_recipe(tmp_path), progress=False)
+    assert statistics_calls == []  # the plan baselines reuse the search's statistics
     out = result.output_dir
     assert out.parent == tmp_path / "out" / "nested" and out.name.startswith("fake-")
-    assert sorted(p.name for p in out.iterdir()) == [
-        "plan_sq_wav2vec2-ref_w4a4.json", "plan_sq_wav2vec2-ref_w8a8.json",
+    assert sorted(p.name for p in out.iterdir()) == [  # a plan per plan method and bits; histogram has observers
+        "plan_sq_wav2vec2-ref_max_w4a4.json", "plan_sq_wav2vec2-ref_max_w8a8.json",
+        "plan_sq_wav2vec2-ref_stablequant_w4a4.json", "plan_sq_wav2vec2-ref_stablequant_w8a8.json",
         "report.md", "results.json", "stablequant_layers_sq_wav2vec2-ref_w4a4.png",
         "stablequant_layers_sq_wav2vec2-ref_w8a8.png", "wer_by_method_sq_wav2vec2-ref.png"]
-    plan = QuantPlan.load(out / "plan_sq_wav2vec2-ref_w8a8.json")  # what StableQuant ran on, saved with the report
+    plan = QuantPlan.load(out / "plan_sq_wav2vec2-ref_stablequant_w8a8.json")  # what StableQuant ran on
     assert plan.layers["enc.0"].act_range == (-1.0, 2.0) and plan.provenance["model"] == "sq/wav2vec2-ref"
     assert len(plan.provenance["calibration_sha256"]) == 64 and "x86_isa" in plan.provenance
+    # MAX decided on the search's statistics: each layer's range is its histogram's min..max
+    max_plan = QuantPlan.load(out / "plan_sq_wav2vec2-ref_max_w8a8.json")
+    assert max_plan.provenance["method"] == "max" and max_plan.provenance["calibration_sha256"] == \
+        plan.provenance["calibration_sha256"]
+    assert max_plan.layers["enc.0"].act_range == pytest.approx((-1.0, 3.0), abs=0.01)
+    assert max_plan.layers["enc.1"].act_range == pytest.approx((-0.5, 1.5), abs=0.01)
     assert "The backend ran it as planned." in (out / "report.md").read_text()
     data = json.loads((out / "results.json").read_text())
     assert len(data["rows"]) == 1 + 2 * 3
@@ -98,7 +136,7 @@ def test_run_writes_report_results_and_plots(tmp_path, monkeypatch):
     report = (out / "report.md").read_text()
     assert "| sq/wav2vec2-ref | max | w8a8 | 12.00 | +2.00 |" in report
     assert "**simulated**" in report and "`enc.0`" in report and "hello word" in report
-    assert "MinMax (`max`) calibration alone takes 0.5 s" in report
+    assert "MAX's plan from the same statistics, applied, takes 0.5 s" in report
     assert not list(out.parent.glob(".*partial"))  # no temp directory left next to it
 
 
@@ -150,7 +188,7 @@ def test_a_failure_while_writing_removes_the_temp_directory(tmp_path, monkeypatc
 def test_unrunnable_combinations_are_refused_before_any_work(tmp_path, monkeypatch):
     install_fakes(monkeypatch)
     monkeypatch.setattr(runner, "_find_spec", lambda module: True)
-    with pytest.raises(RecipeError, match=r"methods \['inc_kl'\] run on CTC models only"):
+    with pytest.raises(RecipeError, match=r"is a Whisper model; methods \['inc_kl'\] run on CTC models only"):
         runner.run_recipe(make_recipe(tmp_path, model="openai/whisper-tiny.en", methods=["fp", "inc_kl"]),
                           progress=False)
     # A local directory does not say "whisper" in its name: the kind is checked after loading.
@@ -228,46 +266,64 @@ def test_framework_baselines_run_at_w8a8_and_are_listed_as_skipped_below(tmp_pat
     assert json.loads((result.output_dir / "results.json").read_text())["skipped"] == result.skipped
 
 
-def test_whisper_stablequant_runs_its_plan_on_int8_kernels_and_the_rest_as_labelled_simulations(tmp_path,
-                                                                                                  monkeypatch):
+def test_plan_baselines_share_one_statistics_pass_per_model(tmp_path, monkeypatch):
+    statistics_calls = install_fakes(monkeypatch)
+    result = runner.run_recipe(make_recipe(tmp_path, methods=["fp", "max", "percentile", "mse", "histogram"]),
+                               progress=False)
+    assert statistics_calls == ["sq/wav2vec2-ref"]  # 3 plan methods x 2 bit widths, one pass
+    plans = {key: plan for key, plan in result.plans.items()}
+    assert sorted(plans) == sorted(f"sq/wav2vec2-ref {m} {b}" for m in ("max", "percentile", "mse")
+                                   for b in ("w8a8", "w4a4"))
+    mse, maxed = plans["sq/wav2vec2-ref mse w4a4"].layers["enc.0"], plans["sq/wav2vec2-ref max w4a4"].layers["enc.0"]
+    assert mse.activation.bits == 4 and mse.decision == {"method": "mse"}
+    assert mse.act_range[1] - mse.act_range[0] < maxed.act_range[1] - maxed.act_range[0]  # MSE clips at 4 bits
+    assert plans["sq/wav2vec2-ref percentile w8a8"].layers["enc.0"].decision == {"method": "percentile",
+                                                                                  "percentile": 99.99}
+    assert "one statistics pass per model (sq/wav2vec2-ref:" in (result.output_dir / "report.md").read_text()
+
+
+def test_whisper_runs_every_method_on_int8_kernels_at_w8a8_and_simulates_on_backend_simulate(tmp_path, monkeypatch):
     install_fakes(monkeypatch)
     import sq_plugin.families.whisper as whisper
 
     seen = []
 
-    def fake_x86(bundle, calibration, plan):
-        seen.append(("x86", sorted(plan.layers)))
+    def fake_x86(bundle, calibration, plan=None, *, quantizer=None):
+        seen.append(("x86", plan.provenance["method"] if plan is not None else type(quantizer).__name__))
         return pipeline.QuantizedModel(FakeBundle(bundle.name, quantized="yes"), "x86-onednn-int8 (vnni: ...)", False,
-                                       {"encoder_qlinear": 3, "decoder_step_qlinear": 2}, 5, 0.5, 0.2)
+                                       {"encoder_qlinear": 3, "decoder_step_qlinear": 2}, 5, 0.5, 0.2, plan=plan)
 
     def fake_evaluate(bundle, utterances, batch_size=8, progress=True, pad_to_multiple=None):
         assert batch_size == whisper.EVAL_BATCH and pad_to_multiple is None
         us = [UtteranceResult(u.id, u.text, "hello world", 0.3, 0.1) for u in utterances]
         return EvalResult(wer=0.3, cer=0.1, n=len(us), utterances=us, seconds=0.01)
 
-    def fake_quantize(bundle, calibration, *, act_rule=None, per_layer=None, observer=None, a_bits=8, w_bits=8,
-                      int8_grid="auto"):
-        assert int8_grid in ("full", "narrow_weights", "narrow_activations")
-        seen.append((per_layer is not None, act_rule is not None, observer is not None, a_bits))
+    def fake_simulated(bundle, calibration, *, act_rule=None, per_layer=None, observer=None, a_bits=8, w_bits=8,
+                       int8_grid="auto", plan=None):
+        assert act_rule is None and per_layer is None
+        seen.append(("simulated", plan.provenance["method"] if plan is not None else "observer"))
         return pipeline.QuantizedModel(FakeBundle(bundle.name, quantized="yes"), whisper.SIMULATED_BACKEND, True,
-                                       {"fake_quant_linear": 4}, 0, 0.5, 0.0)
+                                       {"fake_quant_linear": 4}, 0, 0.5, 0.0, plan=plan)
 
     def fake_search(bundle, calibration, config=None, *, metric="tf_loss", progress=True, cache_budget_mb=1024.0):
         assert metric == "wer"  # the recipe's metric is passed through
-        layers = [LayerDecision("enc.0", "Linear", 0.11, 0.01, True, 99.9, (-1.0, 2.0), (-3.0, 9.0), {100.0: 0.2})]
-        return SearchResult(config or SearchConfig(), 0.1, 0.2, 0.11, layers, {"total": 0.6}, 9)
+        layers = [LayerDecision("enc.0", "Linear", 0.11, 0.01, True, 99.9, (-1.0, 2.0), (-3.0, 9.0), {100.0: 0.2}),
+                  LayerDecision("enc.1", "Linear", 0.10, 0.0, False, 100.0, (-1.0, 1.0), (-1.0, 1.0), {})]
+        return fake_search_result(config, layers)
 
     monkeypatch.setattr(evaluate_mod, "evaluate", fake_evaluate)
-    monkeypatch.setattr(whisper, "quantize_whisper_simulated", fake_quantize)
+    monkeypatch.setattr(whisper, "quantize_whisper_simulated", fake_simulated)
     monkeypatch.setattr(whisper, "search_whisper", fake_search)
     monkeypatch.setattr(whisper, "quantize_whisper_x86", fake_x86)
+    monkeypatch.setattr(whisper, "whisper_statistics", lambda bundle, calibration: pytest.fail("the search's"))
     result = runner.run_recipe(make_recipe(tmp_path, model="openai/whisper-tiny.en", bits=["w8a8"],
-                                           methods=["fp", "stablequant", "max", "histogram"]), progress=False)
-    assert seen == [("x86", ["enc.0"]), (False, True, False, 8), (False, False, True, 8)]
+                                           methods=["fp", "max", "stablequant", "histogram"]), progress=False)
+    # stablequant runs first (its statistics serve max); the rows keep the recipe's order
+    assert seen == [("x86", "stablequant"), ("x86", "max"), ("x86", "StableQuantX86Quantizer")]
     assert [(r["method"], r["simulated"], r["int8_kernels"]) for r in result.rows] == [
-        ("fp", False, 0), ("stablequant", False, 5), ("max", True, 0), ("histogram", True, 0)]
-    # backend simulate: StableQuant too is a simulation, from its per-layer rules
+        ("fp", False, 0), ("max", False, 5), ("stablequant", False, 5), ("histogram", False, 5)]
+    # backend simulate: the same plans, simulated
     seen.clear()
     runner.run_recipe(make_recipe(tmp_path, model="openai/whisper-tiny.en", bits=["w8a8"], backend="simulate",
-                                  methods=["fp", "stablequant"]), progress=False)
-    assert seen == [(True, False, False, 8)]
+                                  methods=["fp", "stablequant", "max", "histogram"]), progress=False)
+    assert seen == [("simulated", "stablequant"), ("simulated", "max"), ("simulated", "observer")]

@@ -40,20 +40,19 @@ import io
 import json
 import lzma
 import os
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sq_plugin.core.files import atomic_directory
 
 FORMAT = "sq-plugin-quantized-artifact"
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 WEIGHTS_FILE = "weights.safetensors"
 PROGRAM_FILE = "program.pt2.xz"
+PLAN_FILE = "plan.json"  # the QuantPlan the graph was built from, when there is one
 
 _LAYER_OPS = {
     torch.ops.aten.linear.default: "linear",
@@ -235,7 +234,7 @@ def _jsonable(value: Any) -> Any:
 
 def save(converted: torch.fx.GraphModule, path: str | os.PathLike, *, example_inputs: tuple,
          metadata: dict[str, Any], fp_model: torch.nn.Module | None = None,
-         dynamic_dims: list[list[int]] | None = None) -> Path:
+         dynamic_dims: list[list[int]] | None = None, plan: Any = None) -> Path:
     """Write a `convert_pt2e` output to the artifact directory `path` (replaced if it exists).
 
     example_inputs: inputs the graph accepts (re-export traces them; also used for the bit-for-bit check).
@@ -246,6 +245,7 @@ def save(converted: torch.fx.GraphModule, path: str | os.PathLike, *, example_in
         checks. Without it the fingerprint of the quantized graph is used.
     dynamic_dims: per input, dims to keep dynamic; default: those symbolic in `converted` (the audio
         length after `export_for_quantization`).
+    plan: the `QuantPlan` the graph was built from; stored as plan.json (`read_plan` reads it back).
     Returns the artifact path.
     """
     from safetensors.torch import save_file
@@ -321,32 +321,12 @@ def save(converted: torch.fx.GraphModule, path: str | os.PathLike, *, example_in
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         (tmp / PROGRAM_FILE).write_bytes(lzma.compress(buffer.getvalue(), preset=9 | lzma.PRESET_EXTREME))
-        for fname in (WEIGHTS_FILE, PROGRAM_FILE):
+        if plan is not None:
+            (tmp / PLAN_FILE).write_text(plan.to_json())
+        for fname in (WEIGHTS_FILE, PROGRAM_FILE, *((PLAN_FILE,) if plan is not None else ())):
             meta["files"][fname] = {"bytes": (tmp / fname).stat().st_size, "sha256": _sha256(tmp / fname)}
         (tmp / METADATA_FILE).write_text(json.dumps(meta, separators=(",", ":")))
     return path
-
-
-@contextmanager
-def atomic_directory(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory to fill. If the block succeeds, it takes `path`'s place in
-    one rename (an existing `path` is replaced); if it raises, it is removed and `path` is untouched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if path.exists():
-            # os.replace cannot replace a non-empty directory: move the old one aside first.
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def artifact_bytes(path: str | os.PathLike) -> int:
@@ -383,6 +363,19 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
                             f"by this sq-plugin (reads version {FORMAT_VERSION}). Fix: re-save it with this "
                             "version of sq_plugin.backends.artifact.save(), or load it with the version that wrote it.")
     return meta
+
+
+def read_plan(path: str | os.PathLike) -> Any:
+    """The `QuantPlan` stored with an artifact (None if it was saved without one); checked against the
+    checksum in its metadata."""
+    from sq_plugin.core.plan import QuantPlan
+
+    path = Path(path)
+    entry = read_metadata(path).get("files", {}).get(PLAN_FILE)
+    if entry is None:
+        return None
+    _check_file(path, PLAN_FILE, entry)
+    return QuantPlan.load(path / PLAN_FILE)
 
 
 def _check_file(path: Path, fname: str, expected: dict[str, Any]) -> None:

@@ -399,6 +399,16 @@ def stablequant_x86_quantizer(config: QuantizationConfig | None = None,
     return quantizer  # type: ignore[return-value]
 
 
+def observer_x86_quantizer(observer: Any, *, a_bits: int = 8, w_bits: int = 8,
+                           int8_grid: str = "auto") -> StableQuantX86Quantizer:
+    """A framework baseline on the same x86 scheme: StableQuant's specs (grids, per-channel MAX weights) with
+    `observer` (e.g. torchao's `HistogramObserver.with_args(eps=2**-12)`) deciding every input range."""
+    config = stablequant_x86_config(a_bits=a_bits, w_bits=w_bits, int8_grid=int8_grid)
+    act = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=observer)
+    return stablequant_x86_quantizer(dataclasses.replace(config, input_activation=act, output_activation=act),
+                                     a_bits=a_bits, w_bits=w_bits, int8_grid=int8_grid)
+
+
 def export_for_quantization(model: torch.nn.Module, example_inputs: tuple, *,
                             dynamic_dims: dict[int, int] | None = None,
                             dynamic_batch: bool = False, strict: bool = False) -> torch.fx.GraphModule:

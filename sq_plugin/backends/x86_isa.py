@@ -33,10 +33,9 @@ import platform
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from sq_plugin.core.grid import INT8_GRIDS, grid_bits
+from sq_plugin.core.grid import GRID_CHOICES, INT8_GRIDS, grid_bits
 
 Int8Grid = Literal["full", "narrow_weights", "narrow_activations"]
-GRID_CHOICES = ("auto", *INT8_GRIDS)
 KINDS = ("avx2", "avx512", "vnni", "amx")
 INT16_MAX = 32767  # without VNNI, 2 * act_qmax * weight_absmax must fit: 2 * 255 * 64 does, 2 * 255 * 128 not
 

@@ -27,6 +27,8 @@ def quant_bounds(bits: int, *, signed: bool) -> tuple[int, int]:
 
 
 INT8_GRIDS = ("full", "narrow_weights", "narrow_activations")
+# What a user may ask for: "auto" resolves to this CPU's grid (sq_plugin.backends.x86_isa.resolve_int8_grid).
+GRID_CHOICES = ("auto", *INT8_GRIDS)
 NARROW_BITS = 7  # a narrowed operand: weights on -64..63, or activations on 0..127
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +24,8 @@ import torch
 from sq_plugin.backends.simulate import is_parametrized, quantizable_layers, strip_weight_norm
 from sq_plugin.core.plan import QuantPlan
 from sq_plugin.core.ranges import RangeRule
-from sq_plugin.search import SearchConfig, SearchResult, stablequant_search
+from sq_plugin.core.stats import DEFAULT_BINS, Histogram
+from sq_plugin.search import SearchConfig, SearchResult, collect_input_histograms, stablequant_search
 from sq_plugin.search.prefix_cache import DEFAULT_BUDGET_MB
 from sq_plugin.speech.audio import SAMPLE_RATE
 from sq_plugin.speech.evaluate import evaluate, transcribe, uses_attention_mask
@@ -100,6 +103,19 @@ def ctc_loss_per_char(model: torch.nn.Module, inputs: Sequence[tuple[torch.Tenso
     return total / len(labels)
 
 
+def ctc_statistics(bundle: SpeechModel, calibration: Sequence[Any], *, bins: int = DEFAULT_BINS
+                   ) -> dict[str, Histogram]:
+    """Every quantizable layer's input histogram over the calibration utterances (one float pass, one
+    utterance at a time, as the search collects them): what `rule_plan` decides baseline ranges on."""
+    _require_ctc(bundle)
+    _require_utterances(calibration, "calibration")
+    bundle = unchanged_caller_model(bundle)
+    model = bundle.model.eval()
+    audios = [u.audio for u in calibration]
+    return collect_input_histograms(model, lambda: transcribe(bundle, audios, batch_size=1, progress=False),
+                                    list(quantizable_layers(model)), bins=bins)
+
+
 def search_ctc(bundle: SpeechModel, calibration: Sequence[Any], config: SearchConfig | None = None, *,
                metric: str = "wer", batch_size: int = 8, progress: bool = True, prefix_cache: bool = True,
                cache_budget_mb: float = DEFAULT_BUDGET_MB) -> SearchResult:
@@ -151,6 +167,11 @@ class QuantizedModel:
     converted: Any = field(repr=False, default=None)
     # Plan layers the backend ran otherwise than planned, and how (empty: the plan ran as written).
     plan_deviations: dict[str, str] = field(default_factory=dict)
+    # The plan it was built from (None: a framework's own observers decided the ranges).
+    plan: QuantPlan | None = field(default=None, repr=False)
+    # Inputs the quantized graph was traced with, and the float model it came from (what `save_ctc_int8` needs).
+    example_inputs: tuple | None = field(default=None, repr=False)
+    float_model: Any = field(default=None, repr=False)
 
 
 def finish_converted(bundle: SpeechModel, converted: Any, example: tuple, calib_seconds: float, *, lower: bool,
@@ -169,14 +190,15 @@ def finish_converted(bundle: SpeechModel, converted: Any, example: tuple, calib_
                                                                     ("weights", "activations"), strict=True)
                        if bits is not None)
         backend = " ".join(filter(None, (label, f"pt2e fake-quant simulation (float q/dq{grid})")))
-        return QuantizedModel(quantized, backend, True, counts, 0, calib_seconds, 0.0, converted)
+        return QuantizedModel(quantized, backend, True, counts, 0, calib_seconds, 0.0, converted,
+                              example_inputs=example, float_model=bundle.model)
     start = time.perf_counter()
     compiled, report = lower_x86(converted, example)
     lower_seconds = time.perf_counter() - start
     quantized = dataclasses.replace(bundle, model=compiled, info=info)
     backend = f"{label}: {report.backend}" if label else report.backend
     return QuantizedModel(quantized, backend, False, counts, report.int8_kernels, calib_seconds, lower_seconds,
-                          converted)
+                          converted, example_inputs=example, float_model=bundle.model)
 
 
 def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_rule: RangeRule | None = None,
@@ -191,14 +213,16 @@ def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_ru
     int8_grid: "auto" (this CPU's x86 policy: 7-bit weights without VNNI), "full", "narrow_weights",
     "narrow_activations" (`sq_plugin.backends.x86_isa`).
     strict: export in strict mode (see `export_for_quantization`).
-    plan: apply a `QuantPlan` (e.g. `search_ctc(...).to_plan()`) instead of rules: each layer's input
-    range and grids come from the plan (checked against the model's layers), so calibration only
-    observes weights; `act_rule`, `per_layer`, `observer`, the bits and `int8_grid` are then unused.
+    plan: apply a `QuantPlan` (e.g. `search_ctc(...).to_plan()`, `rule_plan(...)`) instead of rules: each
+    layer's input range and grids come from the plan (checked against the model's layers), so only the first
+    calibration utterance is run (it observes the weights); `act_rule`, `per_layer`, `observer`, the bits and
+    `int8_grid` are then unused.
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     from sq_plugin.backends.pt2e import (
         calibrate,
+        observer_x86_quantizer,
         plan_deviations,
         prepare_stablequant,
         stablequant_x86_config,
@@ -217,12 +241,14 @@ def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_ru
         # W8A8 (narrowed to 7 bits on one side without VNNI) runs on INT8 kernels; narrower plans simulate
         narrowest = min(min(plan.layers[n].weight.bits, plan.layers[n].activation.bits) for n in plan.quantized)
         lower = narrowest >= 7 if lower is None else lower
+        calibration = calibration[:1]  # weights only: every input range is the plan's
     else:
-        config = stablequant_x86_config(act_rule, a_bits=a_bits, w_bits=w_bits, int8_grid=int8_grid)
         if observer is not None:  # a baseline: the same specs with another activation observer
-            act = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=observer)
-            config = dataclasses.replace(config, input_activation=act, output_activation=act)
-        quantizer = stablequant_x86_quantizer(config, per_layer, a_bits=a_bits, w_bits=w_bits, int8_grid=int8_grid)
+            quantizer = observer_x86_quantizer(observer, a_bits=a_bits, w_bits=w_bits, int8_grid=int8_grid)
+        else:
+            config = stablequant_x86_config(act_rule, a_bits=a_bits, w_bits=w_bits, int8_grid=int8_grid)
+            quantizer = stablequant_x86_quantizer(config, per_layer, a_bits=a_bits, w_bits=w_bits,
+                                                  int8_grid=int8_grid)
         lower = (a_bits == 8 and w_bits == 8) if lower is None else lower
     prepared = prepare_stablequant(model, example, quantizer, strict=strict)
     calibrate(prepared, (ctc_inputs(bundle, u.audio) for u in calibration))
@@ -231,6 +257,49 @@ def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_ru
     quantized = finish_converted(bundle, converted, example, calib_seconds, lower=lower)
     if plan is not None:
         quantized.plan_deviations = plan_deviations(converted, plan)
+        quantized.plan = plan
+    return quantized
+
+
+def save_ctc_int8(quantized: QuantizedModel, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None
+                  ) -> Path:
+    """Write a `quantize_ctc_pt2e` result as an `sq_plugin.backends.artifact` directory: the INT8 weights and
+    scales (safetensors), the graph, its plan (plan.json) and metadata; atomic, replacing `path`.
+    `load_ctc_int8` reads it back with no calibration and the same outputs."""
+    from sq_plugin.backends.artifact import save
+
+    if not isinstance(quantized.converted, torch.fx.GraphModule) or quantized.example_inputs is None:
+        raise ValueError(f"{quantized.bundle.name}: save_ctc_int8 saves what quantize_ctc_pt2e returns (a PT2E graph "
+                         f"with its example inputs); this model ran on {quantized.backend!r}. Quantize it with "
+                         "quantize_ctc_pt2e (or the runner's PT2E methods) to save it")
+    if quantized.float_model is None:
+        raise ValueError(f"{quantized.bundle.name}: this QuantizedModel does not record its float model, whose "
+                         "architecture fingerprint the artifact stores; build it with quantize_ctc_pt2e")
+    return save(quantized.converted, path, example_inputs=quantized.example_inputs,
+                fp_model=_folded(quantized.float_model), plan=quantized.plan,
+                metadata={**(metadata or {}), "model": quantized.bundle.name, "family": "ctc",
+                          "backend": quantized.backend})
+
+
+def _folded(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with weight norm folded (on a copy if it has any): what PT2E exports and fingerprints."""
+    return strip_weight_norm(copy.deepcopy(model)) if is_parametrized(model) else model
+
+
+def load_ctc_int8(path: str | os.PathLike, bundle: SpeechModel, *, lower: bool = True) -> QuantizedModel:
+    """Load `save_ctc_int8`'s directory for `bundle` (the same checkpoint: its processor feeds the inputs) and,
+    with lower=True, compile it to oneDNN INT8 kernels. Raises `ArtifactError` if the artifact is damaged or
+    was made for another model."""
+    from sq_plugin.backends.artifact import architecture_fingerprint, load, read_plan
+
+    _require_ctc(bundle)
+    fp = _folded(bundle.model)
+    start = time.perf_counter()
+    converted, meta = load(path, expect_model=architecture_fingerprint(fp))
+    example = ctc_inputs(bundle, np.zeros(meta["example_input_shapes"][0][-1], dtype=np.float32))
+    quantized = finish_converted(dataclasses.replace(bundle, model=fp), converted, example,
+                                 time.perf_counter() - start, lower=lower)
+    quantized.plan = read_plan(path)
     return quantized
 
 

@@ -39,12 +39,14 @@ from sq_plugin.backends.simulate import (
     LayerQuant,
     apply_fake_quant,
     observer_ranges,
+    plan_layer_quants,
     quantizable_layers,
     strip_weight_norm,
 )
 from sq_plugin.backends.x86_isa import resolve_int8_grid
 from sq_plugin.core.quant import grid_bits, quant_bounds
 from sq_plugin.core.ranges import RangeRule, compute_range
+from sq_plugin.core.stats import DEFAULT_BINS, Histogram
 from sq_plugin.families.ctc import QuantizedModel
 from sq_plugin.recipe import TEACHER_FORCED_METRICS
 from sq_plugin.search import SearchConfig, SearchResult, collect_input_histograms, stablequant_search
@@ -155,17 +157,56 @@ def search_whisper(bundle: SpeechModel, calibration: Sequence[Any], config: Sear
                               cache_budget_mb=cache_budget_mb)
 
 
+def whisper_statistics(bundle: SpeechModel, calibration: Sequence[Any], *, bins: int = DEFAULT_BINS
+                       ) -> dict[str, Histogram]:
+    """Every Conv1d/Linear input histogram, teacher-forced on the references one utterance at a time (as the
+    search and the simulation calibrate): what `rule_plan` decides baseline ranges on."""
+    _require_whisper(bundle)
+    if not calibration:
+        raise ValueError("the calibration set is empty: pass at least one utterance")
+    model = strip_weight_norm(copy.deepcopy(bundle.model)).eval()
+    batches = teacher_forced_batches(bundle, calibration, batch_size=1)
+
+    def run_calibration() -> None:
+        for batch in batches:
+            _forward(model, batch)
+
+    return collect_input_histograms(model, run_calibration, list(quantizable_layers(model)), bins=bins)
+
+
+def _simulated_from_plan(bundle: SpeechModel, plan: Any) -> QuantizedModel:
+    """The fake-quant simulation of a `QuantPlan`: no calibration, the plan's ranges and grids."""
+    start = time.perf_counter()
+    model = strip_weight_norm(copy.deepcopy(bundle.model)).eval()
+    modules = quantizable_layers(model)
+    plan.check_layers(modules, model=bundle.name)
+    quants = plan_layer_quants(plan)
+    apply_fake_quant(model, quants)
+    counts = {"fake_quant_linear": sum(isinstance(modules[n], torch.nn.Linear) for n in quants),
+              "fake_quant_conv1d": sum(isinstance(modules[n], torch.nn.Conv1d) for n in quants)}
+    if len(quants) < len(modules):
+        counts["float"] = len(modules) - len(quants)
+    bits = sorted({(q.w_bits, q.a_bits) for q in quants.values()})
+    grids = ", ".join(f"{w}-bit weights, {a}-bit activations" for w, a in bits)
+    return QuantizedModel(dataclasses.replace(bundle, model=model), f"{SIMULATED_BACKEND} of the plan ({grids})",
+                          True, counts, 0, time.perf_counter() - start, 0.0, None, plan=plan)
+
+
 def quantize_whisper_simulated(bundle: SpeechModel, calibration: Sequence[Any], *, act_rule: RangeRule | None = None,
                                per_layer: dict[str, RangeRule | None] | None = None, observer: Any = None,
                                a_bits: int = 8, w_bits: int = 8, bins: int | None = None,
-                               int8_grid: str = "auto") -> QuantizedModel:
+                               int8_grid: str = "auto", plan: Any = None) -> QuantizedModel:
     """A fake-quantized copy of a Whisper model (every Conv1d and Linear): weights per output channel,
     symmetric MinMax; input activations per tensor with ranges from `per_layer` rules (StableQuant),
     one `act_rule` (default MAX), or a torchao `observer` constructor (a baseline such as
     `HistogramObserver.with_args(eps=2**-12)`), calibrated teacher-forced on `calibration`.
     int8_grid: "auto" simulates the grids this CPU's x86 INT8 kernels run (7-bit weights without VNNI,
-    `sq_plugin.backends.x86_isa`), or "full" / "narrow_weights" / "narrow_activations"."""
+    `sq_plugin.backends.x86_isa`), or "full" / "narrow_weights" / "narrow_activations".
+    plan: simulate a `QuantPlan` (the search's, or `rule_plan`'s) instead: no calibration, and the rules,
+    observer, bits and grid arguments are unused."""
     _require_whisper(bundle)
+    if plan is not None:
+        return _simulated_from_plan(bundle, plan)
     nominal = (w_bits, a_bits)
     w_bits, a_bits = grid_bits(w_bits, a_bits, resolve_int8_grid(int8_grid))  # the grids that will execute
     start = time.perf_counter()
@@ -206,28 +247,35 @@ def quantize_whisper_simulated(bundle: SpeechModel, calibration: Sequence[Any], 
     return QuantizedModel(quantized, backend, True, counts, 0, calib_seconds, 0.0, None)
 
 
-def quantize_whisper_x86(bundle: SpeechModel, calibration: Sequence[Any], plan: Any) -> QuantizedModel:
-    """Whisper on oneDNN INT8 kernels from a `QuantPlan` (the search's, on the HF module names): the
-    encoder and the static-cache decoder step of `sq_plugin.families.whisper_int8`, decoded greedily by
-    `evaluate` through `QuantizedWhisper.generate`. The plan's ranges need one calibration utterance
-    (for the weights); the report's `plan_deviations` say what the graphs ran otherwise."""
+def quantize_whisper_x86(bundle: SpeechModel, calibration: Sequence[Any], plan: Any = None, *,
+                         quantizer: Any = None) -> QuantizedModel:
+    """Whisper on oneDNN INT8 kernels: the encoder and the static-cache decoder step of
+    `sq_plugin.families.whisper_int8`, decoded greedily by `evaluate` through `QuantizedWhisper.generate`.
+
+    plan: a `QuantPlan` on the HF module names (the search's, or `rule_plan`'s); its ranges need one
+    calibration utterance (for the weights); `plan_deviations` say what the graphs ran otherwise.
+    quantizer: instead of a plan, a PT2E quantizer whose observers decide the ranges (a framework baseline,
+    e.g. `observer_x86_quantizer(HistogramObserver)`), calibrated by greedy-decoding every utterance."""
     from sq_plugin.families.whisper_int8 import quantize_whisper_int8
 
     _require_whisper(bundle)
     if not calibration:
         raise ValueError("the calibration set is empty: pass at least one utterance")
+    if (plan is None) == (quantizer is None):
+        raise ValueError("quantize_whisper_x86 takes a plan or a quantizer (exactly one)")
     start = time.perf_counter()
     fe = bundle.processor.feature_extractor
-    features = [fe([calibration[0].audio], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features]
-    quantized = quantize_whisper_int8(bundle, features, plan=plan)
+    used = calibration[:1] if plan is not None else calibration
+    features = [fe([u.audio], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features for u in used]
+    quantized = quantize_whisper_int8(bundle, features, plan=plan, quantizer=quantizer)
     lowering = quantized.report["lowering"]
     counts = {f"{graph}_{op}": n for graph, ops in lowering.items() for op, n in ops.items()}
     return QuantizedModel(dataclasses.replace(bundle, model=quantized), quantized.report["backend"], False, counts,
                           sum(counts.values()), quantized.report["quantize_s"],
                           time.perf_counter() - start - quantized.report["quantize_s"], None,
-                          plan_deviations=quantized.report["plan_deviations"])
+                          plan_deviations=quantized.report.get("plan_deviations", {}), plan=plan)
 
 
 __all__ = ["SIMULATED_BACKEND", "TEACHER_FORCED_METRICS", "WHISPER_METRICS", "TeacherForcedBatch",
            "quantize_whisper_simulated", "quantize_whisper_x86", "search_whisper", "teacher_forced_batches",
-           "teacher_forced_scores"]
+           "teacher_forced_scores", "whisper_statistics"]

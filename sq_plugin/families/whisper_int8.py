@@ -420,7 +420,8 @@ def save_whisper_int8(quantized: QuantizedWhisper, path: str | os.PathLike, *, m
     """Write both converted graphs as `sq_plugin.backends.artifact` directories under `path` (`encoder/`,
     `decoder_step/`) plus the greedy settings; the whole directory appears at once (temporary sibling,
     then one rename), replacing an existing one."""
-    from sq_plugin.backends.artifact import atomic_directory, save
+    from sq_plugin.backends.artifact import save
+    from sq_plugin.core.files import atomic_directory
 
     path = Path(path)
     whisper = quantized.whisper

@@ -32,13 +32,12 @@ from tqdm.auto import tqdm
 
 from sq_plugin.backends.simulate import LayerQuant, observe_inputs, quantizable_layers, simulate, strip_weight_norm
 from sq_plugin.backends.x86_isa import resolve_int8_grid
+from sq_plugin.core.defaults import DEFAULT_MSE_GRID, DEFAULT_PERCENTILES, DEFAULT_THRESHOLD
 from sq_plugin.core.plan import LayerPlan, QuantPlan, x86_grids
 from sq_plugin.core.quant import check_bits, grid_bits
 from sq_plugin.core.ranges import RangeRule, check_percentile, compute_range
 from sq_plugin.core.stats import DEFAULT_BINS, Histogram
 from sq_plugin.search.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
-
-DEFAULT_PERCENTILES = (100.0, 99.99, 99.9, 99.8, 99.5, 99.0)
 
 
 @dataclass(frozen=True)
@@ -61,9 +60,9 @@ class SearchConfig:
 
     w_bits: int = 8
     a_bits: int = 8
-    threshold: float = 0.0025
+    threshold: float = DEFAULT_THRESHOLD
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
-    mse_grid: int = 100
+    mse_grid: int = DEFAULT_MSE_GRID
     bins: int = DEFAULT_BINS
     float_fallback: bool = False
     keep_float: tuple[str, ...] = ()
@@ -118,6 +117,9 @@ class SearchResult:
     seconds: dict[str, float]
     evaluations: int
     cache: dict[str, float] = field(default_factory=dict)  # prefix-cache counters (empty: no cache)
+    # The statistics the search decided on (layer -> input histogram): a baseline rule can reuse them
+    # (`sq_plugin.search.rules.rule_plan`) instead of pushing the calibration set through the model again.
+    histograms: dict[str, Histogram] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def flagged(self) -> list[str]:
@@ -301,4 +303,5 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
         "blocks": len(cache.blocks), "budget_mb": cache.budget_bytes / 2**20, "peak_mb": cache.peak_bytes / 2**20,
         "replayed_calls": cache.replayed_calls, "computed_calls": cache.computed_calls}
     return SearchResult(config=config, fp_metric=fp_metric, max_metric=max_metric, final_metric=final_metric,
-                        layers=decisions, seconds=seconds, evaluations=evaluations, cache=cache_stats)
+                        layers=decisions, seconds=seconds, evaluations=evaluations, cache=cache_stats,
+                        histograms=hists)

@@ -75,3 +75,56 @@ def test_ctc_labels_refuse_references_the_tokenizer_cannot_spell(hubert):
     (u,) = load_split("dev", limit=1)
     with pytest.raises(ValueError, match="<unk>"):
         ctc_labels(hubert, [type(u)(**{**u.__dict__, "text": "naïve ☃"})])
+
+
+def _input_qparams(converted) -> dict:
+    from sq_plugin.backends.artifact import layer_qparams
+
+    return {name: (q["input"]["scale"], q["input"]["zero_point"]) for name, q in layer_qparams(converted).items()
+            if q["input"] is not None}
+
+
+def test_a_baseline_rule_as_a_plan_gives_the_graph_its_observers_give(hubert):
+    """max as a plan (one statistics pass, then `rule_plan`) builds the graph that the MAX observers build."""
+    from sq_plugin.core.ranges import RangeRule
+    from sq_plugin.families.ctc import ctc_statistics
+    from sq_plugin.search import layer_ops, rule_plan
+
+    dev = load_split("dev", limit=3)
+    plan = rule_plan(ctc_statistics(hubert, dev), layer_ops(hubert.model), RangeRule("max"), w_bits=6, a_bits=6,
+                     int8_grid="full")
+    from_plan = quantize_ctc_pt2e(hubert, dev, plan=plan)
+    observed = quantize_ctc_pt2e(hubert, dev, act_rule=RangeRule("max"), a_bits=6, w_bits=6, int8_grid="full")
+    assert from_plan.simulated and from_plan.plan is plan and from_plan.plan_deviations == {}
+    want, got = _input_qparams(observed.converted), _input_qparams(from_plan.converted)
+    assert set(got) == set(want) and len(got) == len(plan.layers)
+    for name, (scale, zero_point) in want.items():
+        assert got[name][0] == pytest.approx(scale, rel=1e-6), name
+        assert got[name][1] == zero_point, name
+
+
+def test_save_and_load_round_trip_the_int8_model_and_its_plan(hubert, tmp_path):
+    from sq_plugin.backends.artifact import ArtifactError
+    from sq_plugin.core.ranges import RangeRule
+    from sq_plugin.families.ctc import ctc_statistics, load_ctc_int8, save_ctc_int8
+    from sq_plugin.search import layer_ops, rule_plan
+
+    dev = load_split("dev", limit=2)
+    plan = rule_plan(ctc_statistics(hubert, dev), layer_ops(hubert.model), RangeRule("percentile", percentile=99.9),
+                     provenance={"model": hubert.name, "method": "percentile"})
+    quantized = quantize_ctc_pt2e(hubert, dev, plan=plan)
+    assert not quantized.simulated and quantized.int8_kernels > 0
+    path = save_ctc_int8(quantized, tmp_path / "hubert-int8", metadata={"note": "test"})
+    loaded = load_ctc_int8(path, hubert)
+    assert loaded.plan.to_dict() == plan.to_dict() and not loaded.simulated
+    assert loaded.int8_kernels == quantized.int8_kernels and loaded.op_counts == quantized.op_counts
+    x = ctc_inputs(hubert, dev[1].audio)
+    with torch.no_grad():
+        assert torch.equal(loaded.bundle.model(*x).logits, quantized.bundle.model(*x).logits)  # bit for bit
+    with pytest.raises(ArtifactError, match="made for"):
+        load_ctc_int8(path, load_model("sq/wav2vec2-ref"))
+    simulated = quantize_ctc_pt2e(hubert, dev, plan=plan, lower=False)
+    with pytest.raises(ValueError, match="save_ctc_int8 saves what quantize_ctc_pt2e returns"):
+        quantized.converted = None
+        save_ctc_int8(quantized, tmp_path / "nothing")
+    assert save_ctc_int8(simulated, tmp_path / "simulated").is_dir()  # the q/dq graph saves the same way

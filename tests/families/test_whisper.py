@@ -147,3 +147,27 @@ def test_simulated_whisper_with_a_torchao_observer_and_per_layer_rules(tiny_whis
     assert float(grid_clipped.max() - grid_clipped.min()) < 0.9 * float(grid_full.max() - grid_full.min())
     with pytest.raises(ValueError, match="takes Whisper models"):
         quantize_whisper_simulated(dataclasses.replace(tiny_whisper, kind="ctc"), utterances)
+
+
+def test_a_rule_plan_on_whisper_statistics_simulates_as_the_rule_does(tiny_whisper, utterances):
+    """One statistics pass, `rule_plan`, then the plan simulated: the same model as calibrating with the rule."""
+    from sq_plugin.families.whisper import whisper_statistics
+    from sq_plugin.search import layer_ops, rule_plan
+
+    rule = RangeRule("percentile", percentile=99.9)
+    plan = rule_plan(whisper_statistics(tiny_whisper, utterances), layer_ops(tiny_whisper.model), rule, w_bits=6,
+                     a_bits=6, provenance={"method": "percentile"})
+    from_plan = quantize_whisper_simulated(tiny_whisper, utterances[:1], plan=plan)
+    by_rule = quantize_whisper_simulated(tiny_whisper, utterances, act_rule=rule, a_bits=6, w_bits=6)
+    assert from_plan.simulated and from_plan.plan is plan and "of the plan (6-bit weights, 6-bit activations)" in \
+        from_plan.backend
+    assert from_plan.op_counts == by_rule.op_counts
+    batch = teacher_forced_batches(tiny_whisper, utterances)[1]
+    with torch.no_grad():
+        want = by_rule.bundle.model(input_features=batch.input_features, decoder_input_ids=batch.decoder_input_ids)
+        got = from_plan.bundle.model(input_features=batch.input_features, decoder_input_ids=batch.decoder_input_ids)
+    assert torch.equal(got.logits, want.logits)
+    wrong = rule_plan({f"other.{n}": h for n, h in whisper_statistics(tiny_whisper, utterances[:1]).items()},
+                      {f"other.{n}": op for n, op in layer_ops(tiny_whisper.model).items()}, rule)
+    with pytest.raises(ValueError, match="other"):  # a plan for another model is refused by layer name
+        quantize_whisper_simulated(tiny_whisper, utterances, plan=wrong)
