@@ -4,11 +4,13 @@ Importing the package imports no optional framework: `sq_plugin.backends.pt2e` n
 needs Intel Neural Compressor (`pip install sq-plugin[inc]`).
 """
 
-from sq_plugin import framework_logs
+from sq_plugin import framework_logs, integrations
 
 __version__ = "0.1.0"
 # Before any framework import through sq_plugin: drop the frameworks' known-harmless import messages.
 framework_logs.install()
+# `quant_method: "stablequant"` in transformers' from_pretrained, once its quantizer registry is imported.
+integrations.install()
 
 
 def __getattr__(name: str):  # lazy: `import sq_plugin` must not import torchao
