@@ -105,6 +105,24 @@ def test_optimum_cli_hook():
     assert "--calib-size" in proc.stdout and "recipe" in proc.stdout
 
 
+def test_optimum_cli_runs_a_small_recipe_on_real_int8(tmp_path):
+    """`optimum-cli stablequant RECIPE` (the CLI plugin in optimum/commands/register) runs a recipe as
+    `stablequant run` does: FP and MAX on the shipped wav2vec2 reference, 2 calibration and 4 test utterances."""
+    exe = shutil.which("optimum-cli") or str(Path(sys.executable).parent / "optimum-cli")
+    if not Path(exe).exists() or importlib.util.find_spec("optimum.commands.base") is None:
+        pytest.fail("optimum-cli is missing: the dev extra installs optimum (pip install -e '.[dev]')")
+    path = write(tmp_path, TINY.replace("methods: [fp, stablequant, max]", "methods: [fp, max]"), "small.yaml")
+    proc = subprocess.run([exe, "stablequant", str(path), "--output-dir", str(tmp_path / "out"), "--calib-size", "2",
+                           "--eval-size", "4", "--quiet"], capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [run_dir] = list((tmp_path / "out").iterdir())
+    data = json.loads((run_dir / "results.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) == {"fp", "max"} and rows["max"]["n_eval"] == 4
+    assert rows["max"]["int8_kernels"] > 0 and not rows["max"]["simulated"]
+    assert (run_dir / rows["max"]["plan"]).is_file()
+
+
 @pytest.mark.slow
 def test_run_tiny_recipe_end_to_end_on_real_int8(tmp_path):
     path = write(tmp_path, TINY, "tiny.yaml")
