@@ -12,12 +12,22 @@ import torch
 pytest.importorskip("neural_compressor.torch.quantization")
 
 from neural_compressor.common.base_config import config_registry  # noqa: E402
-from neural_compressor.torch.quantization import convert, prepare, quantize  # noqa: E402
+from neural_compressor.common.base_tuning import ConfigLoader  # noqa: E402
+from neural_compressor.torch.quantization import (  # noqa: E402
+    StaticQuantConfig,
+    TuningConfig,
+    autotune,
+    convert,
+    prepare,
+    quantize,
+)
 from neural_compressor.torch.utils.utility import algos_mapping  # noqa: E402
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e  # noqa: E402
 
+import sq_plugin.backends.inc as sq_inc  # noqa: E402
 from sq_plugin.backends.inc import (  # noqa: E402
     StableQuantConfig,
+    get_default_stablequant_config,
     quantize_inc_static,
     stablequant_entry,
 )
@@ -31,6 +41,7 @@ from sq_plugin.backends.pt2e import (  # noqa: E402
     stablequant_x86_quantizer,
 )
 from sq_plugin.backends.x86_isa import IsaError, x86_policy  # noqa: E402
+from sq_plugin.core.defaults import DEFAULT_PERCENTILES  # noqa: E402
 from sq_plugin.core.ranges import RangeRule  # noqa: E402
 from sq_plugin.families.ctc import quantize_ctc_inc  # noqa: E402
 from sq_plugin.speech.models import SpeechModel  # noqa: E402
@@ -118,6 +129,69 @@ def test_config_round_trips_and_validates():
         StableQuantConfig().set_local("lm_head", StableQuantConfig()).to_config_mapping()
 
 
+def test_default_config_is_the_inc_style_getter():
+    config = get_default_stablequant_config()
+    assert config == StableQuantConfig() and config is not get_default_stablequant_config()
+    assert (config.w_bits, config.a_bits, config.act_rule, config.int8_grid) == (8, 8, RangeRule(), "auto")
+    assert "get_default_stablequant_config" in sq_inc.__all__
+    assert config.expand() == [config] and config.tuned_params == {}
+
+
+def test_tunable_lists_expand_like_inc_configs():
+    config = StableQuantConfig(method=("percentile", "percentile_then_mse"), percentile=[99.9, 99.99],
+                               per_layer={"lm_head": {"percentile": 99.0}})
+    assert config.tuned_params == {"method": ["percentile", "percentile_then_mse"], "percentile": [99.9, 99.99]}
+    assert config.per_layer == {"lm_head": {"percentile": 99.0}}  # partial while the global rule is tuned
+    assert StableQuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert config != StableQuantConfig(method=["percentile"], percentile=[99.9, 99.99])
+
+    trials = config.expand()  # INC's BaseConfig.expand: one config per combination, in params order
+    assert [(t.method, t.percentile) for t in trials] == [
+        ("percentile", 99.9), ("percentile", 99.99), ("percentile_then_mse", 99.9), ("percentile_then_mse", 99.99)]
+    assert all(t.tuned_params == {} and t.global_config.percentile == t.percentile for t in trials)
+    # each trial fills the partial per-layer entry from its own global rule
+    assert trials[0].per_layer == {"lm_head": {"method": "percentile", "percentile": 99.0, "mse_grid": 100}}
+    assert trials[3].per_layer_rules() == {"lm_head": RangeRule("percentile_then_mse", 99.0, 100)}
+    # what autotune iterates: the expanded StableQuant trials, then INC's own config
+    loaded = list(ConfigLoader([config, StaticQuantConfig()]))
+    assert loaded[:4] == trials and loaded[4].name == "static_quant" and len(loaded) == 5
+
+    grids = StableQuantConfig(w_bits=[6, 8], a_bits=[8], mse_grid=[50],
+                              int8_grid=["narrow_weights", "narrow_activations"]).expand()
+    assert [(t.w_bits, t.a_bits, t.mse_grid, t.int8_grid) for t in grids] == [
+        (6, 8, 50, "narrow_weights"), (6, 8, 50, "narrow_activations"),
+        (8, 8, 50, "narrow_weights"), (8, 8, 50, "narrow_activations")]
+    # the set INC's get_all_config_set() tunes: the search's candidate cut-offs
+    assert [t.percentile for t in StableQuantConfig.get_config_set_for_tuning().expand()] == list(DEFAULT_PERCENTILES)
+
+
+def test_tunable_lists_are_checked_value_by_value():
+    with pytest.raises(ValueError, match=r"percentile must be in \(0, 100\] \(got 120\).*=\[99.9, 120\], item 1"):
+        StableQuantConfig(percentile=[99.9, 120])
+    with pytest.raises(ValueError, match=r"a_bits must be an integer from 2 to 8 \(got 9\).*item 1"):
+        StableQuantConfig(a_bits=[8, 9])
+    with pytest.raises(ValueError, match=r"unknown range rule 'kl'.*method=\['max', 'kl'\]"):
+        StableQuantConfig(method=["max", "kl"])
+    with pytest.raises(ValueError, match=r"int8_grid must be one of auto, full.*got '7bit'.*item 0"):
+        StableQuantConfig(int8_grid=["7bit"])
+    with pytest.raises(ValueError, match=r"mse_grid must be a positive integer"):
+        StableQuantConfig(mse_grid=[100, 0])
+    with pytest.raises(ValueError, match=r"percentile=\[\] gives nothing to try. Fix: pass one value"):
+        StableQuantConfig(percentile=[])
+    with pytest.raises(ValueError, match=r"percentile\[0\] is a list.*Fix: flatten it"):
+        StableQuantConfig(percentile=[[99.9, 99.99]])
+    with pytest.raises(TypeError, match=r"per_layer must be a dict.*config_set=\[StableQuantConfig\(per_layer=a\)"):
+        StableQuantConfig(per_layer=[{"lm_head": None}])
+    with pytest.raises(ValueError, match=r"plan= fixes every layer's range and grid, so percentile=\[99.9, 99.99\]"):
+        StableQuantConfig(plan={}, percentile=[99.9, 99.99])
+    # a set of trials is not one quantization: quantize/prepare refuse it, naming the fix (before any export)
+    trials = StableQuantConfig(percentile=[99.9, 99.99])
+    with pytest.raises(ValueError, match=r"set of 2 configs, not one.*Fix: pass it to autotune"):
+        prepare(torch.nn.Linear(4, 4), trials, example_inputs=(torch.zeros(1, 4),))
+    with pytest.raises(ValueError, match=r"percentile=\[99.9, 99.99\]\) lists values to try"):
+        trials.act_rule  # noqa: B018
+
+
 def test_inc_quantize_and_prepare_convert_equal_the_direct_pt2e_path(tiny_wav2vec2, conv1d_counts):
     model = tiny_wav2vec2
     per_layer = {"lm_head": RangeRule("percentile", 99.0)}
@@ -131,6 +205,10 @@ def test_inc_quantize_and_prepare_convert_equal_the_direct_pt2e_path(tiny_wav2ve
 
     # same graph, same observers, same data -> same qparams -> the same logits
     want = logits(expected)
+    # both carry what INC's save reads, as INC's own PT2E entries do
+    for quantized in (via_quantize, via_prepare_convert):
+        assert quantized.qconfig == {"stablequant": config} and quantized.save.__self__ is quantized
+        assert quantized.example_inputs[0] is X
     assert (logits(via_quantize) - want).abs().max() <= 1e-6
     assert (logits(via_prepare_convert) - want).abs().max() <= 1e-6
     assert count_quantized_ops(via_quantize) == {"linear": N_LINEAR, **conv1d_counts(N_CONV1D)}
@@ -204,6 +282,120 @@ def test_a_model_exported_with_inc_goes_through_the_same_path(tiny_wav2vec2, con
     assert count_quantized_ops(converted) == {"linear": N_LINEAR, **conv1d_counts(N_CONV1D)}
     want = logits(direct_pt2e(tiny_wav2vec2, RangeRule()))
     assert (logits(converted) - want).abs().max() <= 1e-6
+
+
+def test_inc_save_and_our_load_round_trip_bit_for_bit(tiny_wav2vec2, tmp_path):
+    """INC's save calls our model.save (save_load_entry.py:65) and writes INC's PT2E layout. INC's load cannot
+    dispatch to a registered algorithm (save_load_entry.py:120-141 knows only its own; any other qconfig.json is
+    parsed as per-op keys and fails, common/utils/save_load.py:60), so sq_plugin.backends.inc.load reads it,
+    through INC's PT2E loader."""
+    from neural_compressor.torch.algorithms import pt2e_quant
+    from neural_compressor.torch.quantization import load as inc_load
+    from neural_compressor.torch.quantization import save as inc_save
+
+    config = StableQuantConfig(percentile=99.9, per_layer={"lm_head": RangeRule("percentile", 99.0)})
+    quantized = quantize(tiny_wav2vec2, config, run_fn=calibrate, run_args=(BATCHES,), example_inputs=(X,))
+    inc_save(quantized, str(tmp_path / "ckpt"))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["qconfig.json", "quantized_weight.pt"]
+    assert json.loads((tmp_path / "ckpt" / "qconfig.json").read_text()) == {"stablequant": config.to_dict()}
+    assert quantized.qconfig == {"stablequant": config}  # INC's PT2E save turns it into dicts; ours leaves it
+
+    loaded = sq_inc.load(tmp_path / "ckpt")
+    other_length = audio(20000, 9)  # the audio length stays dynamic
+    for x in (X, other_length):
+        assert torch.equal(logits(loaded, x), logits(quantized, x))
+    assert loaded.qconfig == {"stablequant": config}
+    assert count_quantized_ops(loaded) == count_quantized_ops(quantized)
+    # INC's own PT2E loader reads the same files; INC's top-level load refuses the algorithm name
+    assert torch.equal(logits(pt2e_quant.load(str(tmp_path / "ckpt"))), logits(quantized))
+    with pytest.raises(ValueError, match="Invalid key format: stablequant"):
+        inc_load(str(tmp_path / "ckpt"))
+
+    # a loaded model saves again (it has no example inputs of its own: pass them)
+    with pytest.raises(ValueError, match=r"needs inputs to trace: pass example_inputs=\(audio,\)"):
+        loaded.save(tmp_path / "again")
+    loaded.save(tmp_path / "again", example_inputs=(X,))
+    assert torch.equal(logits(sq_inc.load(tmp_path / "again"), other_length), logits(quantized, other_length))
+
+
+def test_save_and_load_refuse_what_they_cannot_take(tiny_wav2vec2, tmp_path):
+    prepared = prepare(tiny_wav2vec2, StableQuantConfig(), example_inputs=(X,))
+    with pytest.raises(ValueError, match=r"prepared, not quantized.*call convert\(prepared\) first"):
+        prepared.save(tmp_path / "prepared")
+    with pytest.raises(ValueError, match=r"made with a StableQuantConfig.*Fix: quantize it with"):
+        sq_inc.save(torch.nn.Linear(2, 2), tmp_path / "float")
+    with pytest.raises(FileNotFoundError, match=r"not a StableQuant INC checkpoint.*Fix: save the quantized model"):
+        sq_inc.load(tmp_path / "nothing")
+    (tmp_path / "static").mkdir()
+    (tmp_path / "static" / "qconfig.json").write_text(json.dumps({"static_quant": {}}))
+    (tmp_path / "static" / "quantized_weight.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"describes \['static_quant'\], not a StableQuant model. Fix: load INC's"):
+        sq_inc.load(tmp_path / "static")
+
+
+def test_quantize_passes_run_args_to_run_fn(tiny_wav2vec2):
+    model = tiny_wav2vec2
+    calls = []
+
+    def run_fn(prepared, batches, passes):  # needs both of its arguments
+        calls.append((sum(isinstance(m, StableQuantObserver) for m in prepared.modules()) > 0, len(batches), passes))
+        for _ in range(passes):
+            calibrate(prepared, batches)
+
+    config = StableQuantConfig(method="max")
+    quantized = quantize(model, config, run_fn=run_fn, run_args=(BATCHES, 2), example_inputs=(X,), inplace=False)
+    assert calls == [(True, len(BATCHES), 2)]  # called once, on the prepared model, with run_args
+    # MAX over the batches twice is MAX over them once: the direct path calibrated on the same batches
+    assert (logits(quantized) - logits(direct_pt2e(model, RangeRule("max")))).abs().max() <= 1e-6
+
+    with pytest.raises(TypeError, match=r"run_args must be a tuple.*got a Tensor. Fix: wrap it, e.g. run_args="):
+        quantize(model, config, run_fn=calibrate, run_args=BATCHES[0], example_inputs=(X,), inplace=False)
+    with pytest.raises(ValueError, match=r"calibrates before it converts: pass run_fn"):
+        quantize(model, config, run_args=(BATCHES,), example_inputs=(X,), inplace=False)
+
+
+def test_autotune_picks_the_best_of_stablequant_variants_and_inc_static(tiny_wav2vec2):
+    """autotune over StableQuant's expanded trials and INC's StaticQuantConfig, scored by 1 - relative error of
+    the logits on a held-out clip against the float model (1 - error, not -error: INC divides by the float
+    baseline, base_tuning.py:486). The trials run the q/dq graphs in eager mode (no INT8 kernels), so INC's full
+    grid is right on any CPU; StableQuant's "auto" grid follows the CPU (7-bit weights without VNNI)."""
+    from neural_compressor.torch.export import export
+    from torch.export import Dim
+
+    model = tiny_wav2vec2
+    held_out = audio(14000, 7)
+    ref = logits(model, held_out)
+    scores = []
+
+    def eval_fn(m) -> float:
+        scores.append(1 - rel_err(logits(m, held_out), ref))
+        return scores[-1]
+
+    # INC's StaticQuantConfig needs a model exported with INC (algorithms/pt2e_quant/core.py:80); ours takes it too
+    exported = export(model, (X,), dynamic_shapes=({1: Dim.AUTO},))
+    variants = StableQuantConfig(method=["max", "percentile_then_mse"], percentile=[100.0, 99.9])
+    # tolerable_loss=0: no trial reaches the float score, so every trial runs and the best is kept
+    tune = TuningConfig(config_set=[variants, StaticQuantConfig()], tolerable_loss=0.0)
+    # INC's static path calls run_fn(model) without run_args (algorithm_entry.py:326): a closure for both
+    best = autotune(exported, tune, eval_fn=eval_fn, run_fn=lambda m: calibrate(m, BATCHES), example_inputs=(X,))
+    trials = [*variants.expand(), StaticQuantConfig()]
+    assert len(scores) == 1 + len(trials) and scores[0] == 1.0  # the float baseline, then one per trial
+    winner = trials[max(range(len(trials)), key=lambda i: scores[1 + i])]
+    assert list(best.qconfig.values()) == [winner]
+    assert eval_fn(best) == max(scores[1:])
+    # measured: INC keeps the 8 Conv1d float, StableQuant quantizes them; that costs more than its ranges gain
+    # on this random model (native: 0.983 vs 0.953 for the best StableQuant trial; under AVX2 0.983 vs 0.942)
+    assert winner.name == "static_quant"
+    assert scores[1] == scores[2]  # MAX ignores the percentile: two trials, one model
+
+    # among StableQuant's own trials (run_args on our path): percentile_then_mse at 100 beats 99.9, by far
+    scores.clear()
+    tune = TuningConfig(config_set=[StableQuantConfig(percentile=[100.0, 99.9])], tolerable_loss=0.0)
+    best = autotune(model, tune, eval_fn=eval_fn, run_fn=calibrate, run_args=(BATCHES,), example_inputs=(X,))
+    assert scores[1] > scores[2] + 0.01
+    assert best.qconfig == {"stablequant": StableQuantConfig(percentile=100.0)}
+    assert eval_fn(best) == scores[1]  # the best trial, quantized again after the last one, is the same model
+    assert torch.equal(logits(model, held_out), ref)  # autotune worked on copies
 
 
 @pytest.mark.parametrize("act_algo", ["minmax", "kl"])
