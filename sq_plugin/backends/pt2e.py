@@ -8,6 +8,12 @@ Translation only: statistics and range decisions live in `sq_plugin.core`.
     calibrate(prepared, batches)
     compiled, report = lower_x86(convert_pt2e(prepared), (audio,))   # report.int8_kernels > 0, or it raises
 
+A calibration lives in the observers' buffers, so it can be saved, resumed and merged across processes
+exactly (the histograms merge bin for bin; see `merge_observer_states`):
+
+    torch.save(prepared.state_dict(), "calibration-0.pt")          # each process, over its shard
+    prepared.load_state_dict(merge_observer_states(torch.load(f, weights_only=True) for f in files))
+
 Why a quantizer subclass: torchao's `X86InductorQuantizer` annotates `aten.conv1d` only inside a
 Conv1d+ReLU fusion pattern, so wav2vec2/HuBERT's feature extractor (Conv1d -> LayerNorm/GroupNorm
 -> GELU) and positional conv stay float. `StableQuantX86Quantizer` annotates standalone conv1d
@@ -18,10 +24,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,12 +68,28 @@ def _rule_from(rule: RangeRule | dict | str | None, method: str | None, percenti
     )
 
 
+# What a StableQuant observer keeps in its state_dict: the five arrays of its `Histogram`, one buffer each
+# (buffer -> Histogram field). They have 0 rows while the observer has seen no data; the per-channel
+# observer adds `hist_ch_axis`, the axis its rows run along.
+_HIST_BUFFERS = {"hist_counts": "counts", "hist_exponents": "exponents", "hist_min": "min_val",
+                 "hist_max": "max_val", "hist_count": "count"}
+_CH_AXIS_BUFFER = "hist_ch_axis"
+_UNNAMED = "an unnamed PT2E observer"
+_STATE_FIX = ("Fix: load a state_dict saved from the same model prepared the same way (same quantizer and bins); "
+              "a model of another architecture or layer shape has to be calibrated from scratch.")
+
+
 class StableQuantObserver(UniformQuantizationObserverBase):
     """Per-tensor PT2E observer: collects a mergeable histogram, decides the range with a `RangeRule`.
 
     Knobs go through `with_args`: `StableQuantObserver.with_args(method="percentile_then_mse",
-    percentile=99.8)`, or `rule=RangeRule(...)`. `layer_name` only improves error messages
-    (`prepare_stablequant` fills it in from the graph).
+    percentile=99.8)`, or `rule=RangeRule(...)`. `layer_name` only improves error messages; left
+    unset, it is read from the prepared graph (the layer that consumes the observed tensor) when
+    `StableQuantX86Quantizer` made the observer, with `prepare_stablequant` or torchao's `prepare_pt2e`.
+
+    The statistics are buffers (`hist_counts`, `hist_exponents`, `hist_min`, `hist_max`, `hist_count`:
+    the `Histogram`'s arrays, 0 rows before any data), so a calibration survives `state_dict()` /
+    `load_state_dict()`: resume it, or merge several (`merge_observer_states`).
     """
 
     default_rule = RangeRule("percentile_then_mse", percentile=100.0)
@@ -91,17 +115,140 @@ class StableQuantObserver(UniformQuantizationObserverBase):
         self.layer_name = layer_name
         self.hist: Histogram | None = None
         self._last_weight: tuple[weakref.ref, int] | None = None  # see forward
+        # The prepared graph (a weak reference, set by StableQuantX86Quantizer): where the layer name and,
+        # for a weight, the channel count the statistics must have, are read.
+        self._graph_ref: weakref.ref | None = None
+        self._label_tried = False
+        self._check_loaded_weight = False  # see forward
+        self._sync_buffers()
 
     @property
     def name(self) -> str:
-        return self.layer_name or "an unnamed PT2E observer"
+        if self.layer_name is None:
+            self._resolve_label()
+        return self.layer_name or _UNNAMED
+
+    # ---- the graph this observer sits in (labels, shape checks) ----
+
+    def _graph_node(self) -> tuple[torch.fx.GraphModule, torch.fx.Node] | None:
+        graph = self._graph_ref() if self._graph_ref is not None else None
+        module = getattr(graph, "owning_module", None)
+        if module is None:
+            return None
+        for node, observer in _observer_nodes(module):
+            if observer is self:
+                return module, node
+        return None
+
+    def _resolve_label(self) -> None:
+        """Name this observer (and every unnamed one of its graph, in one pass) after the layer it serves."""
+        if self.layer_name is not None or self._label_tried:
+            return
+        self._label_tried = True
+        graph = self._graph_ref() if self._graph_ref is not None else None
+        module = getattr(graph, "owning_module", None)
+        if module is not None:
+            for node, observer in _observer_nodes(module):
+                if observer.layer_name is None:
+                    observer.layer_name = _observer_label(node)
+
+    # ---- statistics <-> buffers ----
+
+    def _sync_buffers(self) -> None:
+        """Point the statistics buffers at the histogram's arrays (no copy; rows = 0 without a histogram)."""
+        arrays = (self.hist if self.hist is not None else Histogram.empty(rows=0, bins=self.bins)).arrays()
+        for buffer, name in _HIST_BUFFERS.items():
+            tensor = torch.from_numpy(arrays[name])
+            if buffer in self._buffers:
+                setattr(self, buffer, tensor)
+            else:
+                self.register_buffer(buffer, tensor)
+
+    def _state_names(self) -> tuple[str, ...]:
+        return tuple(_HIST_BUFFERS)
+
+    def _layout_problem(self, hist: Histogram) -> tuple[str, str] | None:
+        """(what is wrong, the fix) when loaded statistics do not fit this observer."""
+        if hist.bins != self.bins:
+            return (f"the saved statistics have {hist.bins} histogram bins, this observer {self.bins}",
+                    f"Fix: prepare the model with the bins it was calibrated with (stablequant_x86_config("
+                    f"bins={hist.bins})), or calibrate from scratch.")
+        if hist.rows not in (0, 1):
+            return (f"the saved statistics have {hist.rows} rows (per-channel statistics), this per-tensor "
+                    "observer keeps 1: the state_dict comes from another model or quantizer", _STATE_FIX)
+        return None
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        self._sync_buffers()  # the histogram is the reference (`module.to(...)` may have converted the buffers)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        names = self._state_names()
+        present = [n for n in names if prefix + n in state_dict]
+        before_hist, before = self.hist, {n: self._buffers[n] for n in names}
+        for n in present:
+            value = state_dict[prefix + n]
+            if isinstance(value, torch.Tensor):  # the statistics change shape with the data: take the saved one
+                setattr(self, n, torch.empty(value.shape, dtype=before[n].dtype))
+        if present and local_metadata.get("version") is None:
+            # A state_dict copied into a plain dict loses its version metadata, and torchao then takes it for a
+            # version-1 state and resets eps; statistics buffers exist only in states saved since version 3.
+            local_metadata = {**local_metadata, "version": self._version}
+        errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        problem = None
+        if present and len(error_msgs) == errors:
+            if len(present) < len(names):
+                lacking = ", ".join(prefix + n for n in names if n not in present)
+                problem = (f"the saved statistics are incomplete: {lacking} missing", _STATE_FIX)
+            else:
+                problem = self._restore_from_buffers()
+        if problem is not None or len(error_msgs) > errors:
+            self.hist = before_hist
+            for n, tensor in before.items():
+                setattr(self, n, tensor)
+        if problem is not None:
+            what, fix = problem
+            error_msgs.append(f"{prefix.rstrip('.') or type(self).__name__}, the observer of {self.name}: "
+                              f"{what}. {fix}")
+
+    def _restore_from_buffers(self) -> tuple[str, str] | None:
+        try:
+            hist = Histogram.from_arrays(**{name: self._buffers[b] for b, name in _HIST_BUFFERS.items()})
+        except ValueError as exc:
+            return f"the saved statistics are not a valid histogram ({exc})", _STATE_FIX
+        problem = self._layout_problem(hist)
+        if problem is not None:
+            return problem
+        self.hist = hist if hist.rows else None
+        self._sync_buffers()
+        # A loaded weight statistic already counts its weight; see forward.
+        self._last_weight = None
+        self._check_loaded_weight = self.hist is not None and self._channel_axis() is not None
+        return None
 
     def __getstate__(self) -> dict[str, Any]:
-        # The weak reference to the last weight cannot be pickled (torch.save of a prepared model);
-        # dropping it only means that weight is counted once more after loading.
+        # The weak references (last weight, graph) cannot be pickled (torch.save of a prepared model, deepcopy);
+        # dropping the last weight only means that weight is counted once more after loading. A copy has no
+        # graph to read its layer name from, so it takes the name along. The histogram travels as the buffers.
+        self._resolve_label()
+        self._sync_buffers()
         state = self.__dict__.copy()
-        state["_last_weight"] = None
+        state.update(_last_weight=None, _graph_ref=None, hist=None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for attr, default in (("_graph_ref", None), ("_label_tried", False), ("_check_loaded_weight", False)):
+            self.__dict__.setdefault(attr, default)
+        if self.hist is None and "hist_counts" in self._buffers:  # else: pickled before the buffers existed
+            hist = Histogram.from_arrays(**{name: self._buffers[b] for b, name in _HIST_BUFFERS.items()})
+            self.hist = hist if hist.rows else None
+        self._sync_buffers()
+
+    # ---- observing, deciding ----
 
     def _channel_axis(self) -> int | None:
         return None
@@ -118,10 +265,25 @@ class StableQuantObserver(UniformQuantizationObserverBase):
             ref, version = self._last_weight
             if ref() is x and x._version == version:
                 return x
-        if self.hist is None:
-            rows = 1 if axis is None else x.shape[axis]
-            self.hist = Histogram.empty(rows=rows, bins=self.bins)
-        self.hist.update(x.detach(), name=self.name, channel_axis=axis)
+        if axis is not None and self.hist is not None and x.shape[axis] != self.hist.rows:
+            raise ValueError(
+                f"{self.name}: this weight has {x.shape[axis]} channels along axis {axis}, its statistics "
+                f"{self.hist.rows} (loaded from a state_dict of another model or layer shape?). {_STATE_FIX}")
+        if self._check_loaded_weight:
+            # Statistics loaded from a state_dict (resumed or merged calibration) that hold exactly this weight
+            # already count it: it is not added a second time, so resuming gives the one-go histogram.
+            self._check_loaded_weight = False
+            fresh = Histogram.of(x.detach(), bins=self.bins, name=self.name, channel_axis=axis)
+            if not fresh.equals(self.hist):
+                self.hist = self.hist.merge(fresh)
+                self._sync_buffers()
+        else:
+            hist = self.hist
+            if hist is None:
+                hist = Histogram.empty(rows=1 if axis is None else x.shape[axis], bins=self.bins)
+            hist.update(x.detach(), name=self.name, channel_axis=axis)  # raises (NaN/Inf) before changing it
+            self.hist = hist
+            self._sync_buffers()
         if axis is not None:
             self._last_weight = (weakref.ref(x), x._version)
         return x
@@ -155,7 +317,8 @@ class StableQuantObserver(UniformQuantizationObserverBase):
 
 class StableQuantPerChannelObserver(StableQuantObserver):
     """Per-channel variant (weights). The class name contains "PerChannel" on purpose: PT2E's
-    prepare drops `ch_axis` for observers whose name does not."""
+    prepare drops `ch_axis` for observers whose name does not. Its state_dict also holds the layout
+    (`hist_ch_axis`); loading statistics of another channel count fails, naming the layer."""
 
     default_rule = RangeRule("max")
 
@@ -163,9 +326,56 @@ class StableQuantPerChannelObserver(StableQuantObserver):
                  ch_axis: int = 0, **kwargs: Any) -> None:
         super().__init__(dtype=dtype, qscheme=qscheme, **kwargs)
         self.ch_axis = ch_axis
+        self._sync_buffers()
 
     def _channel_axis(self) -> int | None:
         return self.ch_axis
+
+    def _sync_buffers(self) -> None:
+        super()._sync_buffers()
+        if "ch_axis" not in self.__dict__:
+            return  # in the base __init__, before ch_axis is set
+        current = self._buffers.get(_CH_AXIS_BUFFER)
+        if current is None or current.shape != () or int(current) != self.ch_axis:
+            tensor = torch.tensor(self.ch_axis, dtype=torch.int64)
+            if current is None:
+                self.register_buffer(_CH_AXIS_BUFFER, tensor)
+            else:
+                setattr(self, _CH_AXIS_BUFFER, tensor)
+
+    def _state_names(self) -> tuple[str, ...]:
+        return (*_HIST_BUFFERS, _CH_AXIS_BUFFER)
+
+    def _layout_problem(self, hist: Histogram) -> tuple[str, str] | None:
+        if hist.bins != self.bins:
+            return super()._layout_problem(hist)
+        saved_axis = self._buffers[_CH_AXIS_BUFFER]
+        if saved_axis.numel() != 1 or int(saved_axis) != self.ch_axis:
+            return (f"the saved statistics run along axis {saved_axis.tolist()}, this observer's along "
+                    f"{self.ch_axis}", _STATE_FIX)
+        expected = self._expected_channels()
+        if hist.rows and expected is not None and hist.rows != expected:
+            return (f"the saved statistics cover {hist.rows} channels, this layer's weight has {expected} "
+                    f"(along axis {self.ch_axis}): the state_dict comes from another model or layer shape",
+                    _STATE_FIX)
+        return None
+
+    def _expected_channels(self) -> int | None:
+        """The channel count of the weight this observer watches, read from the prepared graph (None: unknown)."""
+        found = self._graph_node()
+        if found is None or not found[1].args or not isinstance(found[1].args[0], torch.fx.Node):
+            return None
+        module, arg = found[0], found[1].args[0]
+        value = arg.meta.get("val")
+        if not isinstance(value, torch.Tensor) and arg.op == "get_attr":
+            try:
+                value = functools.reduce(getattr, str(arg.target).split("."), module)
+            except AttributeError:
+                return None
+        shape = getattr(value, "shape", None)
+        if shape is None or not -len(shape) <= self.ch_axis < len(shape):
+            return None
+        return int(shape[self.ch_axis])
 
 
 class PercentileObserver(StableQuantObserver):
@@ -353,6 +563,16 @@ class StableQuantX86Quantizer(X86InductorQuantizer):
         self.quantize_grouped_conv1d = quantize_grouped_conv1d
         self.skipped_layers: dict[str, str] = {}  # module name -> why it stays float
 
+    def prepare_obs_or_fq_callback(self, model: torch.fx.GraphModule, edge_or_node_to_obs_or_fq: dict) -> None:
+        """Give each StableQuant observer a weak reference to the graph it is inserted into: that is where it
+        reads its layer name for error messages (and a weight observer its channel count when statistics are
+        loaded), with torchao's plain `prepare_pt2e` too (`prepare_stablequant` also labels them at once)."""
+        super().prepare_obs_or_fq_callback(model, edge_or_node_to_obs_or_fq)
+        graph = weakref.ref(model.graph)  # prepare_pt2e wraps this graph in its returned GraphModule
+        for observer in edge_or_node_to_obs_or_fq.values():
+            if isinstance(observer, StableQuantObserver):
+                observer._graph_ref = graph
+
     def _grouped_conv_problem(self, node: torch.fx.Node) -> str | None:
         groups = _conv_groups(node)
         if groups == 1 or self.quantize_grouped_conv1d:
@@ -445,20 +665,140 @@ def export_for_quantization(model: torch.nn.Module, example_inputs: tuple, *,
 
 
 def label_observers(prepared: torch.fx.GraphModule) -> dict[str, str]:
-    """Give each StableQuant observer the name of the layer it serves; returns {observer: label}."""
+    """Give each StableQuant observer the name of the layer it serves; returns {observer: label}.
+
+    Observers made by `StableQuantX86Quantizer` find the same label by themselves when they first need
+    it (plain `prepare_pt2e`); this names them all at once, and any others (e.g. another quantizer's)."""
     labels: dict[str, str] = {}
+    for node, observer in _observer_nodes(prepared):
+        observer.layer_name = _observer_label(node)
+        labels[node.target] = observer.layer_name
+    return labels
+
+
+def _observer_nodes(prepared: torch.fx.GraphModule) -> Iterable[tuple[torch.fx.Node, StableQuantObserver]]:
+    """The (call_module node, observer) pairs of the StableQuant observers in a prepared graph."""
     for node in prepared.graph.nodes:
         if node.op != "call_module":
             continue
-        observer = prepared.get_submodule(node.target)
-        if not isinstance(observer, StableQuantObserver):
+        try:
+            observer = prepared.get_submodule(node.target)
+        except AttributeError:
             continue
-        users = [u for u in node.users if u.op == "call_function"]
-        role = "weight" if node.args and getattr(node.args[0], "op", None) == "get_attr" else "input"
-        layer = _module_name(users[0]) if users else None
-        observer.layer_name = f"{layer or node.target} ({role})"
-        labels[node.target] = observer.layer_name
-    return labels
+        if isinstance(observer, StableQuantObserver):
+            yield node, observer
+
+
+def _observer_label(node: torch.fx.Node) -> str:
+    """The label "<layer> (input)" or "<layer> (weight)": the module of the op that consumes the observed tensor."""
+    users = [u for u in node.users if u.op == "call_function"]
+    role = "weight" if node.args and getattr(node.args[0], "op", None) == "get_attr" else "input"
+    layer = _module_name(users[0]) if users else None
+    return f"{layer or node.target} ({role})"
+
+
+def merge_observer_states(state_dicts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Merge calibrations: one state_dict whose StableQuant statistics are those of all the given ones together.
+
+    Each state_dict is `prepared.state_dict()` of the same model prepared the same way (same quantizer,
+    same bins), e.g. one per process, each over its shard of the calibration set:
+
+        torch.save(prepared.state_dict(), f"calibration-{rank}.pt")          # in every process
+        merged = merge_observer_states(torch.load(f, weights_only=True) for f in files)
+        prepared.load_state_dict(merged)                                   # a prepared model, any process
+        converted = convert_pt2e(prepared)
+
+    The merge is exact (`Histogram.merge`): the qparams equal those of one calibration over all the
+    shards. A weight (per-channel) observer counts its weight once, as it does within one process:
+    identical weight statistics (the same weight seen in every process) are taken once. Observers that
+    saw no data add nothing. Everything else (the model's weights, `eps`) must be equal in all of them
+    and is kept. Raises ValueError, naming the key, for state_dicts of different models or layouts.
+    `merge_calibration` adds state_dicts to a prepared model's own calibration.
+    """
+    return _merge_states(list(state_dicts), lambda prefix: prefix.rstrip(".") or "the observer")
+
+
+def merge_calibration(prepared: torch.fx.GraphModule, state_dicts: Iterable[Mapping[str, Any]]) -> torch.fx.GraphModule:
+    """Add the calibrations in `state_dicts` (saved `state_dict()`s of the same model prepared the same way,
+    e.g. by other processes) to `prepared`'s own, in place: afterwards it holds the statistics of all of
+    them, as if it had seen all their data (see `merge_observer_states`). Returns `prepared`."""
+    names = {f"{name}.": module.name for name, module in prepared.named_modules()
+             if isinstance(module, StableQuantObserver)}
+    merged = _merge_states([prepared.state_dict(), *state_dicts],
+                           lambda prefix: f"{prefix.rstrip('.')} ({names[prefix]})" if prefix in names else prefix)
+    prepared.load_state_dict(merged)
+    return prepared
+
+
+def _stats_prefixes(keys: Iterable[str]) -> list[str]:
+    keys = set(keys)
+    prefixes = [k[: -len("hist_counts")] for k in keys if k == "hist_counts" or k.endswith(".hist_counts")]
+    return sorted(p for p in prefixes if all(p + b in keys for b in _HIST_BUFFERS))
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a.cpu(), b.cpu()))
+    return type(a) is type(b) and a == b
+
+
+def _merge_states(states: list[Mapping[str, Any]], describe: Any) -> dict[str, Any]:
+    if not states:
+        raise ValueError("merge_observer_states needs at least one state_dict")
+    first = states[0]
+    fix = "Fix: merge only state_dicts of the same model prepared the same way (same quantizer and bins)."
+    for i, other in enumerate(states[1:], 1):
+        if set(other) != set(first):
+            diff = sorted(set(other) ^ set(first))
+            raise ValueError(f"state_dict {i} and state_dict 0 have different keys ({', '.join(diff[:3])}"
+                             f"{', ...' if len(diff) > 3 else ''}): they come from different models or quantizers. "
+                             f"{fix}")
+    prefixes = _stats_prefixes(first)
+    stats_keys = {p + b for p in prefixes for b in (*_HIST_BUFFERS, _CH_AXIS_BUFFER)}
+    for key in first:
+        if key in stats_keys:
+            continue
+        for i, other in enumerate(states[1:], 1):
+            if not _same_value(first[key], other[key]):
+                raise ValueError(f"{key} differs between state_dict 0 and state_dict {i}: calibrations of "
+                                 f"different models (or of changed weights) cannot be merged. {fix}")
+    merged: dict[str, Any] = {}
+    for prefix in prefixes:
+        axis_key = prefix + _CH_AXIS_BUFFER
+        per_channel = axis_key in first
+        hists: list[Histogram] = []
+        bins = None
+        for i, state in enumerate(states):
+            if per_channel and not _same_value(state[axis_key], first[axis_key]):
+                raise ValueError(f"{describe(prefix)}: state_dict {i} holds per-channel statistics along axis "
+                                 f"{state[axis_key].tolist()}, state_dict 0 along {first[axis_key].tolist()}. {fix}")
+            try:
+                hist = Histogram.from_arrays(**{name: state[prefix + b] for b, name in _HIST_BUFFERS.items()})
+            except ValueError as exc:
+                raise ValueError(f"{describe(prefix)}: state_dict {i} holds no valid histogram ({exc}). {fix}") from exc
+            if bins is not None and hist.bins != bins:
+                raise ValueError(f"{describe(prefix)}: state_dict {i} has {hist.bins} histogram bins, the others "
+                                 f"{bins}. {fix}")
+            bins = hist.bins
+            if hist.rows == 0 or (per_channel and any(hist.equals(h) for h in hists)):
+                continue
+            if hists and hist.rows != hists[0].rows:
+                raise ValueError(f"{describe(prefix)}: state_dict {i} has statistics of {hist.rows} channels, an "
+                                 f"earlier one of {hists[0].rows}: another layer shape. {fix}")
+            hists.append(hist)
+        total = Histogram.empty(rows=0, bins=bins or DEFAULT_BINS) if not hists else hists[0].copy()
+        for hist in hists[1:]:
+            total = total.merge(hist)
+        for b, name in _HIST_BUFFERS.items():
+            merged[prefix + b] = torch.from_numpy(total.arrays()[name])
+        if per_channel:
+            merged[axis_key] = first[axis_key].clone()
+    result = OrderedDict((key, merged.get(key, value)) for key, value in first.items())
+    # state_dict()'s per-module versions: without them torchao takes the observers for version 1 (resets eps)
+    metadata = next((m for m in (getattr(s, "_metadata", None) for s in states) if m is not None), None)
+    if metadata is not None:
+        result._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
+    return result
 
 
 def _module_name(node: torch.fx.Node) -> str | None:

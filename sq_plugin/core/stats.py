@@ -66,6 +66,54 @@ class Histogram:
         hist.update(values, name=name, channel_axis=channel_axis)
         return hist
 
+    @classmethod
+    def from_arrays(cls, counts: np.ndarray | torch.Tensor, exponents: np.ndarray | torch.Tensor,
+                    min_val: np.ndarray | torch.Tensor, max_val: np.ndarray | torch.Tensor,
+                    count: np.ndarray | torch.Tensor) -> Histogram:
+        """A histogram from its five arrays (e.g. saved buffers), checked; inverse of `arrays()`.
+
+        Shares memory with the inputs where their dtype already matches (CPU tensors included), so
+        later updates write through. Raises ValueError saying what is inconsistent: shapes, bins that
+        are not a power of two >= 8, negative counts, a `count` that is not each row's total, or a
+        value outside its row's range.
+        """
+        c = _array(counts, np.int64, "counts")
+        if c.ndim != 2:
+            raise ValueError(f"counts must be 2-D (rows, bins), got shape {c.shape}")
+        rows, bins = c.shape
+        if bins < 8 or bins & (bins - 1):
+            raise ValueError(f"bins must be a power of two >= 8, got {bins}")
+        e = _array(exponents, np.int64, "exponents")
+        lo = _array(min_val, np.float64, "min_val")
+        hi = _array(max_val, np.float64, "max_val")
+        n = _array(count, np.int64, "count")
+        for label, a in (("exponents", e), ("min_val", lo), ("max_val", hi), ("count", n)):
+            if a.shape != (rows,):
+                raise ValueError(f"{label} must have shape ({rows},) like the counts' rows, got {a.shape}")
+        if (c < 0).any():
+            raise ValueError("counts must not be negative")
+        if not np.array_equal(c.sum(axis=1), n):
+            raise ValueError("count must equal the sum of each row's counts")
+        if (e < _MIN_EXPONENT).any() or (e > 1023).any():
+            raise ValueError(f"exponents must lie in [{_MIN_EXPONENT}, 1023]")
+        seen = n > 0
+        if np.isnan(lo).any() or np.isnan(hi).any() or (lo[seen] > hi[seen]).any():
+            raise ValueError("min_val/max_val must not be NaN, and min_val <= max_val in every row with data")
+        half = np.ldexp(1.0, e[seen])
+        if not ((np.abs(lo[seen]) < half) & (np.abs(hi[seen]) < half)).all():
+            raise ValueError("min_val/max_val must lie inside each row's range [-2**e, 2**e)")
+        return cls(c, e, lo, hi, n)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The five arrays `from_arrays` takes, by name (no copies)."""
+        return {"counts": self.counts, "exponents": self.exponents, "min_val": self.min_val,
+                "max_val": self.max_val, "count": self.count}
+
+    def equals(self, other: Histogram) -> bool:
+        """Whether `other` holds exactly the same statistics (bin for bin, same ranges, min, max, count)."""
+        return all(a.shape == b.shape and np.array_equal(a, b)
+                   for a, b in zip(self.arrays().values(), other.arrays().values(), strict=True))
+
     @property
     def rows(self) -> int:
         return self.counts.shape[0]
@@ -151,6 +199,16 @@ class Histogram:
             # Past log2(bins) doublings every value already sits in the two centre bins: stable.
             self.counts[row] = counts
             self.exponents[row] = target[row]
+
+
+def _array(values: np.ndarray | torch.Tensor, dtype: type, label: str) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+    a = np.asarray(values)
+    allowed = "fiu" if np.dtype(dtype).kind == "f" else "iu"  # no float counts, no bools
+    if a.dtype.kind not in allowed:
+        raise ValueError(f"{label} must be {np.dtype(dtype).name}, got {a.dtype}")
+    return np.ascontiguousarray(a, dtype=dtype)
 
 
 def _shape(values: np.ndarray | torch.Tensor) -> tuple[int, ...]:
