@@ -214,6 +214,19 @@ def _search(bundle: Any, calibration: Sequence[Any], recipe: Recipe, w_bits: int
                       cache_budget_mb=opts.cache_budget_mb)
 
 
+def _delta_ci(references: dict[str, str], fp_errors: list[int], words: list[int], result: Any, what: str) -> Any:
+    """ΔWER against FP with its 95% paired-bootstrap interval over the evaluation utterances."""
+    from sq_plugin.core.significance import paired_bootstrap
+    from sq_plugin.speech.evaluate import word_errors
+
+    by_id = {u.id: u.hypothesis for u in result.utterances}
+    if set(by_id) != set(references):
+        raise RuntimeError(f"{what}: scored other utterances than FP ({len(by_id)} vs {len(references)}); the "
+                           "paired comparison needs the same ones")
+    errors, _ = word_errors(list(references.values()), [by_id[i] for i in references])
+    return paired_bootstrap(fp_errors, errors, words)
+
+
 def _statistics(bundle: Any, calibration: Sequence[Any]) -> dict[str, Any]:
     """The family's one statistics pass: every quantizable layer's input histogram."""
     if bundle.kind == "whisper":
@@ -238,7 +251,7 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
     import torch
 
     from sq_plugin.families.ctc import EVAL_KWARGS
-    from sq_plugin.speech.evaluate import evaluate
+    from sq_plugin.speech.evaluate import evaluate, word_errors
     from sq_plugin.speech.models import load_model
 
     recipe = run.recipe
@@ -262,6 +275,7 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
     say(f"{model} fp: WER {fp_wer:.4f} CER {fp_cer:.4f} on {fp.n} utterances ({fp.seconds:.0f} s)")
     hypotheses: dict[str, dict[str, str]] = {"fp": {u.id: u.hypothesis for u in fp.utterances}}
     references = {u.id: u.reference for u in fp.utterances}
+    fp_errors, words = word_errors(list(references.values()), [u.hypothesis for u in fp.utterances])
 
     if "fp" in recipe.methods:
         run.rows.append({"model": model, "method": "fp", "w_bits": 32, "a_bits": 32, "simulated": False,
@@ -318,6 +332,7 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
             result = evaluate(quantized.bundle, evaluation, progress=False, **eval_kwargs)
             wer_q = _finite(result.wer, f"{model} {label} WER")
             cer_q = _finite(result.cer, f"{model} {label} CER")
+            delta = _delta_ci(references, fp_errors, words, result, f"{model} {label}")
             rows[method] = {"model": model, "method": method, "w_bits": bits.w, "a_bits": bits.a,
                             "simulated": quantized.simulated, "backend": quantized.backend,
                             "int8_kernels": quantized.int8_kernels, "wer": wer_q, "cer": cer_q, "fp_wer": fp_wer,
@@ -325,10 +340,13 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
                             "search_seconds": search_seconds, "n_eval": result.n,
                             "lower_seconds": quantized.lower_seconds, "eval_seconds": result.seconds,
                             "plan_deviations": quantized.plan_deviations,
+                            "wer_delta": delta.delta, "wer_ci95": [delta.low, delta.high],
+                            "wer_delta_p": delta.p_value,
                             "plan": f"plan_{_slug(f'{model} {method} {bits.label}')}.json"
                             if quantized.plan is not None else None}
             hypotheses[label] = {u.id: u.hypothesis for u in result.utterances}
-            say(f"{model} {label}: WER {wer_q:.4f} ({(wer_q - fp_wer) * 100:+.2f} pp) CER {cer_q:.4f}; "
+            say(f"{model} {label}: WER {wer_q:.4f} ({(wer_q - fp_wer) * 100:+.2f} pp, 95% "
+                f"[{delta.low * 100:+.2f}, {delta.high * 100:+.2f}]) CER {cer_q:.4f}; "
                 f"{quantized.backend}, {quantized.int8_kernels} INT8 kernels; calibration "
                 f"{quantized.calib_seconds:.1f} s, evaluation {result.seconds:.0f} s")
             # Free the compiled graph before the next method: Inductor keeps every compiled model alive.
@@ -392,6 +410,7 @@ def write_outputs(run: RunResult) -> Path:
         while final.exists():  # two runs in the same second
             n += 1
             final = root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; a report directory is shared output, like its files
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -447,37 +466,37 @@ def _plot(run: RunResult, out: Path) -> list[str]:
     for key, search in run.searches.items():
         layers = search["layers"]
         x = list(range(len(layers)))
-        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8.0, len(layers) * 0.12), 6.5), sharex=True)
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8.0, len(layers) * 0.18), 8.0), sharex=True)
         colors = ["tab:red" if d["flagged"] else "tab:blue" for d in layers]
-        ax1.scatter(x, [d["percentile"] for d in layers], c=colors, s=14)
+        percentiles = [d["percentile"] for d in layers]
+        ax1.scatter(x, percentiles, c=colors, s=14)
+        ax1.set_ylim(min(min(percentiles), 99.0) - 0.1, 100.0)  # a percentile stops at 100
         ax1.set_ylabel("chosen percentile")
         ax1.set_title(f"StableQuant {key}: per-layer cut-off (red = flagged by the screen)")
         ax2.semilogy(x, [max(d["max_range"][1] - d["max_range"][0], 1e-12) for d in layers], ".-", label="MAX range")
         ax2.semilogy(x, [max(d["act_range"][1] - d["act_range"][0], 1e-12) for d in layers], ".-",
                      label="StableQuant range")
         ax2.set_ylabel("activation range width (hi - lo)")
-        ax2.set_xlabel("layer (network order)")
+        ax2.set_xticks(x, [d["name"] for d in layers], rotation=90, fontsize=6)
         ax2.legend()
         files.append(_save_figure(plt, fig, out, f"stablequant_layers_{_slug(key)}.png"))
 
     for model in run.fp:
-        rows = [r for r in run.rows if r["model"] == model and r["method"] != "fp"]
+        rows = [r for r in run.rows if r["model"] == model and r["method"] != "fp" and r.get("wer_ci95")]
         if not rows:
             continue
-        methods = list(dict.fromkeys(r["method"] for r in rows))
-        bit_labels = list(dict.fromkeys(_bits_label(r) for r in rows))
-        fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(methods) * len(bit_labels)), 4.5))
-        width = 0.8 / len(bit_labels)
-        for j, bl in enumerate(bit_labels):
-            vals = [next((r["wer"] * 100 for r in rows if r["method"] == m and _bits_label(r) == bl), math.nan)
-                    for m in methods]
-            simulated = any(r["simulated"] for r in rows if _bits_label(r) == bl)
-            ax.bar([i + j * width for i in range(len(methods))], vals, width,
-                   label=f"{bl} (simulated)" if simulated else f"{bl} (INT8 kernels)")
-        ax.axhline(run.fp[model]["wer"] * 100, color="black", linestyle="--", label="FP32")
-        ax.set_xticks([i + width * (len(bit_labels) - 1) / 2 for i in range(len(methods))], methods)
-        ax.set_ylabel("WER (%)")
-        ax.set_title(f"{model}: WER per method and bits")
+        labels = [f"{r['method']} {_bits_label(r)}" for r in rows]
+        deltas = [r["wer_delta"] * 100 for r in rows]  # the paired ΔWER, the centre of its interval
+        lows = [d - r["wer_ci95"][0] * 100 for d, r in zip(deltas, rows, strict=True)]
+        highs = [r["wer_ci95"][1] * 100 - d for d, r in zip(deltas, rows, strict=True)]
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows)), 4.5))
+        for i, r in enumerate(rows):
+            ax.errorbar([i], [deltas[i]], yerr=[[lows[i]], [highs[i]]], fmt="o", capsize=4,
+                        color="tab:orange" if r["simulated"] else "tab:blue")
+        ax.axhline(0.0, color="black", linestyle="--", linewidth=1, label="FP32")
+        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right")
+        ax.set_ylabel("ΔWER vs FP32 (pp), 95% interval")
+        ax.set_title(f"{model}: ΔWER per method (blue: INT8 kernels, orange: simulated; n = {rows[0]['n_eval']})")
         ax.legend()
         files.append(_save_figure(plt, fig, out, f"wer_by_method_{_slug(model)}.png"))
     return files
@@ -493,6 +512,35 @@ def _save_figure(plt: Any, fig: Any, out: Path, name: str) -> str:
 
 def _fmt(x: float | None, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
+
+
+SMALL_EVALUATION = 100  # utterances: below this the report warns that small differences are noise
+
+
+def _delta_md(row: dict[str, Any]) -> str:
+    delta = (row["wer"] - row["fp_wer"]) * 100
+    ci = row.get("wer_ci95")
+    if ci is None:
+        return f"{delta:+.2f}"
+    mark = "" if ci[0] <= 0 <= ci[1] else " *"
+    return f"{delta:+.2f} [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]{mark}"
+
+
+def _resolution_md(run: RunResult) -> list[str]:
+    """How large a difference these evaluation sets can show, and a warning when they are small."""
+    rows = [r for r in run.rows if r.get("wer_ci95")]
+    if not rows:
+        return []
+    widest = max((r["wer_ci95"][1] - r["wer_ci95"][0]) / 2 for r in rows) * 100
+    lines = ["Intervals: 95% paired bootstrap over the evaluation utterances (10,000 resamples, the same utterances "
+             "for FP and the method); `*` marks a ΔWER whose interval excludes 0. The widest interval here is "
+             f"±{widest:.2f} pp: smaller differences are not resolved by this evaluation set.", ""]
+    small = sorted({(r["model"], r["n_eval"]) for r in rows if r["n_eval"] < SMALL_EVALUATION})
+    for model, n in small:
+        lines += [f"**Warning:** {model} was evaluated on {n} utterances only; a ΔWER of a few pp, better or worse "
+                  f"than FP, can be noise there. Use evaluation.size >= {SMALL_EVALUATION} (or null for the "
+                  "whole split) before drawing conclusions.", ""]
+    return lines
 
 
 def _report_md(run: RunResult, plots: Sequence[str]) -> str:
@@ -513,17 +561,19 @@ def _report_md(run: RunResult, plots: Sequence[str]) -> str:
         "**simulated** = fake-quant q/dq run in float (below 8 bits, or backend `simulate`); "
         "otherwise the model ran on real INT8 kernels (count in the INT8 column).",
         "",
-        "| model | method | bits | WER % | ΔWER pp | CER % | ΔCER pp | backend | INT8 kernels | calib s | search s |",
+        "| model | method | bits | WER % | ΔWER pp [95% interval] | CER % | ΔCER pp | backend | INT8 kernels | calib s "
+        "| search s |",
         "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for row in run.rows:
         backend = row["backend"] + (" — **simulated**" if row["simulated"] else "")
         lines.append(
             f"| {row['model']} | {row['method']} | {_bits_label(row)} | {row['wer'] * 100:.2f} | "
-            f"{(row['wer'] - row['fp_wer']) * 100:+.2f} | {row['cer'] * 100:.2f} | "
+            f"{_delta_md(row)} | {row['cer'] * 100:.2f} | "
             f"{(row['cer'] - row['fp_cer']) * 100:+.2f} | {backend} | {row['int8_kernels']} | "
             f"{_fmt(row['calib_seconds'])} | {_fmt(row['search_seconds'])} |")
     lines.append("")
+    lines += _resolution_md(run)
     planned = [r for r in run.rows if r.get("plan")]
     if planned:
         shared = "; ".join(f"{m}: {secs:.1f} s" for m, secs in run.statistics_seconds.items())
@@ -595,8 +645,8 @@ def _report_md(run: RunResult, plots: Sequence[str]) -> str:
 
 def summary_table(run: RunResult) -> str:
     """A plain-text table for the terminal."""
-    head = (f"{'model':<28} {'method':<15} {'bits':<6} {'WER%':>7} {'dWER pp':>8} {'CER%':>7} {'runs on':<16} "
-            f"{'calib s':>8} {'search s':>9}")
+    head = (f"{'model':<28} {'method':<15} {'bits':<6} {'WER%':>7} {'dWER pp [95%]':>24} {'CER%':>7} "
+            f"{'runs on':<16} {'calib s':>8} {'search s':>9}")
     out = [head, "-" * len(head)]
     for row in run.rows:
         if row["method"] == "fp":
@@ -604,7 +654,7 @@ def summary_table(run: RunResult) -> str:
         else:
             runs_on = "simulated" if row["simulated"] else f"{row['int8_kernels']} INT8 kernels"
         out.append(f"{row['model']:<28} {row['method']:<15} {_bits_label(row):<6} {row['wer'] * 100:>7.2f} "
-                   f"{(row['wer'] - row['fp_wer']) * 100:>+8.2f} {row['cer'] * 100:>7.2f} {runs_on:<16} "
+                   f"{_delta_md(row):>24} {row['cer'] * 100:>7.2f} {runs_on:<16} "
                    f"{_fmt(row['calib_seconds']):>8} {_fmt(row['search_seconds']):>9}")
     return "\n".join(out)
 

@@ -134,7 +134,12 @@ def test_run_writes_report_results_and_plots(tmp_path, monkeypatch):
     assert by[("stablequant", 8)]["search_seconds"] is not None and by[("max", 8)]["search_seconds"] is None
     assert data["peak_rss_mb"] > 0 and set(data["searches"]) == {"sq/wav2vec2-ref w8a8", "sq/wav2vec2-ref w4a4"}
     report = (out / "report.md").read_text()
-    assert "| sq/wav2vec2-ref | max | w8a8 | 12.00 | +2.00 |" in report
+    # every fake utterance loses "zero/one/two" and turns "world" into "word": 1 vs 2 edits in 3 words, so
+    # the paired ΔWER is +33.33 pp on every resample, an interval that excludes 0 (*)
+    assert "| sq/wav2vec2-ref | max | w8a8 | 12.00 | +2.00 [+33.33, +33.33] * |" in report
+    assert by[("max", 8)]["wer_ci95"] == pytest.approx([1 / 3, 1 / 3]) and by[("max", 8)]["wer_delta_p"] < 0.001
+    assert "**Warning:** sq/wav2vec2-ref was evaluated on 3 utterances only" in report
+    assert oct(out.stat().st_mode & 0o777) == "0o755"  # like every other output, not mkdtemp's 0700
     assert "**simulated**" in report and "`enc.0`" in report and "hello word" in report
     assert "MAX's plan from the same statistics, applied, takes 0.5 s" in report
     assert not list(out.parent.glob(".*partial"))  # no temp directory left next to it

@@ -139,6 +139,19 @@ def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
     return _finite("WER", jiwer.wer(r, h))
 
 
+def word_errors(refs: Sequence[str], hyps: Sequence[str]) -> tuple[list[int], list[int]]:
+    """Per utterance, on normalized text: (word edits, reference words). Their sums give the corpus WER; a paired
+    bootstrap (`sq_plugin.core.significance.paired_bootstrap`) resamples them."""
+    if not refs:
+        raise ValueError("word_errors(): no utterances to score")
+    r, h = _check_pairs(refs, hyps)
+    out = jiwer.process_words(r, h)
+    errors = [sum(c.ref_end_idx - c.ref_start_idx if c.type in ("substitute", "delete") else
+                  c.hyp_end_idx - c.hyp_start_idx if c.type == "insert" else 0 for c in chunks)
+              for chunks in out.alignments]
+    return errors, [len(x.split()) for x in r]
+
+
 def cer(refs: Sequence[str], hyps: Sequence[str]) -> float:
     """Corpus-level character error rate on normalized text (spaces count as characters)."""
     if not refs:

@@ -221,3 +221,13 @@ def test_evaluate_reports_empty_references(tmp_path) -> None:
     json.dumps(d)
     with pytest.raises(ValueError, match="every reference"), pytest.warns(UserWarning):
         evaluate(bundle, [utts[2]], progress=False)
+
+
+def test_word_errors_sum_to_the_corpus_wer():
+    from sq_plugin.speech.evaluate import wer, word_errors
+
+    refs = ["the cat sat on the mat", "a dog", "hello there world"]
+    hyps = ["the cat sat on mat", "a big dog", "hello world"]
+    errors, words = word_errors(refs, hyps)
+    assert errors == [1, 1, 1] and words == [6, 2, 3]
+    assert sum(errors) / sum(words) == pytest.approx(wer(refs, hyps))
