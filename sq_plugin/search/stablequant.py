@@ -274,7 +274,7 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
     candidates: dict[str, dict[float, float]] = {}
     float_metrics: dict[str, float] = {}
     candidate_ps = sorted(set(config.percentiles), reverse=True)
-    for name in tqdm(flagged, desc="clip", disable=not progress):
+    for name in tqdm(flagged, desc="clip", disable=not progress or not flagged):  # no empty "clip: 0it" bar
         results: dict[float, float] = {}
         for p in candidate_ps:
             ranges[name] = act_range(name, RangeRule("percentile_then_mse", p, config.mse_grid))

@@ -166,3 +166,10 @@ def test_the_decision_becomes_a_plan_on_the_grids_that_were_scored():
     assert (plan.layers["fc1"].weight.qmin, plan.layers["fc1"].activation.qmax) == (-64, 255)  # 7-bit weights
     assert plan.float_layers == ["fc3"] and plan.layers["fc3"].why_float == "keep_float"
     assert plan.provenance["int8_grid"] == "narrow_weights" and plan.provenance["model"] == "three-layers"
+
+
+def test_progress_shows_no_empty_clip_bar_when_nothing_is_flagged(capsys):
+    model, run_calibration, metric = make_problem()
+    result = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1e9), progress=True)
+    err = capsys.readouterr().err
+    assert result.flagged == [] and "screen" in err and "clip" not in err
