@@ -145,7 +145,13 @@ class GreedySettings:
         limit = max_new_tokens or gen.max_length or whisper.config.max_target_positions
         return cls(prompt=prompt, eos=gen.eos_token_id, suppress=tuple(gen.suppress_tokens or ()),
                    begin_suppress=tuple(gen.begin_suppress_tokens or ()),
-                   max_new_tokens=min(limit, whisper.config.max_target_positions - len(prompt) + 1))
+                   max_new_tokens=min(limit, max_new_tokens_limit(whisper, prompt)))
+
+
+def max_new_tokens_limit(whisper: nn.Module, prompt: Sequence[int]) -> int:
+    """The most new tokens one decode can take: every fed token (prompt, then all but the last new one) needs
+    one of the decoder's `max_target_positions` positions."""
+    return whisper.config.max_target_positions - len(prompt) + 1
 
 
 def encoder_input_shape(whisper: nn.Module) -> tuple[int, int, int]:
@@ -219,16 +225,25 @@ class QuantizedWhisper:
     report: dict[str, Any] = field(default_factory=dict)
     _cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def transcribe(self, features: torch.Tensor) -> list[int]:
-        """Greedy tokens for one utterance's log-mel features (the processor's feature extractor output)."""
+    def transcribe(self, features: torch.Tensor, *, settings: GreedySettings | None = None) -> list[int]:
+        """Greedy tokens for one utterance's log-mel features (the processor's feature extractor output).
+
+        settings: other greedy settings for this call (e.g. another `max_new_tokens` or suppress list), default
+        the ones the graphs were quantized with; the decoder step's static cache bounds `max_new_tokens`."""
         expected = encoder_input_shape(self.whisper)
         if tuple(features.shape) != expected:
             raise ValueError(f"features of shape {tuple(features.shape)}; the INT8 encoder was compiled for "
                              f"{expected}: one utterance's log-mel features from the model's feature extractor, "
                              "which pads or cuts 16 kHz audio to 30 s (call it on one clip at a time)")
+        settings = settings or self.settings
+        limit = max_new_tokens_limit(self.whisper, settings.prompt)
+        if settings.max_new_tokens > limit:
+            raise ValueError(f"max_new_tokens={settings.max_new_tokens}: the INT8 decoder step's static cache holds "
+                             f"{self.whisper.config.max_target_positions} positions, so at most {limit} new tokens "
+                             f"follow the {len(settings.prompt)}-token prompt; ask for {limit} or fewer")
         if self._cache is None:
             self._cache = empty_cache(self.whisper)
-        return greedy_decode(self.encode, self.step, features, self._cache, self.settings)
+        return greedy_decode(self.encode, self.step, features, self._cache, settings)
 
     @property
     def generation_config(self) -> Any:

@@ -1,7 +1,7 @@
 """transformers: `quant_method: "stablequant"` in `from_pretrained`, `save_pretrained` and `pipeline`.
 
     import sq_plugin  # registers the method with transformers (when transformers' quantizers are imported)
-    from transformers import AutoModelForCTC, pipeline
+    from transformers import AutoModelForCTC, WhisperForConditionalGeneration, pipeline
 
     model = AutoModelForCTC.from_pretrained(path, quantization_config={
         "quant_method": "stablequant", "calibration": {"dataset": "corpus-dev", "size": 8}})
@@ -9,18 +9,33 @@
     model = AutoModelForCTC.from_pretrained("w2v-int8")   # pre-quantized: no calibration, same outputs
     asr = pipeline("automatic-speech-recognition", model=model, feature_extractor=..., tokenizer=...)
 
+    whisper = WhisperForConditionalGeneration.from_pretrained(whisper_dir, quantization_config={
+        "quant_method": "stablequant", "method": "max"})  # generate() and the pipeline decode on INT8 graphs
+
 The quantizer runs after the float weights load: it calibrates on the configured source (the offline corpus,
 a local folder of 16 kHz WAV files, or a saved plan), builds the method's model through `sq_plugin.methods`
-on the configured backend, and routes the HF model's `forward` through it (real INT8 kernels at W8A8 on x86;
-`model.stablequant.backend` says what runs). CTC models (wav2vec2 / HuBERT) only for now.
+on the configured backend, and routes the HF model through it (real INT8 kernels at W8A8 on x86;
+`model.stablequant.backend` says what runs):
+
+- CTC models (wav2vec2 / HuBERT): `forward` runs the INT8 graph.
+- Whisper (`WhisperForConditionalGeneration`, English-only checkpoints): `generate` decodes greedily on the two
+  static INT8 graphs of `sq_plugin.families.whisper_int8` (encoder + cross-attention K/V, one decoder step) and
+  returns what HF Whisper's `generate` returns, so the ASR pipeline transcribes through them. What those graphs
+  cannot do (beams, sampling, timestamps, language/task, long-form audio, ...) is refused naming the option;
+  `forward` is refused (it would run the float modules). Below W8A8 or on backend "simulate", `generate` and
+  `forward` run the fake-quant simulation through HF's own generation instead (it cannot be saved).
 
 A saved directory holds the float checkpoint as transformers writes it (the HF model object keeps its
-float modules) plus `stablequant/`, the INT8 artifact of `sq_plugin.families.ctc.save_ctc_int8`; `config.json`
-carries the `quantization_config`. The whole directory is written atomically.
+float modules) plus `stablequant/`, the INT8 artifact (`sq_plugin.families.ctc.save_ctc_int8`, or
+`sq_plugin.families.whisper_int8.save_whisper_int8` + plan.json); `config.json` carries the
+`quantization_config`, whose `source` names the model the artifact was made for. The whole directory is
+written atomically.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import types
 from pathlib import Path
@@ -34,9 +49,15 @@ from sq_plugin.integrations import register_with_transformers as _register_with_
 
 QUANT_METHOD = "stablequant"
 ARTIFACT_DIR = "stablequant"
+PLAN_FILE = "plan.json"  # beside a Whisper artifact's two graphs: the plan they were built from
 BUCKET_SECONDS = 2  # the INT8 graph compiles per input shape: audio is padded to whole buckets
 _CONFIG_KEYS = ("quant_method", "method", "bits", "calibration", "plan", "backend", "int8_grid", "search",
-                "artifact")
+                "artifact", "source")
+# Whisper's search defaults, when `search` does not set them: WER decoding per candidate is slow on Whisper (greedy
+# generate of every calibration clip for each of ~70 layers), so the teacher-forced proxy, at the threshold of
+# recipes/whisper-tiny-en-w8a8.yaml (nats per token).
+WHISPER_DEFAULT_METRIC = "tf_loss"
+WHISPER_DEFAULT_TF_LOSS_THRESHOLD = 0.01
 _CALIBRATION_KEYS = ("dataset", "audio_dir", "size")
 
 
@@ -55,13 +76,18 @@ class StableQuantConfig(QuantizationConfigMixin):
     plan: a saved `QuantPlan` JSON to apply instead of deciding (calibration then runs one utterance, for
         the weights).
     backend: "x86" (oneDNN INT8 at W8A8) or "simulate". int8_grid: see `sq_plugin.backends.x86_isa`.
-    search: StableQuant's options (threshold, percentiles, metric, mse_grid, ...), as in recipes.
+    search: StableQuant's options (threshold, percentiles, metric, mse_grid, ...), as in recipes. For Whisper
+        `metric` defaults to "tf_loss" (and then `threshold` to 0.01 nats per token): "wer" would decode the
+        calibration set once per screened layer.
     artifact: set by `save_pretrained`: the subfolder holding the INT8 artifact.
+    source: set by `save_pretrained`: the model the artifact was quantized from (a Whisper artifact made for
+        another model is refused on load).
     """
 
     def __init__(self, method: str = "stablequant", bits: str = "w8a8", calibration: dict[str, Any] | None = None,
                  plan: str | None = None, backend: str = "x86", int8_grid: str = "auto",
-                 search: dict[str, Any] | None = None, artifact: str | None = None, **kwargs: Any) -> None:
+                 search: dict[str, Any] | None = None, artifact: str | None = None, source: str | None = None,
+                 **kwargs: Any) -> None:
         kwargs.pop("quant_method", None)
         if kwargs:
             raise StableQuantConfigError(f"quantization_config: unknown key(s) {sorted(kwargs)}; valid keys: "
@@ -75,6 +101,7 @@ class StableQuantConfig(QuantizationConfigMixin):
         self.int8_grid = int8_grid
         self.search = dict(search or {})
         self.artifact = artifact
+        self.source = source
         self.post_init()
 
     def post_init(self) -> None:
@@ -116,7 +143,8 @@ class StableQuantConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD, "method": self.method, "bits": self.bits,
                 "calibration": dict(self.calibration), "plan": self.plan, "backend": self.backend,
-                "int8_grid": self.int8_grid, "search": dict(self.search), "artifact": self.artifact}
+                "int8_grid": self.int8_grid, "search": dict(self.search), "artifact": self.artifact,
+                "source": self.source}
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
@@ -179,7 +207,19 @@ def _audio_dir_utterances(folder: Path, size: int) -> list[Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _bundle(model: torch.nn.Module) -> Any:
+def _family(model: torch.nn.Module) -> str:
+    """"whisper" (WhisperForConditionalGeneration) or "ctc" (a CTC head over input_values); else refused."""
+    if type(model).__name__ == "WhisperForConditionalGeneration" or (
+            getattr(model.config, "model_type", "") == "whisper" and hasattr(model, "proj_out")):
+        return "whisper"
+    if getattr(model, "main_input_name", "") == "input_values" and hasattr(model, "lm_head"):
+        return "ctc"
+    raise StableQuantConfigError(f"quant_method 'stablequant' takes CTC models (wav2vec2 / HuBERT) and Whisper "
+                                 f"(WhisperForConditionalGeneration) through transformers; {type(model).__name__} is "
+                                 "neither")
+
+
+def _bundle(model: torch.nn.Module, kind: str = "ctc", name: str | None = None) -> Any:
     """The model as the package's `SpeechModel`, with the processor saved beside its weights."""
     from transformers import AutoProcessor
 
@@ -192,7 +232,24 @@ def _bundle(model: torch.nn.Module) -> Any:
         raise StableQuantConfigError(f"stablequant needs the model's processor (feature extractor + tokenizer) "
                                      f"beside its weights, and {source!r} has none ({exc}); save it there with "
                                      "processor.save_pretrained(path)") from exc
-    return SpeechModel(str(source), "ctc", model, processor)
+    return SpeechModel(name or str(source), kind, model, processor)
+
+
+def _runs_int8(config: StableQuantConfig) -> bool:
+    return config.backend == "x86" and config._bits.label == "w8a8"
+
+
+def _check_whisper_int8(model: torch.nn.Module, name: str) -> None:
+    """Refuse, before calibrating, a Whisper checkpoint the INT8 greedy decoder cannot decode as HF does."""
+    gen = model.generation_config
+    if getattr(gen, "no_timestamps_token_id", None) is None or getattr(gen, "is_multilingual", False):
+        raise StableQuantConfigError(f"{name}: the stablequant INT8 Whisper decodes English-only checkpoints (the "
+                                     "*.en models: prompt <|startoftranscript|><|notimestamps|>, no language or task "
+                                     "token); this one's generation_config is "
+                                     + ("multilingual" if getattr(gen, "is_multilingual", False)
+                                        else "missing no_timestamps_token_id")
+                                     + ": use an English-only checkpoint, or backend 'simulate' (fake-quant, decoded "
+                                     "by HF generate)")
 
 
 def _route_forward(model: torch.nn.Module, quantized: Any) -> None:
@@ -228,18 +285,257 @@ def _route_forward(model: torch.nn.Module, quantized: Any) -> None:
     model.stablequant = quantized
 
 
+# --------------------------------------------------------------------------------------------------
+# Whisper: generate() on the INT8 graphs
+# --------------------------------------------------------------------------------------------------
+
+# HF Whisper generate() arguments that are not GenerationConfig fields, with the value(s) the INT8 greedy decode
+# matches (None: any value, as it changes nothing for one 30-s window without timestamps). Anything else is refused.
+_WHISPER_NEUTRAL_ARGS: dict[str, tuple[Any, ...] | None] = {
+    "attention_mask": None,  # HF reads it only to find long-form lengths; one window needs none
+    "force_unique_generate_call": None,  # one 30-s window: one call
+    "time_precision": None, "time_precision_features": None,  # timestamps only (refused)
+    "synced_gpus": (None, False),
+    "return_segments": (None, False), "return_token_timestamps": (None, False),
+    "is_multilingual": (None, False), "task": (None,), "language": (None,), "prompt_ids": (None,),
+    "prompt_condition_type": (None,), "condition_on_prev_tokens": (None, False), "temperature": (None, 0, 0.0),
+    "compression_ratio_threshold": (None,), "logprob_threshold": (None,), "no_speech_threshold": (None,),
+    "num_segment_frames": (None,), "monitor_progress": (None,), "logits_processor": (None,),
+    "stopping_criteria": (None,), "prefix_allowed_tokens_fn": (None,), "decoder_input_ids": (None,),
+    "streamer": (None,), "assistant_model": (None,), "negative_prompt_ids": (None,), "encoder_outputs": (None,),
+}
+# GenerationConfig fields the INT8 decode honours per call; any other one that differs from the model's
+# generation_config is refused.
+_HONOURED = ("max_new_tokens", "max_length", "suppress_tokens", "begin_suppress_tokens", "pad_token_id",
+             "return_dict_in_generate", "use_cache", "num_beams", "do_sample", "num_return_sequences",
+             "return_timestamps")
+# Fields that change greedy decoding, with their neutral values: refused otherwise, even from the checkpoint.
+_GREEDY_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0), "min_length": (None, 0), "min_new_tokens": (None, 0),
+    "bad_words_ids": (None,), "force_words_ids": (None,), "forced_decoder_ids": (None,),
+    "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "sequence_bias": (None,),
+    "exponential_decay_length_penalty": (None,), "guidance_scale": (None, 1.0), "stop_strings": (None,),
+    "max_time": (None,), "renormalize_logits": (None, False), "output_scores": (None, False),
+    "output_logits": (None, False), "output_attentions": (None, False), "output_hidden_states": (None, False),
+}
+_FLOAT_FIX = "or load the float model (without quantization_config) for it"
+
+
+class WhisperGenerateError(ValueError):
+    """A generate() / pipeline option the INT8 Whisper graphs cannot honour; the message names it and the fix."""
+
+
+def _refuse(option: str, value: Any, why: str, fix: str) -> WhisperGenerateError:
+    return WhisperGenerateError(f"generate({option}={value!r}): the stablequant INT8 Whisper {why}; {fix}")
+
+
+def _same(a: Any, b: Any) -> bool:
+    return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
+
+
+def whisper_greedy_request(model: torch.nn.Module, int8: Any, generation_config: Any = None,
+                           **kwargs: Any) -> tuple[Any, int, bool]:
+    """What one `generate(...)` call asks of the INT8 greedy decoder: (its `GreedySettings`, the pad token,
+    whether to return a `GenerateEncoderDecoderOutput`). The call's `generation_config` and kwargs are merged
+    over `model.generation_config` as HF does; whatever the graphs cannot honour raises `WhisperGenerateError`
+    naming the option and the fix."""
+    from transformers import GenerationConfig
+
+    base = model.generation_config
+    effective = copy.deepcopy(base)
+    if generation_config is not None:
+        for key, value in generation_config.to_diff_dict().items():
+            if key != "transformers_version":
+                setattr(effective, key, value)
+    return_dict = None
+    fields = {k for k in vars(GenerationConfig()) if not k.startswith("_")} | set(vars(base))
+    refused: list[WhisperGenerateError] = []  # raised after the main checks, which name what the caller asked for
+    for key, value in kwargs.items():
+        if key == "return_timestamps":
+            effective.return_timestamps = value
+        elif key == "return_dict_in_generate":
+            return_dict = value
+        elif key in _WHISPER_NEUTRAL_ARGS:
+            allowed = _WHISPER_NEUTRAL_ARGS[key]
+            if allowed is not None and not any(value is a or (type(value) is type(a) and value == a)
+                                               for a in allowed):
+                fix = f"drop {key} ({_FLOAT_FIX})"
+                if key in ("task", "language", "is_multilingual"):
+                    why = "decodes English-only checkpoints (prompt <|startoftranscript|><|notimestamps|>)"
+                elif key == "temperature":
+                    why = "decodes greedily (argmax; a temperature > 0 makes Whisper sample)"
+                elif key == "return_segments":
+                    why = "returns token ids, not segments (the ASR pipeline asks for them for return_language)"
+                    fix = f"drop return_segments / pipeline(..., return_language=True) ({_FLOAT_FIX})"
+                else:
+                    why = "decodes one 30-s window greedily, with the settings it was quantized with"
+                refused.append(_refuse(key, value, why, fix))
+        elif key in fields and not key.startswith("_"):
+            setattr(effective, key, value)
+        else:
+            refused.append(_refuse(key, value, "does not take this option (it is neither a generation setting nor "
+                                   "a Whisper generate() argument)", "drop it"))
+    if return_dict is None:
+        return_dict = bool(getattr(effective, "return_dict_in_generate", False))
+
+    # What the graphs cannot do, whether the call or the checkpoint's generation_config asks for it.
+    if getattr(effective, "return_timestamps", False):
+        raise _refuse("return_timestamps", effective.return_timestamps, "decodes without timestamps (its prompt "
+                      "ends in <|notimestamps|>)", f"drop return_timestamps (pipeline(...) without it), {_FLOAT_FIX}")
+    if (effective.num_beams or 1) != 1:
+        raise _refuse("num_beams", effective.num_beams, "decodes greedily (one hypothesis)",
+                      "pass num_beams=1 (pipeline(..., num_beams=1), generate(..., num_beams=1))")
+    if effective.do_sample:
+        raise _refuse("do_sample", effective.do_sample, "decodes greedily (argmax)", "pass do_sample=False")
+    if (effective.num_return_sequences or 1) != 1:
+        raise _refuse("num_return_sequences", effective.num_return_sequences, "returns one greedy sequence per "
+                      "input", "pass num_return_sequences=1")
+    if refused:
+        raise refused[0]
+    for key, neutral in _GREEDY_NEUTRAL.items():
+        value = getattr(effective, key, None)
+        if not any(_same(value, n) for n in neutral):
+            raise _refuse(key, value, "runs plain greedy decoding (suppress_tokens and begin_suppress_tokens only)",
+                          f"drop {key} from the call and the model's generation_config ({_FLOAT_FIX})")
+    ours, theirs = effective.to_dict(), base.to_dict()
+    for key in sorted(set(ours) | set(theirs)):
+        if key.startswith("_") or key in _HONOURED or key == "transformers_version" or key in _GREEDY_NEUTRAL:
+            continue
+        if not _same(ours.get(key), theirs.get(key)):
+            raise _refuse(key, ours.get(key), "honours only max_new_tokens, max_length, suppress_tokens, "
+                          "begin_suppress_tokens, pad_token_id and return_dict_in_generate per call",
+                          f"drop {key} ({_FLOAT_FIX})")
+
+    from sq_plugin.families.whisper_int8 import max_new_tokens_limit
+
+    settings = int8.settings
+    prompt = (effective.decoder_start_token_id, getattr(effective, "no_timestamps_token_id", None))
+    if prompt != tuple(settings.prompt):
+        raise _refuse("decoder_start_token_id / no_timestamps_token_id", prompt, f"was compiled and calibrated "
+                      f"with the prompt {tuple(settings.prompt)}", "keep the model's generation_config prompt")
+    eos = effective.eos_token_id
+    if (eos[0] if isinstance(eos, list | tuple) and len(eos) == 1 else eos) != settings.eos:
+        raise _refuse("eos_token_id", eos, f"stops at token {settings.eos}", "keep the model's eos_token_id")
+    limit = max_new_tokens_limit(int8.whisper, settings.prompt)
+    if effective.max_new_tokens is not None:
+        if effective.max_new_tokens > limit:
+            raise _refuse("max_new_tokens", effective.max_new_tokens, f"decoder step's static cache holds "
+                          f"{int8.whisper.config.max_target_positions} positions: at most {limit} new tokens after "
+                          f"the {len(settings.prompt)}-token prompt", f"ask for max_new_tokens <= {limit}")
+        new_tokens = effective.max_new_tokens
+    elif not _same(effective.max_length, base.max_length):
+        new_tokens = min(effective.max_length or limit, limit)  # Whisper's max_length counts new tokens
+    else:
+        new_tokens = settings.max_new_tokens
+    settings = dataclasses.replace(settings, max_new_tokens=new_tokens,
+                                   suppress=tuple(effective.suppress_tokens or ()),
+                                   begin_suppress=tuple(effective.begin_suppress_tokens or ()))
+    pad = effective.pad_token_id if effective.pad_token_id is not None else settings.eos
+    return settings, pad, return_dict
+
+
+def _route_whisper(model: torch.nn.Module, quantized: Any) -> None:
+    """model.generate(...) (what the ASR pipeline calls) decodes on the INT8 graphs, or, for a simulation, on the
+    fake-quant copy through HF's own generate; model(...) is refused on the INT8 graphs."""
+    target = quantized.bundle.model
+    model.stablequant = quantized
+    if isinstance(target, torch.nn.Module):  # the fake-quant simulation: HF's generate and forward on it
+        target.generation_config = model.generation_config
+        model.generate = target.generate
+        model.forward = target.forward
+        return
+    int8 = target
+    # The INT8 model decodes greedily: say so in its generation_config, so that pipelines do not apply their
+    # default beam search (the ASR pipeline's num_beams=5 applies when the checkpoint leaves num_beams unset).
+    model.generation_config.num_beams = 1
+    model.generation_config.do_sample = False
+
+    def generate(self: torch.nn.Module, input_features: torch.Tensor | None = None, generation_config: Any = None,
+                 **kwargs: Any) -> Any:
+        """HF Whisper's short-form greedy `generate`, on the INT8 graphs: new tokens (no prompt, no
+        <|endoftext|>) right-padded with pad_token_id; with return_dict_in_generate, a
+        GenerateEncoderDecoderOutput whose sequences hold the prompt and <|endoftext|> too."""
+        from transformers.generation.utils import GenerateEncoderDecoderOutput
+
+        from sq_plugin.families.whisper_int8 import encoder_input_shape
+
+        settings, pad, return_dict = whisper_greedy_request(self, int8, generation_config, **kwargs)
+        if input_features is None:
+            raise WhisperGenerateError("generate(): the stablequant INT8 Whisper needs input_features (the "
+                                       "processor's log-mel features, [batch, 80, 3000])")
+        window = encoder_input_shape(int8.whisper)[1:]
+        if input_features.dim() != 3 or tuple(input_features.shape[1:]) != window:
+            frames = input_features.shape[-1]
+            raise _refuse("input_features", f"tensor of shape {tuple(input_features.shape)}",
+                          f"takes one 30-s window per utterance, features [batch, {window[0]}, {window[1]}]"
+                          + (" (longer audio is Whisper's long-form decoding)" if frames > window[1] else ""),
+                          "cut the audio into clips of at most 30 s (pipeline(..., chunk_length_s=30) does), "
+                          "and pad features to 30 s as the feature extractor does")
+        rows = [int8.transcribe(features[None].to(torch.float32), settings=settings) for features in input_features]
+        if return_dict:
+            full = [[*settings.prompt, *r, *([settings.eos] if len(r) < settings.max_new_tokens else [])]
+                    for r in rows]
+            return GenerateEncoderDecoderOutput(sequences=_padded(full, pad))
+        return _padded(rows, pad)
+
+    def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("the stablequant INT8 Whisper runs model.generate(input_features) (greedy, what "
+                                  "pipeline('automatic-speech-recognition') calls) on its INT8 graphs; model(...) "
+                                  "would run the float modules, so it is refused. Teacher-forced logits on the INT8 "
+                                  "graphs: model.stablequant.bundle.model.step, one token at a time "
+                                  "(sq_plugin.families.whisper_int8)")
+
+    model.generate = types.MethodType(generate, model)
+    model.forward = types.MethodType(forward, model)
+
+
+def _padded(rows: list[list[int]], pad: int) -> torch.Tensor:
+    out = torch.full((len(rows), max((len(r) for r in rows), default=0)), pad, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def _whisper_as_quantized_model(int8: Any, bundle: Any, plan: Any) -> Any:
+    """A loaded `QuantizedWhisper` as the `QuantizedModel` that quantization gives (`model.stablequant`)."""
+    from sq_plugin.families.ctc import QuantizedModel
+
+    counts = {f"{graph}_{op}": n for graph, ops in int8.report["lowering"].items() for op, n in ops.items()}
+    return QuantizedModel(dataclasses.replace(bundle, model=int8), int8.report["backend"], False, counts,
+                          sum(counts.values()), 0.0, 0.0, None, plan=plan)
+
+
 def _save_with_artifact(model: torch.nn.Module) -> None:
     """save_pretrained also writes the INT8 artifact; the directory appears whole or not at all."""
     original = type(model).save_pretrained
 
     def save_pretrained(self: torch.nn.Module, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         from sq_plugin.core.files import atomic_directory
-        from sq_plugin.families.ctc import save_ctc_int8
 
-        self.config.quantization_config.artifact = ARTIFACT_DIR
+        quantized = self.stablequant
+        whisper = quantized.bundle.kind == "whisper"
+        if whisper and isinstance(quantized.bundle.model, torch.nn.Module):
+            raise StableQuantConfigError(f"save_pretrained: this Whisper runs {quantized.backend!r}, which has no "
+                                         "INT8 artifact to save; save_pretrained saves Whisper at bits 'w8a8' on "
+                                         "backend 'x86' (a plan, model.stablequant.plan.save(path), can be "
+                                         "re-applied with quantization_config plan=path)")
+        config = self.config.quantization_config
+        config.artifact = ARTIFACT_DIR
+        config.source = quantized.bundle.model.model_name if whisper else quantized.bundle.name
         with atomic_directory(save_directory) as tmp:
             original(self, tmp, *args, **kwargs)
-            save_ctc_int8(self.stablequant, tmp / ARTIFACT_DIR, metadata={"source": str(self.name_or_path)})
+            if whisper:
+                from sq_plugin.families import whisper_int8
+
+                whisper_int8.save_whisper_int8(quantized.bundle.model, tmp / ARTIFACT_DIR,
+                                               metadata={"source": config.source})
+                if quantized.plan is not None:
+                    quantized.plan.save(tmp / ARTIFACT_DIR / PLAN_FILE)
+            else:
+                from sq_plugin.families import ctc
+
+                ctc.save_ctc_int8(self.stablequant, tmp / ARTIFACT_DIR, metadata={"source": str(self.name_or_path)})
             processor = getattr(self, "_stablequant_processor", None)
             if processor is not None:
                 processor.save_pretrained(tmp)
@@ -264,25 +560,37 @@ class StableQuantHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
-        from sq_plugin.families.ctc import load_ctc_int8
-
         config: StableQuantConfig = self.quantization_config
-        if getattr(model, "main_input_name", "") != "input_values" or not hasattr(model, "lm_head"):
-            raise StableQuantConfigError(f"quant_method 'stablequant' takes CTC models (wav2vec2 / HuBERT) through "
-                                         f"transformers; {type(model).__name__} is not one (Whisper: use "
-                                         "sq_plugin.families.whisper_int8)")
-        bundle = _bundle(model.eval())
+        kind = _family(model)
+        # A saved directory names the model its artifact was made for (config.source); a Whisper load checks it.
+        name = config.source if self.pre_quantized and config.source else None
+        bundle = _bundle(model.eval(), kind, name=name)
+        if kind == "whisper" and _runs_int8(config):
+            _check_whisper_int8(model, bundle.name)
         if self.pre_quantized:
-            folder = Path(bundle.name) / (config.artifact or ARTIFACT_DIR)
+            directory = Path(getattr(model, "name_or_path", "") or model.config._name_or_path)
+            folder = directory / (config.artifact or ARTIFACT_DIR)
             if not folder.is_dir():
-                raise StableQuantConfigError(f"{bundle.name} says quant_method 'stablequant' but has no "
+                raise StableQuantConfigError(f"{directory} says quant_method 'stablequant' but has no "
                                              f"{config.artifact or ARTIFACT_DIR}/ INT8 artifact; save it with "
                                              "model.save_pretrained(dir) from a quantized model")
-            quantized = load_ctc_int8(folder, bundle, lower=config.backend == "x86" and config._bits.label == "w8a8")
+            if kind == "whisper":
+                from sq_plugin.core.plan import QuantPlan
+                from sq_plugin.families.whisper_int8 import load_whisper_int8
+
+                plan = QuantPlan.load(folder / PLAN_FILE) if (folder / PLAN_FILE).is_file() else None
+                quantized = _whisper_as_quantized_model(load_whisper_int8(folder, bundle), bundle, plan)
+            else:
+                from sq_plugin.families.ctc import load_ctc_int8
+
+                quantized = load_ctc_int8(folder, bundle, lower=_runs_int8(config))
         else:
-            quantized = quantize_hf_ctc(bundle, config)
+            quantized = quantize_hf(bundle, config)
         model._stablequant_processor = bundle.processor
-        _route_forward(model, quantized)
+        if kind == "whisper":
+            _route_whisper(model, quantized)
+        else:
+            _route_forward(model, quantized)
         _save_with_artifact(model)
         return model
 
@@ -294,42 +602,92 @@ class StableQuantHfQuantizer(HfQuantizer):
         return False
 
 
-def quantize_hf_ctc(bundle: Any, config: StableQuantConfig) -> Any:
-    """Calibrate and quantize a CTC model as `config` says, through the method registry."""
+def _with_transcripts(bundle: Any, calibration: list[Any]) -> list[Any]:
+    """Whisper calibrates teacher-forced on each clip's transcript: a WAV without one gets the float model's own
+    greedy transcript (what the tf_loss screen scores against too)."""
+    missing = [i for i, u in enumerate(calibration) if not u.text.strip()]
+    if bundle.kind != "whisper" or not missing:
+        return calibration
+    from sq_plugin.speech.evaluate import transcribe
+
+    texts = transcribe(bundle, [calibration[i].audio for i in missing], batch_size=8, progress=False)
+    filled = list(calibration)
+    for i, text in zip(missing, texts, strict=True):
+        filled[i] = dataclasses.replace(filled[i], text=text.strip())
+    return filled
+
+
+def quantize_hf(bundle: Any, config: StableQuantConfig) -> Any:
+    """Calibrate and quantize a CTC or Whisper model (`bundle.kind`) as `config` says, through the method
+    registry: a `QuantizedModel` (for Whisper at W8A8 on x86, its `bundle.model` is the `QuantizedWhisper`)."""
     from sq_plugin.backends.x86_isa import resolve_int8_grid
     from sq_plugin.core.plan import QuantPlan
-    from sq_plugin.families.ctc import ctc_statistics, search_ctc
     from sq_plugin.methods import METHODS, QuantizeJob, apply_plan
+    from sq_plugin.recipe import TEACHER_FORCED_METRICS
     from sq_plugin.search import SearchConfig
 
+    whisper = bundle.kind == "whisper"
+    method = METHODS[config.method]
+    if bundle.kind not in method.families:
+        raise StableQuantConfigError(f"quantization_config.method: {config.method!r} runs on "
+                                     f"{' / '.join(method.families)} models; {bundle.name} is {bundle.kind}")
+    opts = config._search
+    metric = config.search.get("metric", WHISPER_DEFAULT_METRIC if whisper else opts.metric)
+    threshold = opts.threshold
+    if whisper and "threshold" not in config.search and metric == "tf_loss":
+        threshold = WHISPER_DEFAULT_TF_LOSS_THRESHOLD
+    if config.method == "stablequant" and config.plan is None:
+        if whisper and metric == "ctc_loss":
+            raise StableQuantConfigError(f"quantization_config.search.metric 'ctc_loss' needs a CTC model; "
+                                         f"{bundle.name} is Whisper: use tf_loss (the default), tf_token_error, wer "
+                                         "or cer")
+        if not whisper and metric in TEACHER_FORCED_METRICS:
+            raise StableQuantConfigError(f"quantization_config.search.metric {metric!r} is a Whisper proxy; "
+                                         f"{bundle.name} is a CTC model: use wer, cer or ctc_loss")
     calibration = calibration_utterances(config.calibration)
+    if config.method == "stablequant" and config.plan is None and metric in ("wer", "cer", "ctc_loss"):
+        missing = [u.id for u in calibration if not u.text]
+        if missing:
+            raise StableQuantConfigError(f"quantization_config.search.metric {metric!r} scores transcripts, "
+                                         f"and calibration utterance(s) {missing[:3]} have none; add <name>.txt "
+                                         "beside each WAV, or use method 'max' / 'mse'"
+                                         + (" (or metric 'tf_loss')" if whisper else ""))
     lower = False if config.backend == "simulate" else None
     w_bits, a_bits = config._bits.w, config._bits.a
     grid = resolve_int8_grid(config.int8_grid)
     job = QuantizeJob(w_bits=w_bits, a_bits=a_bits, lower=lower, int8_grid=grid,
-                      statistics=lambda: ctc_statistics(bundle, calibration),
                       provenance={"model": bundle.name, "calibration": dict(config.calibration)})
+    # Teacher-forced statistics need transcripts; the INT8 Whisper's own observers and a plan's weights do not.
+    if whisper and config.plan is None and not (method.decides == "observers" and job.runs_int8):
+        calibration = _with_transcripts(bundle, calibration)
+    if whisper:
+        from sq_plugin.families.whisper import search_whisper, whisper_statistics
+
+        statistics, search = whisper_statistics, search_whisper
+    else:
+        from sq_plugin.families.ctc import ctc_statistics, search_ctc
+
+        statistics, search = ctc_statistics, search_ctc
+    job = dataclasses.replace(job, statistics=lambda: statistics(bundle, calibration))
     if config.plan is not None:
         plan = QuantPlan.load(config.plan)
         return apply_plan(bundle, calibration, plan, job)
     if config.method == "stablequant":
-        opts = config._search
-        if opts.metric in ("wer", "cer", "ctc_loss"):
-            missing = [u.id for u in calibration if not u.text]
-            if missing:
-                raise StableQuantConfigError(f"quantization_config.search.metric {opts.metric!r} scores transcripts, "
-                                             f"and calibration utterance(s) {missing[:3]} have none; add <name>.txt "
-                                             "beside each WAV, or use method 'max' / 'mse'")
-        search = search_ctc(bundle, calibration, SearchConfig(
-            w_bits=w_bits, a_bits=a_bits, threshold=opts.threshold, percentiles=tuple(opts.percentiles),
+        result = search(bundle, calibration, SearchConfig(
+            w_bits=w_bits, a_bits=a_bits, threshold=threshold, percentiles=tuple(opts.percentiles),
             mse_grid=opts.mse_grid, float_fallback=opts.float_fallback, keep_float=tuple(opts.keep_float),
-            int8_grid=grid), metric=opts.metric, progress=False, cache_budget_mb=opts.cache_budget_mb)
-        job = QuantizeJob(**{**job.__dict__, "plan": search.to_plan({**job.provenance, "metric": opts.metric})})
-    return METHODS[config.method].build(bundle, calibration, job)
+            int8_grid=grid), metric=metric, progress=False, cache_budget_mb=opts.cache_budget_mb)
+        job = dataclasses.replace(job, plan=result.to_plan({**job.provenance, "metric": metric,
+                                                            "threshold": threshold}))
+    return method.build(bundle, calibration, job)
+
+
+quantize_hf_ctc = quantize_hf  # the name before Whisper
 
 
 __all__ = ["ARTIFACT_DIR", "QUANT_METHOD", "StableQuantConfig", "StableQuantConfigError", "StableQuantHfQuantizer",
-           "calibration_utterances", "quantize_hf_ctc"]
+           "WhisperGenerateError", "calibration_utterances", "quantize_hf", "quantize_hf_ctc",
+           "whisper_greedy_request"]
 
 READY = True  # fully imported: the registration below (and the import hook's) may use this module
 _register_with_transformers()

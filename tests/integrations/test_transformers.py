@@ -1,6 +1,7 @@
 """`quant_method: "stablequant"` through transformers: from_pretrained quantizes, save_pretrained writes the INT8
 artifact, from_pretrained reloads it pre-quantized, pipeline transcribes; bad configs name the key."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -160,3 +161,233 @@ def test_pipeline_transcribes_a_corpus_utterance_on_the_int8_reference(tmp_path)
     [own] = transcribe(model.stablequant.bundle, [utterance.audio], batch_size=1, pad_to_multiple=32000,
                        progress=False)
     assert text == own
+
+
+# --------------------------------------------------------------------------------------------------
+# Whisper: generate() and the ASR pipeline on the two INT8 graphs
+# --------------------------------------------------------------------------------------------------
+
+SOT, EOT, NO_TIMESTAMPS = 50257, 50256, 50362
+MAX = {"quant_method": "stablequant", "method": "max", "calibration": {"dataset": "corpus-dev", "size": 1}}
+
+
+def save_tiny_whisper(path, **generation):
+    """A tiny random Whisper with tiny.en's vocabulary and greedy settings, and the real tiny.en processor."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from sq_plugin.speech.whisper_ct2 import build_whisper_processor, default_model_dir
+
+    config = WhisperConfig(vocab_size=51864, d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
+                           max_source_positions=1500, max_target_positions=16, decoder_start_token_id=SOT,
+                           pad_token_id=EOT, bos_token_id=SOT, eos_token_id=EOT)
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(config).eval()
+    gen = model.generation_config
+    settings = {"no_timestamps_token_id": NO_TIMESTAMPS, "suppress_tokens": [1, 2, 7, 50357, 50358],
+                "begin_suppress_tokens": [220, EOT], "max_length": 12, **generation}
+    for key, value in settings.items():
+        setattr(gen, key, value)
+    gen._from_model_config = False  # else from_pretrained rebuilds it from config.json, without the Whisper fields
+    model.save_pretrained(path)
+    build_whisper_processor(default_model_dir()).save_pretrained(path)
+    return str(path)
+
+
+def features_of(model, audio):
+    fe = model._stablequant_processor.feature_extractor
+    return fe([audio], sampling_rate=16000, return_tensors="pt").input_features
+
+
+@pytest.fixture(scope="module")
+def test_utterance():
+    from sq_plugin.speech.corpus import load_split
+
+    return load_split("test", limit=1)[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_whisper_int8(tmp_path_factory):
+    from transformers import WhisperForConditionalGeneration
+
+    path = save_tiny_whisper(tmp_path_factory.mktemp("whisper") / "tiny")
+    return WhisperForConditionalGeneration.from_pretrained(path, quantization_config=MAX)
+
+
+@pytest.fixture(scope="module")
+def tiny_en_int8(tmp_path_factory):
+    """The real tiny.en, saved as a transformers directory, quantized by from_pretrained (MAX, 1 corpus clip)."""
+    from transformers import WhisperForConditionalGeneration
+
+    from sq_plugin.speech.models import load_model
+
+    bundle = load_model("openai/whisper-tiny.en")
+    path = tmp_path_factory.mktemp("whisper") / "tiny.en"
+    bundle.model.save_pretrained(path)
+    bundle.processor.save_pretrained(path)
+    return WhisperForConditionalGeneration.from_pretrained(path, quantization_config=MAX)
+
+
+def test_whisper_save_pretrained_then_from_pretrained_generates_the_same_tokens_without_calibrating(
+        tiny_whisper_int8, test_utterance, tmp_path, monkeypatch):
+    from transformers import AutoModelForSpeechSeq2Seq
+
+    import sq_plugin.families.whisper_int8 as whisper_int8
+    import sq_plugin.integrations.transformers as integration
+    from sq_plugin.backends.artifact import ArtifactError
+
+    model = tiny_whisper_int8
+    assert "onednn-int8" in model.stablequant.backend and model.stablequant.int8_kernels > 0
+    assert model.stablequant.plan.provenance["method"] == "max"
+    x = features_of(model, test_utterance.audio)
+    want = model.generate(x)
+    # HF Whisper's format: the new tokens, without the prompt or <|endoftext|>; with return_dict_in_generate both
+    assert want.shape == (1, 12) and not set(want[0].tolist()) & {SOT, NO_TIMESTAMPS}
+    full = model.generate(x, return_dict_in_generate=True).sequences
+    assert full[0, :2].tolist() == [SOT, NO_TIMESTAMPS] and torch.equal(full[:, 2:], want)
+    assert model.generate(x, max_new_tokens=3).tolist() == want[:, :3].tolist()
+
+    model.save_pretrained(tmp_path / "int8")
+    artifact = tmp_path / "int8" / "stablequant"
+    assert {p.name for p in artifact.iterdir()} == {"encoder", "decoder_step", "greedy.json", "plan.json"}
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("a pre-quantized directory must not calibrate")
+
+    monkeypatch.setattr(integration, "calibration_utterances", no_calibration)
+    loaded = AutoModelForSpeechSeq2Seq.from_pretrained(tmp_path / "int8")
+    assert loaded.config.quantization_config.source == model.stablequant.bundle.name
+    assert loaded.stablequant.int8_kernels == model.stablequant.int8_kernels
+    assert torch.equal(loaded.generate(x), want)  # the same INT8 graphs: the same tokens
+    assert loaded.stablequant.plan.to_dict() == model.stablequant.plan.to_dict()
+
+    # Another model's artifact (this directory names another source) is refused; a failed save leaves nothing
+    shutil.copytree(tmp_path / "int8", tmp_path / "other")
+    config_file = tmp_path / "other" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"]["source"] = "someone/else"
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match="was made for '.*tiny:encoder', not someone/else:encoder"):
+        AutoModelForSpeechSeq2Seq.from_pretrained(tmp_path / "other")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(whisper_int8, "save_whisper_int8", broken)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path / "half")
+    assert not (tmp_path / "half").exists() and not list(tmp_path.glob(".half*"))
+
+
+def test_pipeline_transcribes_a_corpus_utterance_on_the_int8_whisper(tiny_en_int8, test_utterance):
+    """Real tiny.en through `pipeline("automatic-speech-recognition")`: the pipeline's text is the INT8 graphs' own
+    greedy transcript, close to the reference (float tiny.en: CER 0.146 on this clip; INT8 MAX calibrated on one
+    clip: the same text, with VNNI and under the AVX2 cap; on two clips: CER 0.229)."""
+    from transformers import pipeline
+
+    from sq_plugin.speech.evaluate import cer
+
+    model = tiny_en_int8
+    assert "onednn-int8" in model.stablequant.backend
+    assert model.generation_config.num_beams == 1  # so the pipeline does not apply its default beam search
+    processor = model._stablequant_processor
+    asr = pipeline("automatic-speech-recognition", model=model, feature_extractor=processor.feature_extractor,
+                   tokenizer=processor.tokenizer)
+
+    def float_module_ran(module, *args):
+        raise AssertionError(f"the pipeline ran the float {type(module).__name__}")
+
+    hooks = [m.register_forward_hook(float_module_ran) for m in (model.model.encoder, model.model.decoder,
+                                                                  model.proj_out)]
+    try:
+        text = asr(test_utterance.audio)["text"]
+        # batches run one utterance at a time through the same graphs
+        assert [o["text"] for o in asr([test_utterance.audio] * 2, batch_size=2)] == [text, text]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    own = model.stablequant.bundle.model.transcribe(features_of(model, test_utterance.audio))
+    assert text == processor.tokenizer.decode(own, skip_special_tokens=True)
+    assert cer([test_utterance.text], [text]) < 0.3
+
+
+def test_options_the_int8_whisper_cannot_honour_are_refused_naming_them(tiny_en_int8, test_utterance):
+    from transformers import pipeline
+
+    from sq_plugin.integrations.transformers import WhisperGenerateError
+
+    model = tiny_en_int8
+    processor = model._stablequant_processor
+    asr = pipeline("automatic-speech-recognition", model=model, feature_extractor=processor.feature_extractor,
+                   tokenizer=processor.tokenizer)
+    audio = test_utterance.audio
+    for kwargs, message in [
+        ({"return_timestamps": True}, r"return_timestamps=True\): .* without timestamps.*drop return_timestamps"),
+        ({"return_timestamps": "word"}, r"return_timestamps=True\)"),
+        ({"num_beams": 4}, r"num_beams=4\): .* greedily.*pass num_beams=1"),
+        ({"generate_kwargs": {"do_sample": True}}, r"do_sample=True\): .*pass do_sample=False"),
+        ({"return_language": True}, r"return_segments=True\): .*return_language"),
+        ({"language": "en"}, r"language='en'\): .*English-only.*drop language"),
+        ({"max_new_tokens": 1000}, r"max_new_tokens=1000\): .*at most 447 new tokens"),
+        ({"top_k": 5}, r"top_k=5\): .*honours only max_new_tokens.*drop top_k"),
+        ({"repetition_penalty": 1.3}, r"repetition_penalty=1.3\): .*plain greedy"),
+    ]:
+        with pytest.raises(WhisperGenerateError, match=message):
+            asr(audio, **kwargs)
+    x = features_of(model, audio)
+    with pytest.raises(WhisperGenerateError, match=r"prefix_allowed_tokens_fn=.*drop prefix_allowed_tokens_fn"):
+        model.generate(x, prefix_allowed_tokens_fn=lambda *a: [1])
+    with pytest.raises(WhisperGenerateError, match=r"decoder_attention_mask=.*neither a generation setting"):
+        model.generate(x, decoder_attention_mask=torch.ones(1, 2))
+    # longer than one 30-s window: Whisper's long-form decoding, which the graphs do not run
+    with pytest.raises(WhisperGenerateError, match=r"shape \(1, 80, \d+\).*long-form.*chunk_length_s=30"):
+        asr(np.concatenate([audio, np.zeros(30 * 16000, dtype=np.float32)]))
+    with pytest.raises(NotImplementedError, match=r"model\(...\) would run the float modules"):
+        model(input_features=x, decoder_input_ids=torch.tensor([[SOT]]))
+
+
+def test_whisper_configs_it_cannot_run_are_refused_before_calibrating(tmp_path, monkeypatch):
+    from transformers import WhisperForConditionalGeneration
+
+    import sq_plugin.families.whisper as whisper
+    import sq_plugin.integrations.transformers as integration
+
+    path = save_tiny_whisper(tmp_path / "tiny")
+    with pytest.raises(StableQuantConfigError, match="search.metric 'ctc_loss' needs a CTC model.*use tf_loss"):
+        WhisperForConditionalGeneration.from_pretrained(path, quantization_config={
+            **MAX, "method": "stablequant", "search": {"metric": "ctc_loss"}})
+    multilingual = save_tiny_whisper(tmp_path / "multi", is_multilingual=True)
+    with pytest.raises(StableQuantConfigError, match="English-only checkpoints.*multilingual.*backend 'simulate'"):
+        WhisperForConditionalGeneration.from_pretrained(multilingual, quantization_config=MAX)
+
+    # StableQuant's search on Whisper defaults to the teacher-forced proxy (WER would decode per candidate)
+    seen = {}
+
+    def search(bundle, calibration, config, *, metric, **kwargs):
+        seen.update(metric=metric, threshold=config.threshold, texts=[u.text for u in calibration])
+        raise RuntimeError("stop after the search's arguments")
+
+    monkeypatch.setattr(whisper, "search_whisper", search)
+    with pytest.raises(RuntimeError, match="stop after"):
+        WhisperForConditionalGeneration.from_pretrained(path, quantization_config={**MAX, "method": "stablequant"})
+    assert seen["metric"] == "tf_loss" and seen["threshold"] == integration.WHISPER_DEFAULT_TF_LOSS_THRESHOLD
+    assert all(seen["texts"])
+    with pytest.raises(RuntimeError, match="stop after"):
+        WhisperForConditionalGeneration.from_pretrained(path, quantization_config={
+            **MAX, "method": "stablequant", "search": {"metric": "tf_token_error", "threshold": 0.02}})
+    assert (seen["metric"], seen["threshold"]) == ("tf_token_error", 0.02)
+
+
+def test_below_w8a8_whisper_generates_on_the_fake_quant_simulation_which_cannot_be_saved(tmp_path, test_utterance):
+    from transformers import WhisperForConditionalGeneration
+
+    path = save_tiny_whisper(tmp_path / "tiny")
+    model = WhisperForConditionalGeneration.from_pretrained(path, quantization_config={**MAX, "bits": "w6a6"})
+    assert model.stablequant.simulated and "simulation" in model.stablequant.backend
+    fake = model.stablequant.bundle.model
+    x = features_of(model, test_utterance.audio)
+    with torch.no_grad():
+        assert torch.equal(model.generate(x, num_beams=2), fake.generate(x, num_beams=2))  # HF generate, all options
+    with pytest.raises(StableQuantConfigError, match="no INT8 artifact to save.*bits 'w8a8' on backend 'x86'"):
+        model.save_pretrained(tmp_path / "w6a6")
+    assert not (tmp_path / "w6a6").exists()
