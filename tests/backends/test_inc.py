@@ -448,3 +448,53 @@ def test_missing_inc_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "sq_plugin.backends.inc")
     with pytest.raises(ImportError, match=r'pip install "sq-plugin\[inc\]"'):
         importlib.import_module("sq_plugin.backends.inc")
+
+
+def test_on_the_shipped_reference_autotune_scores_wer_and_inc_save_load_round_trips(tmp_path):
+    """sq/wav2vec2-ref (waveform + attention mask): autotune over StableQuant cut-offs and INC's StaticQuantConfig
+    with eval_fn = 1 - WER on test utterances (INC divides by the float score), then INC's save and our load."""
+    from neural_compressor.torch.export import export
+    from neural_compressor.torch.quantization import save as inc_save
+    from torch.export import Dim
+
+    from sq_plugin.families.ctc import ctc_inputs
+    from sq_plugin.speech.corpus import load_split
+    from sq_plugin.speech.evaluate import wer
+    from sq_plugin.speech.models import load_model
+
+    bundle = load_model("sq/wav2vec2-ref")
+    dev, test = load_split("dev", limit=4), load_split("test", limit=8)
+    calib = [ctc_inputs(bundle, u.audio) for u in dev]
+    inputs = [ctc_inputs(bundle, u.audio) for u in test]
+    tokenizer = bundle.processor.tokenizer
+    scores = []
+
+    def eval_fn(model) -> float:
+        with torch.no_grad():
+            hyps = [tokenizer.decode(model(*x).logits[0].argmax(-1)) for x in inputs]
+        scores.append(1 - wer([u.text for u in test], hyps))
+        return scores[-1]
+
+    def run_fn(model) -> None:
+        calibrate(model, calib)
+
+    example = calib[0]
+    exported = export(bundle.model.eval(), example, dynamic_shapes=({1: Dim.AUTO}, {1: Dim.AUTO}))
+    variants = StableQuantConfig(percentile=[100.0, 99.9])
+    tune = TuningConfig(config_set=[variants, StaticQuantConfig()], tolerable_loss=0.0)
+    best = autotune(exported, tune, eval_fn=eval_fn, run_fn=run_fn, example_inputs=example)
+    trials = [*variants.expand(), StaticQuantConfig()]
+    ran = len(scores) - 1  # the float baseline first; INC stops at the first trial that meets the target
+    assert 1 <= ran <= len(trials) and all(0 < s <= 1 for s in scores)
+    met = [i for i in range(ran) if scores[1 + i] >= scores[0]]  # tolerable_loss=0: as good as float
+    winner = trials[met[0]] if met else trials[max(range(ran), key=lambda i: scores[1 + i])]
+    assert met or ran == len(trials)
+    assert list(best.qconfig.values()) == [winner]
+    assert max(scores[1:]) >= scores[0] - 0.1  # within 10 pp WER of float on these 8 utterances
+
+    quantized = quantize(bundle.model, StableQuantConfig(percentile=99.9), run_fn=run_fn, example_inputs=example)
+    inc_save(quantized, str(tmp_path / "ckpt"))
+    loaded = sq_inc.load(tmp_path / "ckpt")
+    with torch.no_grad():
+        for x in inputs[:2]:  # two lengths: the audio length stays dynamic
+            assert torch.equal(loaded(*x).logits, quantized(*x).logits)
