@@ -161,6 +161,17 @@ def test_pipeline_transcribes_a_corpus_utterance_on_the_int8_reference(tmp_path)
     [own] = transcribe(model.stablequant.bundle, [utterance.audio], batch_size=1, pad_to_multiple=32000,
                        progress=False)
     assert text == own
+    # the shipped reference through save_pretrained -> from_pretrained: same logits, no calibration, and the
+    # saved INT8 artifact is a fraction of the float checkpoint beside it
+    model.save_pretrained(tmp_path / "w2v-int8")
+    reloaded = AutoModelForCTC.from_pretrained(tmp_path / "w2v-int8")
+    x = processor(utterance.audio, sampling_rate=16000, return_tensors="pt").input_values
+    assert torch.equal(reloaded(x).logits, model(x).logits)
+    from sq_plugin.backends.artifact import artifact_bytes
+
+    ratio = artifact_bytes(tmp_path / "w2v-int8" / "stablequant") / (tmp_path / "w2v-int8" / "model.safetensors"
+                                                                        ).stat().st_size
+    assert 0.2 < ratio < 0.35
 
 
 # --------------------------------------------------------------------------------------------------
