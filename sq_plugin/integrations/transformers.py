@@ -682,11 +682,8 @@ def quantize_hf(bundle: Any, config: StableQuantConfig) -> Any:
     return method.build(bundle, calibration, job)
 
 
-quantize_hf_ctc = quantize_hf  # the name before Whisper
-
-
 __all__ = ["ARTIFACT_DIR", "QUANT_METHOD", "StableQuantConfig", "StableQuantConfigError", "StableQuantHfQuantizer",
-           "WhisperGenerateError", "calibration_utterances", "quantize_hf", "quantize_hf_ctc",
+           "WhisperGenerateError", "calibration_utterances", "quantize_hf",
            "whisper_greedy_request"]
 
 READY = True  # fully imported: the registration below (and the import hook's) may use this module
