@@ -1,6 +1,6 @@
 """Run the shipped optimum-benchmark configs (recipes/optimum-benchmark/) one after the other and tabulate them.
 
-    python benchmarks/optimum_bench.py                      # FP32, StableQuant W8A8, MinMax W8A8; 10 s audio
+    python benchmarks/optimum_bench.py                      # both references: FP32, StableQuant W8A8, MinMax W8A8
     python benchmarks/optimum_bench.py --iterations 20 --threads 2
 
 Each config runs in its own optimum-benchmark process (its `process` launcher). Writes
@@ -24,15 +24,17 @@ from common import atomic_write, device_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "optimum-benchmark"
-CONFIGS = ("wav2vec2-ref-fp32", "wav2vec2-ref-stablequant", "wav2vec2-ref-max")
+MODELS = ("wav2vec2-ref", "hubert-ref")
+VARIANTS = ("fp32", "stablequant", "max")  # fp32 first: the reference of its model's ratios
 
 
-def run_one(name: str, iterations: int, warmup: int, threads: int, log: Path) -> dict:
+def run_one(model: str, variant: str, iterations: int, warmup: int, threads: int, log: Path) -> dict:
+    name = f"{model}-{variant}"
     exe = shutil.which("optimum-benchmark") or str(Path(sys.executable).parent / "optimum-benchmark")
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         cmd = [exe, "--config-dir", str(RECIPES), "--config-name", name,
-               f"backend.model={ROOT / 'sq_plugin' / 'checkpoints' / 'wav2vec2-ref'}",
+               f"backend.model={ROOT / 'sq_plugin' / 'checkpoints' / model}",
                f"scenario.iterations={iterations}", f"scenario.warmup_runs={warmup}"]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=env)
@@ -41,7 +43,7 @@ def run_one(name: str, iterations: int, warmup: int, threads: int, log: Path) ->
             raise SystemExit(f"{name} failed (exit {proc.returncode}); see {log}")
         report = json.loads((Path(tmp) / "benchmark_report.json").read_text())
     latency = report["forward"]["latency"]
-    return {"config": name, "mean_ms": latency["mean"] * 1e3, "p50_ms": latency["p50"] * 1e3,
+    return {"config": name, "model": model, "mean_ms": latency["mean"] * 1e3, "p50_ms": latency["p50"] * 1e3,
             "p90_ms": latency["p90"] * 1e3, "count": latency["count"],
             "max_ram_mb": report["forward"]["memory"]["max_ram"], "load_s": report["load_model"]["latency"]["mean"],
             "wall_s": round(time.perf_counter() - start, 1)}
@@ -56,16 +58,16 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [run_one(name, args.iterations, args.warmup, args.threads, out / f"optimum_benchmark_{name}.log")
-            for name in CONFIGS]
-    fp = rows[0]["mean_ms"]
+    logs = {(m, v): out / f"optimum_benchmark_{m}-{v}.log" for m in MODELS for v in VARIANTS}
+    rows = [run_one(m, v, args.iterations, args.warmup, args.threads, logs[m, v]) for m, v in logs]
+    fp = {row["model"]: row["mean_ms"] for row in rows if row["config"].endswith("-fp32")}
     for row in rows:
-        row["vs_fp32"] = row["mean_ms"] / fp
+        row["vs_fp32"] = row["mean_ms"] / fp[row["model"]]
     command = "python benchmarks/optimum_bench.py " + " ".join(sys.argv[1:])
     payload = {"device": device_name(), "command": command.strip(), "threads": args.threads,
                "audio_seconds": 10, "batch": 1, "rows": rows}
     atomic_write(out / "optimum_benchmark.json", json.dumps(payload, indent=2) + "\n")
-    lines = [f"# optimum-benchmark on the shipped wav2vec2 reference ({device_name()})", "",
+    lines = [f"# optimum-benchmark on the shipped CTC references ({device_name()})", "",
              f"`{payload['command']}`: 10 s of audio, batch 1, {args.threads} threads, {args.iterations} timed "
              "forwards after the warm-up; each config in its own optimum-benchmark process. INT8 rows were quantized "
              "by from_pretrained (quant_method: stablequant) and ran on oneDNN INT8 kernels.", "",
@@ -74,8 +76,8 @@ def main() -> None:
     lines += [f"| {r['config']} | {r['mean_ms']:.1f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['vs_fp32']:.2f}x | "
               f"{r['max_ram_mb']:.0f} | {r['load_s']:.1f} |" for r in rows]
     atomic_write(out / "optimum_benchmark.md", "\n".join(lines) + "\n")
-    for f in (out / f"optimum_benchmark_{name}.log" for name in CONFIGS):
-        f.unlink(missing_ok=True)
+    for log in logs.values():
+        log.unlink(missing_ok=True)
     print("\n".join(lines))
 
 
