@@ -232,6 +232,25 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda o: o.to_dict() if hasattr(o, "to_dict") else str(o)))
 
 
+def reexport_checked(converted: torch.fx.GraphModule, example_inputs: tuple, dynamic_dims: list[list[int]] | None = None
+                     ) -> tuple[torch.export.ExportedProgram, torch.fx.GraphModule]:
+    """`converted` with its unused state pruned (returned too), re-exported for saving with `dynamic_dims` kept
+    dynamic (default: the dims symbolic in `converted`), and checked to reproduce `converted` bit for bit on
+    `example_inputs`: a saved model is only useful if it is the same model, so this raises before anything is
+    written."""
+    from torch.export import Dim
+
+    pruned = _prune_unused_state(converted)
+    dims = dynamic_dims if dynamic_dims is not None else _dynamic_dims(converted, len(example_inputs))
+    dynamic_shapes = tuple({d: Dim.AUTO for d in ds} or None for ds in dims)
+    with torch.no_grad():
+        program = torch.export.export(pruned, example_inputs, dynamic_shapes=dynamic_shapes)
+        if not _same_output(program.module()(*example_inputs), converted(*example_inputs)):
+            raise RuntimeError("the re-exported quantized program does not reproduce the model bit for bit on "
+                               "example_inputs; not saving. Is the graph non-deterministic (dropout in train mode)?")
+    return program, pruned
+
+
 def save(converted: torch.fx.GraphModule, path: str | os.PathLike, *, example_inputs: tuple,
          metadata: dict[str, Any], fp_model: torch.nn.Module | None = None,
          dynamic_dims: list[list[int]] | None = None, plan: Any = None) -> Path:
@@ -249,20 +268,12 @@ def save(converted: torch.fx.GraphModule, path: str | os.PathLike, *, example_in
     Returns the artifact path.
     """
     from safetensors.torch import save_file
-    from torch.export import Dim
 
     path = Path(path)
     if not isinstance(metadata, dict):
         raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
-    pruned = _prune_unused_state(converted)
     dims = dynamic_dims if dynamic_dims is not None else _dynamic_dims(converted, len(example_inputs))
-    dynamic_shapes = tuple({d: Dim.AUTO for d in ds} or None for ds in dims)
-    with torch.no_grad():
-        program = torch.export.export(pruned, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
-        # The artifact is only useful if it is the same model: check before writing anything.
-        if not _same_output(program.module()(*example_inputs), converted(*example_inputs)):
-            raise RuntimeError("the re-exported quantized program does not reproduce `converted` bit for bit on "
-                               "example_inputs; not saving. Is the graph non-deterministic (dropout in train mode)?")
+    program, pruned = reexport_checked(converted, tuple(example_inputs), dims)
 
     # Split: real tensors to safetensors, empty placeholders of the same dtype into the program.
     tensors: dict[str, torch.Tensor] = {}

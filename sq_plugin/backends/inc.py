@@ -374,10 +374,9 @@ def save(model: torch.fx.GraphModule, checkpoint_dir: str | os.PathLike = "saved
     (INC's own PT2E `save(model, example_inputs, output_dir)`, algorithms/pt2e_quant/save_load.py:25, cannot be
     reached that way: the entry's `model.save(checkpoint_dir)` passes the directory as example_inputs.)
     """
-    from torch.export import Dim
     from torchao.quantization.pt2e import ObserverBase
 
-    from sq_plugin.backends.artifact import _dynamic_dims, _prune_unused_state, _same_output
+    from sq_plugin.backends.artifact import reexport_checked
     from sq_plugin.core.files import atomic_write
 
     _stablequant_config_of(model)
@@ -389,14 +388,7 @@ def save(model: torch.fx.GraphModule, checkpoint_dir: str | os.PathLike = "saved
         raise ValueError("save re-exports the quantized graph and needs inputs to trace: pass "
                          "example_inputs=(audio,) (a model from INC's quantize/convert keeps the ones it was given)")
     inputs = _as_tuple(inputs)
-    pruned = _prune_unused_state(model)
-    dims = _dynamic_dims(model, len(inputs))
-    dynamic_shapes = tuple({d: Dim.AUTO for d in ds} or None for ds in dims)
-    with torch.no_grad():
-        program = torch.export.export(pruned, inputs, dynamic_shapes=dynamic_shapes)
-        if not _same_output(program.module()(*inputs), model(*inputs)):
-            raise RuntimeError("the re-exported quantized program does not reproduce the model bit for bit on "
-                               "example_inputs; not saving. Is the graph non-deterministic (dropout in train mode)?")
+    program, _ = reexport_checked(model, inputs)
     path = Path(checkpoint_dir).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     atomic_write(path / WEIGHT_NAME, lambda f: torch.export.save(program, f))
