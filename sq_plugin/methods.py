@@ -94,6 +94,18 @@ def _rule(name: str, options: Any) -> Any:
     return RangeRule("mse", mse_grid=options.mse.mse_grid if options else 100)
 
 
+def family_statistics(bundle: Any, calibration: Any) -> dict[str, Any]:
+    """The family's one statistics pass: every quantizable layer's input histogram (what the plan methods
+    decide on, when no search supplies its own)."""
+    if bundle.kind == "whisper":
+        from sq_plugin.families.whisper import whisper_statistics
+
+        return whisper_statistics(bundle, calibration)
+    from sq_plugin.families.ctc import ctc_statistics
+
+    return ctc_statistics(bundle, calibration)
+
+
 def apply_plan(bundle: Any, calibration: Any, plan: Any, job: QuantizeJob) -> Any:
     """Apply a plan on the job's backend: x86 INT8 kernels at W8A8 (both families), else the simulation."""
     if bundle.kind == "whisper":
@@ -221,4 +233,5 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 
-__all__ = ["FAMILIES", "METHODS", "METHOD_NAMES", "OBSERVER_EPS", "Method", "QuantizeJob", "apply_plan"]
+__all__ = ["FAMILIES", "METHODS", "METHOD_NAMES", "OBSERVER_EPS", "Method", "QuantizeJob", "apply_plan",
+           "family_statistics"]

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sq_plugin.methods import METHODS, QuantizeJob
+from sq_plugin.methods import METHODS, QuantizeJob, family_statistics
 from sq_plugin.recipe import Recipe, RecipeError
 
 ROW_KEYS: tuple[str, ...] = ("model", "method", "w_bits", "a_bits", "simulated", "backend", "int8_kernels", "wer",
@@ -227,17 +227,6 @@ def _delta_ci(references: dict[str, str], fp_errors: list[int], words: list[int]
     return paired_bootstrap(fp_errors, errors, words)
 
 
-def _statistics(bundle: Any, calibration: Sequence[Any]) -> dict[str, Any]:
-    """The family's one statistics pass: every quantizable layer's input histogram."""
-    if bundle.kind == "whisper":
-        from sq_plugin.families.whisper import whisper_statistics
-
-        return whisper_statistics(bundle, calibration)
-    from sq_plugin.families.ctc import ctc_statistics
-
-    return ctc_statistics(bundle, calibration)
-
-
 def _int8_grid(recipe: Recipe) -> str:
     """The recipe's grid, "auto" resolved for this CPU ("narrow_weights" without VNNI)."""
     from sq_plugin.backends.x86_isa import resolve_int8_grid
@@ -291,7 +280,7 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
         """Every layer's input histogram, computed once per model (or taken from the search)."""
         if not histograms:
             t0 = time.perf_counter()
-            histograms.update(_statistics(bundle, calibration))
+            histograms.update(family_statistics(bundle, calibration))
             run.statistics_seconds[model] = time.perf_counter() - t0
             say(f"{model}: statistics of {len(histograms)} layers in {run.statistics_seconds[model]:.1f} s")
         return histograms

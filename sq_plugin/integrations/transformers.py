@@ -622,7 +622,7 @@ def quantize_hf(bundle: Any, config: StableQuantConfig) -> Any:
     registry: a `QuantizedModel` (for Whisper at W8A8 on x86, its `bundle.model` is the `QuantizedWhisper`)."""
     from sq_plugin.backends.x86_isa import resolve_int8_grid
     from sq_plugin.core.plan import QuantPlan
-    from sq_plugin.methods import METHODS, QuantizeJob, apply_plan
+    from sq_plugin.methods import METHODS, QuantizeJob, apply_plan, family_statistics
     from sq_plugin.recipe import TEACHER_FORCED_METRICS
     from sq_plugin.search import SearchConfig
 
@@ -661,14 +661,10 @@ def quantize_hf(bundle: Any, config: StableQuantConfig) -> Any:
     if whisper and config.plan is None and not (method.decides == "observers" and job.runs_int8):
         calibration = _with_transcripts(bundle, calibration)
     if whisper:
-        from sq_plugin.families.whisper import search_whisper, whisper_statistics
-
-        statistics, search = whisper_statistics, search_whisper
+        from sq_plugin.families.whisper import search_whisper as search
     else:
-        from sq_plugin.families.ctc import ctc_statistics, search_ctc
-
-        statistics, search = ctc_statistics, search_ctc
-    job = dataclasses.replace(job, statistics=lambda: statistics(bundle, calibration))
+        from sq_plugin.families.ctc import search_ctc as search
+    job = dataclasses.replace(job, statistics=lambda: family_statistics(bundle, calibration))
     if config.plan is not None:
         plan = QuantPlan.load(config.plan)
         return apply_plan(bundle, calibration, plan, job)
