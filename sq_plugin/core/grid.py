@@ -5,7 +5,9 @@ Torch-free and numpy-free, so validating a recipe or reading a plan imports noth
 
 from __future__ import annotations
 
+import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 
@@ -24,6 +26,36 @@ def quant_bounds(bits: int, *, signed: bool) -> tuple[int, int]:
     if signed:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
+
+
+# The weight widths a mixed-precision allocation chooses from (sq_plugin.core.mixed); here, torch- and numpy-free,
+# so that a recipe asking for `bits: {mixed: ...}` is validated without importing either.
+WEIGHT_WIDTHS = (2, 3, 4, 5, 6, 8)
+
+
+def check_widths(widths: Sequence[int]) -> tuple[int, ...]:
+    """Sorted unique candidate widths; each must be one of `WEIGHT_WIDTHS`."""
+    widths = tuple(widths)
+    if not widths:
+        raise ValueError(f"no candidate widths given; choose from {list(WEIGHT_WIDTHS)}")
+    unknown = [b for b in widths if isinstance(b, bool) or b not in WEIGHT_WIDTHS]
+    if unknown:
+        raise ValueError(f"unknown weight width(s) {unknown}; mixed precision takes {list(WEIGHT_WIDTHS)} bits "
+                         "(7 bits is what an 8-bit layer runs as on x86 without VNNI, not a choice)")
+    return tuple(sorted(set(widths)))
+
+
+def check_budget(budget_bits: float, widths: Sequence[int]) -> float:
+    """The budget (mean weight bits) as a float, refused, naming the fix, when no allocation can meet it."""
+    widths = check_widths(widths)
+    try:
+        budget = float(budget_bits)
+    except (TypeError, ValueError):
+        raise ValueError(f"budget_bits must be a number of bits per weight (got {budget_bits!r})") from None
+    if isinstance(budget_bits, bool) or not math.isfinite(budget) or budget < widths[0]:
+        raise ValueError(f"budget_bits {budget_bits!r} is below the smallest candidate width ({widths[0]} bits): no "
+                         f"allocation fits. Fix: raise the budget to at least {widths[0]}, or add a smaller width")
+    return budget
 
 
 INT8_GRIDS = ("full", "narrow_weights", "narrow_activations")
