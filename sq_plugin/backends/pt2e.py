@@ -436,22 +436,75 @@ class PlanRangeObserver(StableQuantObserver):
         return f"plan range={self.act_range}, bits={self.bits}, layer={self.layer_name}"
 
 
-def plan_layer_config(layer: LayerPlan, *, name: str, bins: int = DEFAULT_BINS) -> QuantizationConfig:
+class StoredScalePerChannelObserver(StableQuantPerChannelObserver):
+    """A weight observer whose per-channel scales are given: those of a `StoredWeight`
+    (`sq_plugin.backends.weights`), decided before export (a mixed-precision allocation's MSE clipping, or
+    the learned step sizes of the one-stage method). The model must already hold the dequantized weight
+    (`install_stored_weights`); convert then rounds it back to exactly the stored codes. A weight that is
+    not on that grid (the float weight was left in place) is refused, naming the layer."""
+
+    def __init__(self, *, stored_scale: torch.Tensor, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.stored_scale = stored_scale.detach().to(torch.float32).clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:
+            return x
+        if x.shape[self.ch_axis] != self.stored_scale.numel():
+            raise PlanError(f"{self.name}: the stored weight has {self.stored_scale.numel()} channels, this layer "
+                            f"{x.shape[self.ch_axis]}. Fix: store the weights of this model")
+        shape = [1] * x.dim()
+        shape[self.ch_axis] = -1
+        scale = self.stored_scale.reshape(shape)
+        off_grid = (x.detach().float() - torch.round(x.detach().float() / scale) * scale).abs().max()
+        if float(off_grid) > 1e-3 * float(scale.min()):
+            raise PlanError(f"{self.name}: the weight is not on its stored grid (off by up to {float(off_grid):.3g}). "
+                            "Fix: install the stored weights first (sq_plugin.backends.weights.install_stored_weights)")
+        return x
+
+    def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        half = (self.quant_max - self.quant_min) / 2.0
+        return -self.stored_scale * half, self.stored_scale * half
+
+    @torch.jit.export
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # The scales themselves, not re-derived from a range (which would round them by an ulp).
+        return self.stored_scale.clone(), torch.zeros(self.stored_scale.numel(), dtype=torch.int64)
+
+    def extra_repr(self) -> str:
+        return f"stored scales, bits={self.bits}, layer={self.layer_name}"
+
+
+STORED = "stored"  # a plan layer's weight_rule when its codes and scales are stored (a StoredWeight)
+
+
+def plan_layer_config(layer: LayerPlan, *, name: str, bins: int = DEFAULT_BINS,
+                      stored_scale: torch.Tensor | None = None) -> QuantizationConfig:
     """The x86 `QuantizationConfig` of one quantized plan layer: its activation grid with the plan's range,
-    its weight grid with the plan's weight rule. Raises `PlanError` for grids oneDNN's ops cannot take."""
+    its weight grid with the plan's weight rule, or (weight_rule "stored") the given per-channel scales.
+    Raises `PlanError` for grids oneDNN's ops cannot take."""
     problem = layer.x86_scheme_problem(name)
     if problem is not None:
         raise PlanError(problem)
+    if (layer.weight_rule == STORED) != (stored_scale is not None):
+        raise PlanError(f"layers.{name}: weight_rule {layer.weight_rule!r} "
+                        + ("takes the stored weights' scales; none were given. Fix: pass weights= (the StoredWeights "
+                           "saved with the plan, sq_plugin.backends.packed.load_packed)" if stored_scale is None else
+                           "re-derives the weight's scales; stored scales were given. Fix: mark the layer 'stored'"))
     act, weight = layer.activation, layer.weight
     act_spec = QuantizationSpec(
         dtype=torch.uint8, quant_min=act.qmin, quant_max=act.qmax, qscheme=torch.per_tensor_affine, is_dynamic=False,
         observer_or_fake_quant_ctr=PlanRangeObserver.with_args(act_range=layer.act_range, bins=bins))
     # An op whose *output* the quantizer annotates (a fused pattern) still calibrates it from data.
     out_spec = dataclasses.replace(act_spec, observer_or_fake_quant_ctr=StableQuantObserver.with_args(bins=bins))
+    if stored_scale is not None:
+        weight_observer = StoredScalePerChannelObserver.with_args(stored_scale=stored_scale, bins=bins)
+    else:
+        weight_observer = StableQuantPerChannelObserver.with_args(rule=RangeRule(layer.weight_rule),  # type: ignore
+                                                                  bins=bins)
     weight_spec = QuantizationSpec(
         dtype=torch.int8, quant_min=weight.qmin, quant_max=weight.qmax, qscheme=torch.per_channel_symmetric, ch_axis=0,
-        is_dynamic=False, observer_or_fake_quant_ctr=StableQuantPerChannelObserver.with_args(
-            rule=RangeRule(layer.weight_rule), bins=bins))  # type: ignore[arg-type]
+        is_dynamic=False, observer_or_fake_quant_ctr=weight_observer)
     return QuantizationConfig(act_spec, out_spec, weight_spec, None, False)
 
 
@@ -508,20 +561,29 @@ def plan_deviations(converted: torch.fx.GraphModule, plan: QuantPlan,
 
 
 def stablequant_x86_quantizer_from_plan(plan: QuantPlan, *, graph_names: dict[str, str] | None = None,
-                                        bins: int = DEFAULT_BINS) -> StableQuantX86Quantizer:
+                                        bins: int = DEFAULT_BINS, weights: Mapping[str, Any] | None = None
+                                        ) -> StableQuantX86Quantizer:
     """The quantizer that applies `plan`: every plan layer gets its own config (fixed input range, its
     grids); float layers get none; layers the plan does not name stay float.
 
     graph_names: plan layer name -> module name in the graph being quantized, for graphs that hold the
     model's layers under other paths (Whisper's INT8 graphs; `sq_plugin.families.whisper_int8.graph_layer_names`).
+    weights: plan layer name -> `StoredWeight` for the layers whose weight_rule is "stored" (a mixed-precision
+    plan): their scales go to PT2E unchanged; the model must hold the dequantized weights.
     """
     check_plan_runs_here(plan)
+    stray = sorted(set(weights or {}) - set(plan.layers))
+    if stray:
+        raise PlanError(f"stored weights for {len(stray)} layer(s) the plan does not name (e.g. {stray[:3]}). Fix: "
+                        "pass the weights saved with this plan")
     quantizer = StableQuantX86Quantizer()
     for name, layer in plan.layers.items():
         if graph_names is not None and name not in graph_names:
             continue  # not in this graph (e.g. a decoder layer when quantizing the encoder graph)
         target = graph_names[name] if graph_names is not None else name
-        config = None if layer.is_float else plan_layer_config(layer, name=name, bins=bins)
+        stored = (weights or {}).get(name)
+        config = None if layer.is_float else plan_layer_config(
+            layer, name=name, bins=bins, stored_scale=stored.scale if stored is not None else None)
         quantizer.set_module_name_qconfig(target, config)
     return quantizer
 
@@ -912,6 +974,18 @@ def graph_grid_bits(converted: torch.fx.GraphModule) -> tuple[int | None, int | 
             int(round(math.log2(max(activations)))) if activations else None)
 
 
+def graph_weight_widths(converted: torch.fx.GraphModule) -> list[int]:
+    """Every weight width of the INT8 ops in a converted graph, ascending (one entry unless mixed precision)."""
+    from sq_plugin.backends.artifact import layer_qparams
+
+    widths = set()
+    for entry in layer_qparams(converted).values():
+        w = entry["weight"]
+        if entry["input"] is not None and w is not None and w["quant_min"] is not None and w["quant_max"] is not None:
+            widths.add(int(round(math.log2(w["quant_max"] - w["quant_min"] + 1))))
+    return sorted(widths)
+
+
 def isa_problems(converted: torch.fx.GraphModule, policy: X86IsaPolicy | None = None) -> dict[str, str]:
     """Per layer of a converted graph, why oneDNN would compute it wrong on this CPU (empty: all right).
 
@@ -1107,4 +1181,8 @@ def lower_x86(converted: torch.fx.GraphModule, example_inputs: tuple, *,
     module(*example_inputs)
     report = LoweringReport({k: int(v) for k, v in counters["inductor"].items() if k.startswith(("qlinear", "qconv"))},
                             isa=policy.describe(*graph_grid_bits(converted)))
+    widths = graph_weight_widths(converted)
+    if len(widths) > 1:  # a mixed-precision plan: say so, not just the widest grid
+        report.isa = report.isa.replace(f"{widths[-1]}-bit weights",
+                                        f"mixed {'/'.join(map(str, widths))}-bit weights", 1)
     return module, report

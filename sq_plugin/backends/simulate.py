@@ -59,16 +59,22 @@ def quantizable_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 @dataclass(frozen=True)
 class LayerQuant:
-    """How one layer is simulated: its input activation range (None: input stays float) and bits."""
+    """How one layer is simulated: its input activation range (None: input stays float), bits, and the
+    weight's per-channel range rule ("max", the x86 PT2E default, or "mse": `backends.weights.quantize_weight`)."""
 
     act_range: tuple[float, float] | None
     a_bits: int = 8
     w_bits: int = 8
     quantize_weight: bool = True
+    weight_rule: str = "max"
 
 
-def fake_quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-output-channel symmetric fake-quant with MAX ranges (the x86 PT2E weight scheme)."""
+def fake_quantize_weight(weight: torch.Tensor, bits: int, rule: str = "max") -> torch.Tensor:
+    """Per-output-channel symmetric fake-quant with MAX ranges (the x86 PT2E weight scheme), or MSE clipping."""
+    if rule != "max":
+        from sq_plugin.backends.weights import quantize_weight
+
+        return quantize_weight(weight, bits, rule=rule).dequantize().to(weight.dtype)  # type: ignore[arg-type]
     qmin, qmax = quant_bounds(bits, signed=True)
     flat = weight.detach().reshape(weight.shape[0], -1)
     lo, hi = flat.min(dim=1).values.double().numpy(), flat.max(dim=1).values.double().numpy()
@@ -97,7 +103,8 @@ def _fake_quantize_layer(module: torch.nn.Module, spec: LayerQuant) -> tuple[tor
     weight (None if kept) and the hook's handle (None if no input range), to undo it."""
     old = None
     if spec.quantize_weight:
-        fq = torch.nn.Parameter(fake_quantize_weight(module.weight, spec.w_bits), requires_grad=False)
+        fq = torch.nn.Parameter(fake_quantize_weight(module.weight, spec.w_bits, spec.weight_rule),
+                                requires_grad=False)
         old = _swap_weight(module, fq)
     handle = module.register_forward_pre_hook(_input_hook(spec)) if spec.act_range is not None else None
     return old, handle
@@ -148,10 +155,12 @@ def plan_layer_quants(plan: Any) -> dict[str, LayerQuant]:
         problem = layer.x86_scheme_problem(name)
         if problem is not None:
             raise PlanError(problem)
-        if layer.weight_rule != "max":
+        if layer.weight_rule not in ("max", "stored"):
             raise PlanError(f"layers.{name}: the simulation quantizes weights with per-channel MAX ranges, not "
                             f"{layer.weight_rule!r}. Fix: use weight_rule 'max', or the x86 backend")
-        quants[name] = LayerQuant(act_range=layer.act_range, a_bits=layer.activation.bits, w_bits=layer.weight.bits)
+        # "stored": the model already holds the dequantized stored weight (backends.weights.install_stored_weights)
+        quants[name] = LayerQuant(act_range=layer.act_range, a_bits=layer.activation.bits, w_bits=layer.weight.bits,
+                                  quantize_weight=layer.weight_rule == "max")
     return quants
 
 
