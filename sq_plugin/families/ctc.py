@@ -13,7 +13,7 @@ import copy
 import dataclasses
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from sq_plugin.backends.simulate import is_parametrized, quantizable_layers, strip_weight_norm
+from sq_plugin.backends.weights import StoredWeight, install_stored_weights
 from sq_plugin.core.plan import QuantPlan
 from sq_plugin.core.ranges import RangeRule
 from sq_plugin.core.stats import DEFAULT_BINS, Histogram
@@ -116,6 +117,28 @@ def ctc_statistics(bundle: SpeechModel, calibration: Sequence[Any], *, bins: int
                                     list(quantizable_layers(model)), bins=bins)
 
 
+def ctc_score(bundle: SpeechModel, utterances: Sequence[Any], metric: str, *, batch_size: int = 8
+              ) -> Callable[[], float]:
+    """The calibration metric on `bundle.model` as it stands at each call: "wer", "cer" (greedy decoding) or
+    "ctc_loss" (CTC loss per reference character). What the search and the sensitivity measurement score."""
+    _require_ctc(bundle)
+    _require_utterances(utterances, "calibration")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if metric == "ctc_loss":
+        inputs = [ctc_inputs(bundle, u.audio) for u in utterances]
+        labels, blank = ctc_labels(bundle, utterances), _blank_id(bundle)
+
+        def loss() -> float:
+            return ctc_loss_per_char(bundle.model, inputs, labels, blank=blank)
+        return loss
+
+    def rate() -> float:
+        result = evaluate(bundle, utterances, batch_size=batch_size, progress=False)
+        return result.wer if metric == "wer" else result.cer
+    return rate
+
+
 def search_ctc(bundle: SpeechModel, calibration: Sequence[Any], config: SearchConfig | None = None, *,
                metric: str = "wer", batch_size: int = 8, progress: bool = True, prefix_cache: bool = True,
                cache_budget_mb: float = DEFAULT_BUDGET_MB) -> SearchResult:
@@ -127,26 +150,14 @@ def search_ctc(bundle: SpeechModel, calibration: Sequence[Any], config: SearchCo
     """
     _require_ctc(bundle)
     _require_utterances(calibration, "calibration")
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
     bundle = unchanged_caller_model(bundle)
+    score = ctc_score(bundle, calibration, metric, batch_size=batch_size)
     audios = [u.audio for u in calibration]
 
     def run_calibration() -> None:
         # One utterance at a time, as PT2E calibration does: the histograms then see no padding and
         # the PT2E observers later compute the very same ranges from the very same inputs.
         transcribe(bundle, audios, batch_size=1, progress=False)
-
-    if metric == "ctc_loss":
-        inputs = [ctc_inputs(bundle, a) for a in audios]
-        labels, blank = ctc_labels(bundle, calibration), _blank_id(bundle)
-
-        def score() -> float:
-            return ctc_loss_per_char(bundle.model, inputs, labels, blank=blank)
-    else:
-        def score() -> float:
-            result = evaluate(bundle, calibration, batch_size=batch_size, progress=False)
-            return result.wer if metric == "wer" else result.cer
 
     bundle.model.eval()
     return stablequant_search(bundle.model, run_calibration, score, config, progress=progress,
@@ -172,6 +183,8 @@ class QuantizedModel:
     # Inputs the quantized graph was traced with, and the float model it came from (what `save_ctc_int8` needs).
     example_inputs: tuple | None = field(default=None, repr=False)
     float_model: Any = field(default=None, repr=False)
+    # A mixed-precision plan's codes and scales (`backends.weights.StoredWeight`): what `save_packed` stores.
+    stored_weights: dict[str, Any] | None = field(default=None, repr=False)
 
 
 def finish_converted(bundle: SpeechModel, converted: Any, example: tuple, calib_seconds: float, *, lower: bool,
@@ -204,7 +217,8 @@ def finish_converted(bundle: SpeechModel, converted: Any, example: tuple, calib_
 def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_rule: RangeRule | None = None,
                       per_layer: dict[str, RangeRule] | None = None, observer: Any = None, a_bits: int = 8,
                       w_bits: int = 8, lower: bool | None = None, int8_grid: str = "auto",
-                      strict: bool = False, plan: QuantPlan | None = None) -> QuantizedModel:
+                      strict: bool = False, plan: QuantPlan | None = None,
+                      weights: Mapping[str, StoredWeight] | None = None) -> QuantizedModel:
     """PT2E quantize a CTC model: export, prepare (StableQuant observers, or `observer` for a
     baseline), calibrate one utterance at a time, convert, and (8-bit) lower to oneDNN INT8 kernels.
 
@@ -217,6 +231,9 @@ def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_ru
     layer's input range and grids come from the plan (checked against the model's layers), so only the first
     calibration utterance is run (it observes the weights); `act_rule`, `per_layer`, `observer`, the bits and
     `int8_grid` are then unused.
+    weights: the `StoredWeight`s of a plan's "stored" layers (a mixed-precision plan): installed on a copy of
+    the model and quantized with exactly their scales. A plan whose activations are on 7 or 8 bits runs on
+    INT8 kernels whatever its weight widths (narrower weights are int8 values on a narrower grid).
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
@@ -235,12 +252,16 @@ def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_ru
     model = bundle.model.eval()
     example = ctc_inputs(bundle, calibration[0].audio)
     start = time.perf_counter()
+    if weights is not None and plan is None:
+        raise ValueError("stored weights go with the plan they were allocated for: pass plan= too")
     if plan is not None:
         plan.check_layers(quantizable_layers(model), model=bundle.name)
-        quantizer = stablequant_x86_quantizer_from_plan(plan)
-        # W8A8 (narrowed to 7 bits on one side without VNNI) runs on INT8 kernels; narrower plans simulate
-        narrowest = min(min(plan.layers[n].weight.bits, plan.layers[n].activation.bits) for n in plan.quantized)
-        lower = narrowest >= 7 if lower is None else lower
+        if weights:
+            model = install_stored_weights(strip_weight_norm(copy.deepcopy(model)), weights).eval()
+        quantizer = stablequant_x86_quantizer_from_plan(plan, weights=weights)
+        # 7/8-bit activations run on INT8 kernels (any weight width: int8 values on a narrower grid, exact on
+        # every ISA); narrower activation grids simulate
+        lower = min(plan.layers[n].activation.bits for n in plan.quantized) >= 7 if lower is None else lower
         calibration = calibration[:1]  # weights only: every input range is the plan's
     else:
         if observer is not None:  # a baseline: the same specs with another activation observer

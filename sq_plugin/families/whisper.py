@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,7 @@ from sq_plugin.backends.simulate import (
     quantizable_layers,
     strip_weight_norm,
 )
+from sq_plugin.backends.weights import StoredWeight, install_stored_weights
 from sq_plugin.backends.x86_isa import resolve_int8_grid
 from sq_plugin.core.quant import grid_bits, quant_bounds
 from sq_plugin.core.ranges import RangeRule, compute_range
@@ -124,6 +125,31 @@ def teacher_forced_scores(model: torch.nn.Module, batches: Sequence[TeacherForce
     return {"tf_loss": total_loss / tokens, "tf_token_error": errors / tokens}
 
 
+def whisper_score(bundle: SpeechModel, utterances: Sequence[Any], metric: str, *, batch_size: int = 8
+                  ) -> tuple[Callable[[], float], str | None]:
+    """(the calibration metric on `bundle.model` as it stands at each call, its prefix replay: "auto" or None).
+    Teacher-forced metrics score the float model's own greedy transcripts (decoded once, here) and replay;
+    "wer"/"cer" decode every time, through a KV cache, so nothing can be replayed."""
+    _require_whisper(bundle)
+    if metric not in WHISPER_METRICS:
+        raise ValueError(f"unknown Whisper search metric {metric!r}; choose one of {', '.join(WHISPER_METRICS)}")
+    if not utterances:
+        raise ValueError("the calibration set is empty: pass at least one utterance")
+    model = bundle.model
+    if metric in TEACHER_FORCED_METRICS:
+        targets = transcribe(bundle, [u.audio for u in utterances], batch_size=EVAL_BATCH, progress=False)
+        tf_batches = teacher_forced_batches(bundle, utterances, batch_size=batch_size, texts=targets)
+
+        def teacher_forced() -> float:
+            return teacher_forced_scores(model, tf_batches)[metric]
+        return teacher_forced, "auto"
+
+    def rate() -> float:
+        result = evaluate(bundle, utterances, batch_size=EVAL_BATCH, progress=False)
+        return result.wer if metric == "wer" else result.cer
+    return rate, None  # generate() updates a KV cache in place: replaying decoder layers would be wrong
+
+
 def search_whisper(bundle: SpeechModel, calibration: Sequence[Any], config: SearchConfig | None = None, *,
                    metric: str = "tf_loss", batch_size: int = 8, progress: bool = True, prefix_cache: bool = True,
                    cache_budget_mb: float = DEFAULT_BUDGET_MB) -> SearchResult:
@@ -141,18 +167,8 @@ def search_whisper(bundle: SpeechModel, calibration: Sequence[Any], config: Sear
         for batch in calib_batches:  # one at a time: no padded decoder positions in the statistics
             _forward(model, batch)
 
-    if metric in TEACHER_FORCED_METRICS:
-        targets = transcribe(bundle, [u.audio for u in calibration], batch_size=EVAL_BATCH, progress=False)
-        tf_batches = teacher_forced_batches(bundle, calibration, batch_size=batch_size, texts=targets)
-
-        def score() -> float:
-            return teacher_forced_scores(model, tf_batches)[metric]
-        replay = "auto" if prefix_cache else None
-    else:
-        def score() -> float:
-            result = evaluate(bundle, calibration, batch_size=EVAL_BATCH, progress=False)
-            return result.wer if metric == "wer" else result.cer
-        replay = None  # generate() updates a KV cache in place: replaying decoder layers would be wrong
+    score, replay = whisper_score(bundle, calibration, metric, batch_size=batch_size)
+    replay = replay if prefix_cache else None
     return stablequant_search(model, run_calibration, score, config, progress=progress, replay_blocks=replay,
                               cache_budget_mb=cache_budget_mb)
 
@@ -174,10 +190,14 @@ def whisper_statistics(bundle: SpeechModel, calibration: Sequence[Any], *, bins:
     return collect_input_histograms(model, run_calibration, list(quantizable_layers(model)), bins=bins)
 
 
-def _simulated_from_plan(bundle: SpeechModel, plan: Any) -> QuantizedModel:
-    """The fake-quant simulation of a `QuantPlan`: no calibration, the plan's ranges and grids."""
+def _simulated_from_plan(bundle: SpeechModel, plan: Any, weights: Mapping[str, StoredWeight] | None = None
+                         ) -> QuantizedModel:
+    """The fake-quant simulation of a `QuantPlan` (and its stored weights): no calibration, the plan's ranges
+    and grids."""
     start = time.perf_counter()
     model = strip_weight_norm(copy.deepcopy(bundle.model)).eval()
+    if weights:
+        install_stored_weights(model, weights)
     modules = quantizable_layers(model)
     plan.check_layers(modules, model=bundle.name)
     quants = plan_layer_quants(plan)
@@ -195,7 +215,8 @@ def _simulated_from_plan(bundle: SpeechModel, plan: Any) -> QuantizedModel:
 def quantize_whisper_simulated(bundle: SpeechModel, calibration: Sequence[Any], *, act_rule: RangeRule | None = None,
                                per_layer: dict[str, RangeRule | None] | None = None, observer: Any = None,
                                a_bits: int = 8, w_bits: int = 8, bins: int | None = None,
-                               int8_grid: str = "auto", plan: Any = None) -> QuantizedModel:
+                               int8_grid: str = "auto", plan: Any = None,
+                               weights: Mapping[str, StoredWeight] | None = None) -> QuantizedModel:
     """A fake-quantized copy of a Whisper model (every Conv1d and Linear): weights per output channel,
     symmetric MinMax; input activations per tensor with ranges from `per_layer` rules (StableQuant),
     one `act_rule` (default MAX), or a torchao `observer` constructor (a baseline such as
@@ -203,10 +224,10 @@ def quantize_whisper_simulated(bundle: SpeechModel, calibration: Sequence[Any], 
     int8_grid: "auto" simulates the grids this CPU's x86 INT8 kernels run (7-bit weights without VNNI,
     `sq_plugin.backends.x86_isa`), or "full" / "narrow_weights" / "narrow_activations".
     plan: simulate a `QuantPlan` (the search's, or `rule_plan`'s) instead: no calibration, and the rules,
-    observer, bits and grid arguments are unused."""
+    observer, bits and grid arguments are unused. weights: the plan's stored weights (mixed precision)."""
     _require_whisper(bundle)
     if plan is not None:
-        return _simulated_from_plan(bundle, plan)
+        return _simulated_from_plan(bundle, plan, weights)
     nominal = (w_bits, a_bits)
     w_bits, a_bits = grid_bits(w_bits, a_bits, resolve_int8_grid(int8_grid))  # the grids that will execute
     start = time.perf_counter()
@@ -248,14 +269,16 @@ def quantize_whisper_simulated(bundle: SpeechModel, calibration: Sequence[Any], 
 
 
 def quantize_whisper_x86(bundle: SpeechModel, calibration: Sequence[Any], plan: Any = None, *,
-                         quantizer: Any = None) -> QuantizedModel:
+                         quantizer: Any = None, weights: Mapping[str, StoredWeight] | None = None) -> QuantizedModel:
     """Whisper on oneDNN INT8 kernels: the encoder and the static-cache decoder step of
     `sq_plugin.families.whisper_int8`, decoded greedily by `evaluate` through `QuantizedWhisper.generate`.
 
     plan: a `QuantPlan` on the HF module names (the search's, or `rule_plan`'s); its ranges need one
     calibration utterance (for the weights); `plan_deviations` say what the graphs ran otherwise.
     quantizer: instead of a plan, a PT2E quantizer whose observers decide the ranges (a framework baseline,
-    e.g. `observer_x86_quantizer(HistogramObserver)`), calibrated by greedy-decoding every utterance."""
+    e.g. `observer_x86_quantizer(HistogramObserver)`), calibrated by greedy-decoding every utterance.
+    weights: the `StoredWeight`s of the plan's "stored" layers (mixed precision): installed on a copy of the
+    model (the tied embedding follows proj_out's) and quantized with exactly their scales."""
     from sq_plugin.families.whisper_int8 import quantize_whisper_int8
 
     _require_whisper(bundle)
@@ -267,7 +290,13 @@ def quantize_whisper_x86(bundle: SpeechModel, calibration: Sequence[Any], plan: 
     fe = bundle.processor.feature_extractor
     used = calibration[:1] if plan is not None else calibration
     features = [fe([u.audio], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features for u in used]
-    quantized = quantize_whisper_int8(bundle, features, plan=plan, quantizer=quantizer)
+    if weights is not None and plan is None:
+        raise ValueError("stored weights go with the plan they were allocated for: pass plan= too")
+    source = bundle
+    if weights:
+        model = install_stored_weights(strip_weight_norm(copy.deepcopy(bundle.model)), weights).eval()
+        source = dataclasses.replace(bundle, model=model)
+    quantized = quantize_whisper_int8(source, features, plan=plan, quantizer=quantizer, weights=weights)
     lowering = quantized.report["lowering"]
     counts = {f"{graph}_{op}": n for graph, ops in lowering.items() for op, n in ops.items()}
     return QuantizedModel(dataclasses.replace(bundle, model=quantized), quantized.report["backend"], False, counts,

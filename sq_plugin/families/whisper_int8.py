@@ -285,7 +285,7 @@ def graph_layer_names(whisper: nn.Module, graphs: dict[str, nn.Module] | None = 
 
 def quantize_whisper_int8(bundle: Any, calibration_features: Sequence[torch.Tensor], *, quantizer: Any = None,
                           lower: bool = True, max_new_tokens: int | None = None,
-                          int8_grid: str = "auto", plan: Any = None) -> QuantizedWhisper:
+                          int8_grid: str = "auto", plan: Any = None, weights: Any = None) -> QuantizedWhisper:
     """PT2E-quantize Whisper's encoder(+cross K/V) and decoder step, calibrate them by greedy-decoding
     `calibration_features` (each [1, 80, 3000]) through the observed graphs, convert, and (lower=True)
     compile both to oneDNN INT8 kernels with `lower_x86` (which refuses to run them in float).
@@ -313,7 +313,8 @@ def quantize_whisper_int8(bundle: Any, calibration_features: Sequence[torch.Tens
     names = graph_layer_names(whisper, graphs)
     if plan is not None:
         plan.check_layers(quantizable_layers(whisper), model=bundle.name)
-        quantizers = {g: from_plan(plan, graph_names=names[g]) for g in graphs}
+        # weights: the plan's stored weights (mixed precision), already installed in `bundle.model`
+        quantizers = {g: from_plan(plan, graph_names=names[g], weights=weights) for g in graphs}
         calibration_features = calibration_features[:1]  # weights only: the input ranges are the plan's
     else:
         quantizers = dict.fromkeys(graphs, quantizer or stablequant_x86_quantizer(int8_grid=int8_grid))
