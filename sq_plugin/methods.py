@@ -34,8 +34,12 @@ class QuantizeJob:
     int8_grid: resolved for this CPU ("full", "narrow_weights", "narrow_activations").
     options: the recipe's `method_options`.
     statistics: returns every layer's input histogram (computed once per model, then shared).
-    plan: StableQuant's searched plan (other methods make their own).
+    plan: StableQuant's searched plan (other methods make their own); at mixed bits, the W8A8 (a_bits) search's
+    plan, whose activation ranges every mixed-precision method keeps.
     provenance: what every plan records (model, calibration set and hash, ISA policy).
+    mixed: a recipe's mixed-precision bits item (`recipe.MixedBits`: budget_bits, widths), or None (uniform bits).
+    sensitivity: returns the layers' measured sensitivity (`SensitivityResult`, computed once per model).
+    train: returns the training utterances (mixed_one_stage / mixed_two_stage).
     """
 
     w_bits: int
@@ -46,6 +50,9 @@ class QuantizeJob:
     statistics: Callable[[], dict[str, Any]] | None = None
     plan: Any = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    mixed: Any = None
+    sensitivity: Callable[[], Any] | None = None
+    train: Callable[[], Any] | None = None
 
     @property
     def runs_int8(self) -> bool:
@@ -57,7 +64,9 @@ Builder = Callable[[Any, Any, QuantizeJob], Any]
 
 @dataclass(frozen=True)
 class Method:
-    """One calibration method. `bits`: "any" (2-8 bits) or "w8a8" (the framework cannot express less).
+    """One calibration method. `bits`: "any" (2-8 bits), "w8a8" (the framework cannot express less) or "mixed"
+    (per-layer weight widths only: a recipe bits item {mixed: {budget_bits: ...}}); `mixed`: whether it also
+    runs at a mixed item (stablequant: the PTQ allocation on its ranges).
     `extra`: (module, install command) of the optional framework it needs, or None. `decides`: "plan" (writes
     a QuantPlan from the shared statistics), "observers" (a framework's own), or "none" (fp)."""
 
@@ -71,9 +80,16 @@ class Method:
     build: Builder | None = field(default=None, repr=False)
     # Why it cannot run on this grid and CPU (None: it can); bits and families are checked apart.
     grid_refusal: Callable[[str], str | None] | None = field(default=None, repr=False)
+    mixed: bool = False
 
-    def refusal(self, *, w_bits: int, a_bits: int, int8_grid: str) -> str | None:
+    def refusal(self, *, w_bits: int, a_bits: int, int8_grid: str, mixed: bool = False) -> str | None:
         """Why this method cannot run at these bits on this grid (None: it can)."""
+        if mixed and not (self.mixed or self.bits == "mixed"):
+            return (f"{self.name} decides one width for every layer; at mixed bits run stablequant (the allocation "
+                    "on its ranges), mixed_one_stage or mixed_two_stage")
+        if not mixed and self.bits == "mixed":
+            return (f"{self.name} learns per-layer widths: list it with a bits item {{mixed: {{budget_bits: 4.0}}}}, "
+                    "not uniform bits")
         if self.bits == "w8a8" and (w_bits, a_bits) != (8, 8):
             return self.bits_reason
         return self.grid_refusal(int8_grid) if self.grid_refusal is not None else None
@@ -122,7 +138,54 @@ def apply_plan(bundle: Any, calibration: Any, plan: Any, job: QuantizeJob) -> An
 def _build_stablequant(bundle: Any, calibration: Any, job: QuantizeJob) -> Any:
     if job.plan is None:
         raise ValueError("stablequant builds from its searched plan: run the search first (QuantizeJob.plan)")
+    if job.mixed is not None:
+        return _build_mixed_ptq(bundle, calibration, job)
     return apply_plan(bundle, calibration, job.plan, job)
+
+
+def _build_mixed_ptq(bundle: Any, calibration: Any, job: QuantizeJob) -> Any:
+    """StableQuant at mixed bits: its W8A8 ranges, the widths allocated on the measured sensitivity (ILP)."""
+    import time
+
+    from sq_plugin.families.mixed import folded_model, quantize_mixed
+    from sq_plugin.search.mixed_precision import mixed_plan, stored_weights
+
+    if job.sensitivity is None:
+        raise ValueError("stablequant at mixed bits allocates on the layers' sensitivity: QuantizeJob.sensitivity "
+                         "is missing")
+    sens = job.sensitivity()
+    start = time.perf_counter()
+    bits = sens.allocate(job.mixed.budget_bits, widths=job.mixed.widths, layers=job.plan.quantized)
+    plan = mixed_plan(job.plan, bits, method="mixed-ptq",
+                      provenance={"budget_bits": job.mixed.budget_bits, "predicted_metric": sens.predicted(bits)})
+    weights = stored_weights(folded_model(bundle), plan)
+    decide_seconds = time.perf_counter() - start
+    quantized = quantize_mixed(bundle, calibration, plan, weights, simulate=job.lower is False)
+    quantized.calib_seconds += decide_seconds + sens.seconds
+    return quantized
+
+
+def _build_mixed_training(method: str) -> Builder:
+    def build(bundle: Any, calibration: Any, job: QuantizeJob) -> Any:
+        from sq_plugin.families.mixed import quantize_mixed, train_mixed
+        from sq_plugin.search.mixed_precision import mixed_plan
+        from sq_plugin.search.mixed_training import MixedTrainConfig
+
+        if job.plan is None or job.train is None:
+            raise ValueError(f"mixed_{method.replace('-', '_')} trains on the search's W8A8 ranges and the training "
+                             "split: QuantizeJob.plan and QuantizeJob.train are needed")
+        opts = job.options.mixed_training
+        config = MixedTrainConfig(budget_bits=job.mixed.budget_bits, widths=tuple(job.mixed.widths), steps=opts.steps,
+                                  seed=opts.seed)
+        result = train_mixed(bundle, job.train(), job.plan, config, method=method, batch_size=opts.batch_size)
+        plan = mixed_plan(job.plan, result.bits, method=f"mixed-{method}",
+                          provenance={"budget_bits": job.mixed.budget_bits, "train_steps": opts.steps,
+                                      "stage_seconds": result.stage_seconds})
+        quantized = quantize_mixed(bundle, calibration, plan, result.weights, simulate=job.lower is False)
+        quantized.calib_seconds += result.seconds
+        return quantized
+
+    return build
 
 
 def _build_rule(name: str) -> Builder:
@@ -208,8 +271,9 @@ _INC = ("neural_compressor", 'pip install "sq-plugin[inc]"')
 _INC_BITS = "INC 3.10 static quant is int8-only (its observers use the full 8-bit grid)"
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fp", "the float32 model, the reference every row is compared with", decides="none"),
-    Method("stablequant", "StableQuant: screen by the metric, percentile cut-off for flagged layers, MSE range",
-           build=_build_stablequant),
+    Method("stablequant", "StableQuant: screen by the metric, percentile cut-off for flagged layers, MSE range; "
+           "at mixed bits, per-layer weight widths allocated on the measured sensitivity (ILP)",
+           build=_build_stablequant, mixed=True),
     Method("max", "MinMax: every layer's input range is its calibration min..max", build=_build_rule("max")),
     Method("percentile", "percentile: one cut-off for every layer (method_options.percentile)",
            build=_build_rule("percentile")),
@@ -230,8 +294,15 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            families=("ctc",), bits="w8a8", bits_reason="optimum-quanto quantizes activations to int8 or float8 only",
            extra=("optimum.quanto", 'pip install "sq-plugin[quanto]"'),
            decides="observers", build=_build_quanto, grid_refusal=_quanto_needs_int32_sums),
+    Method("mixed_one_stage", "Xu et al. 2025: widths (Gumbel-softmax) and quantized weights learned in one stage, "
+           "KL to the float model, on StableQuant's W8A8 ranges (method_options.mixed_training)", bits="mixed",
+           build=_build_mixed_training("one-stage")),
+    Method("mixed_two_stage", "the two-stage baseline: the widths searched first, then quantization-aware "
+           "fine-tuning at those widths (method_options.mixed_training)", bits="mixed",
+           build=_build_mixed_training("two-stage")),
 )}
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+MIXED_ONLY_METHODS: tuple[str, ...] = tuple(m.name for m in METHODS.values() if m.bits == "mixed")
 
-__all__ = ["FAMILIES", "METHODS", "METHOD_NAMES", "OBSERVER_EPS", "Method", "QuantizeJob", "apply_plan",
-           "family_statistics"]
+__all__ = ["FAMILIES", "METHODS", "METHOD_NAMES", "MIXED_ONLY_METHODS", "OBSERVER_EPS", "Method", "QuantizeJob",
+           "apply_plan", "family_statistics"]

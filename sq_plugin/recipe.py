@@ -9,7 +9,8 @@
       stablequant: {threshold: 0.0025, percentiles: [100, 99.99, 99.9, 99.8, 99.5, 99.0], metric: wer, mse_grid: 100}
       percentile: {percentile: 99.99}
       mse: {mse_grid: 100}
-    bits: [w8a8, w6a6]                 # or [{w: 8, a: 8}, ...]
+    bits: [w8a8, w6a6]                 # or [{w: 8, a: 8}, ...]; per-layer weight widths under a budget:
+                                       # {mixed: {budget_bits: 4.0, widths: [2, 3, 4, 5, 6, 8]}} (8-bit activations)
     backend: x86                       # x86: real INT8 kernels for W8A8, fake-quant below; simulate: fake-quant always
     int8_grid: auto                    # auto: 7-bit weights on x86 without VNNI, else full; full;
                                        # narrow_weights; narrow_activations (sq_plugin.backends.x86_isa)
@@ -34,8 +35,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 # Torch-free: the registry, the grids and the search defaults are imported, not copied.
 from sq_plugin.core.defaults import DEFAULT_MSE_GRID, DEFAULT_PERCENTILES, DEFAULT_THRESHOLD
-from sq_plugin.core.grid import GRID_CHOICES
+from sq_plugin.core.grid import GRID_CHOICES, WEIGHT_WIDTHS, check_budget, check_widths
 from sq_plugin.methods import METHOD_NAMES as METHODS
+from sq_plugin.methods import MIXED_ONLY_METHODS
 
 CALIBRATION_DATASETS: tuple[str, ...] = ("corpus-dev", "librispeech-validation.clean")
 EVALUATION_DATASETS: tuple[str, ...] = ("corpus-test", "librispeech-test.clean")
@@ -75,14 +77,19 @@ def _method(value: Any) -> str:
 
 
 def _bits(value: Any) -> Any:
-    """'w8a8' -> {'w': 8, 'a': 8}; dicts pass through to the Bits model."""
+    """'w8a8' -> {'w': 8, 'a': 8}; {mixed: {...}} -> a MixedBits; other dicts pass through to the Bits model."""
+    # Validated here, into one model or the other, so that an error names the keys of the kind written.
+    if isinstance(value, dict) and "mixed" in value:
+        return MixedBits.model_validate(value)
     if isinstance(value, str):
         match = _BITS.match(value.strip().lower())
         if not match:
             raise ValueError(f"bad bits {value!r}; write 'w8a8', 'w6a6', 'w4a4' (weights, activations) "
                              "or {w: 8, a: 8}")
-        return {"w": int(match.group(1)), "a": int(match.group(2))}
+        return Bits.model_validate({"w": int(match.group(1)), "a": int(match.group(2))})
     if isinstance(value, dict):
+        return Bits.model_validate(value)
+    if isinstance(value, Bits | MixedBits):
         return value
     raise ValueError(f"bad bits {value!r}; write 'w8a8', 'w6a6', 'w4a4' or {{w: 8, a: 8}}")
 
@@ -119,7 +126,64 @@ class Bits(_Strict):
         return f"w{self.w}a{self.a}"
 
 
-BitsItem = Annotated[Bits, BeforeValidator(_bits)]
+    @property
+    def is_mixed(self) -> bool:
+        return False
+
+
+class MixedSpec(_Strict):
+    """Per-layer weight widths: the parameter-weighted mean at most `budget_bits`, each one of `widths`."""
+
+    budget_bits: float
+    widths: tuple[int, ...] = WEIGHT_WIDTHS
+
+    @field_validator("widths", mode="before")
+    @classmethod
+    def _widths(cls, v: Any) -> tuple[int, ...]:
+        if not isinstance(v, list | tuple):
+            raise ValueError(f"widths must be a list of bit widths, e.g. {list(WEIGHT_WIDTHS)} (got {v!r})")
+        return check_widths(v)
+
+    @model_validator(mode="after")
+    def _budget(self) -> MixedSpec:
+        check_budget(self.budget_bits, self.widths)
+        return self
+
+
+class MixedBits(_Strict):
+    """A bits item `{mixed: {budget_bits: 4.0}}`: weight widths per layer, activations on `a` bits (8 by default)."""
+
+    mixed: MixedSpec
+    a: int = 8
+
+    @field_validator("a", mode="before")
+    @classmethod
+    def _in_range(cls, v: Any) -> int:
+        return Bits._in_range(v)
+
+    @property
+    def w(self) -> int:
+        """The widest weight width (what the search that decides the activation ranges runs at)."""
+        return max(self.mixed.widths)
+
+    @property
+    def budget_bits(self) -> float:
+        return self.mixed.budget_bits
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return self.mixed.widths
+
+    @property
+    def label(self) -> str:
+        return f"mixed{self.mixed.budget_bits:g}a{self.a}"
+
+    @property
+    def is_mixed(self) -> bool:
+        return True
+
+
+BitsItem = Annotated[Bits | MixedBits, BeforeValidator(_bits)]
 
 
 class CalibrationSpec(_Strict):
@@ -202,10 +266,20 @@ class MseOptions(_Strict):
     mse_grid: int = Field(default=DEFAULT_MSE_GRID, ge=1)
 
 
+class MixedTrainingOptions(_Strict):
+    """mixed_one_stage / mixed_two_stage: the training split (corpus-train) and the optimiser steps per stage."""
+
+    train_size: int = Field(default=200, ge=1, le=6000)
+    steps: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=4, ge=1)  # Whisper teacher-forced batches; CTC trains one utterance per step
+    seed: int = 0
+
+
 class MethodOptions(_Strict):
     stablequant: StableQuantOptions = StableQuantOptions()
     percentile: PercentileOptions = PercentileOptions()
     mse: MseOptions = MseOptions()
+    mixed_training: MixedTrainingOptions = MixedTrainingOptions()
 
 
 class Recipe(_Strict):
@@ -257,9 +331,14 @@ class Recipe(_Strict):
             raise ValueError(f"methods lists {dup} more than once")
         return v
 
+    @field_validator("bits", mode="before")
+    @classmethod
+    def _bits_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str | dict) else v  # `bits: w8a8` or `bits: {mixed: ...}` alone
+
     @field_validator("bits")
     @classmethod
-    def _bits_unique(cls, v: tuple[Bits, ...]) -> tuple[Bits, ...]:
+    def _bits_unique(cls, v: tuple[Bits | MixedBits, ...]) -> tuple[Bits | MixedBits, ...]:
         if not v:
             raise ValueError("bits is empty; give at least one of w8a8, w6a6, w4a4")
         labels = [b.label for b in v]
@@ -268,6 +347,14 @@ class Recipe(_Strict):
             raise ValueError(f"bits lists {dup} more than once")
         return v
 
+    @model_validator(mode="after")
+    def _mixed_methods_have_mixed_bits(self) -> Recipe:
+        learned = [m for m in self.methods if m in MIXED_ONLY_METHODS]
+        if learned and not any(b.is_mixed for b in self.bits):
+            raise ValueError(f"methods {learned} learn per-layer weight widths, but bits has no mixed item. Fix: add "
+                             "one, e.g. bits: [w8a8, {mixed: {budget_bits: 4.0}}]")
+        return self
+
     @property
     def quantized_methods(self) -> list[str]:
         return [m for m in self.methods if m != "fp"]
@@ -275,7 +362,8 @@ class Recipe(_Strict):
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-able dict; `Recipe.model_validate(r.to_dict()) == r`."""
         data = self.model_dump(mode="json")
-        data["bits"] = [b.label for b in self.bits]
+        data["bits"] = [{"mixed": {"budget_bits": b.budget_bits, "widths": list(b.widths)}, "a": b.a}
+                        if b.is_mixed else b.label for b in self.bits]
         return data
 
     def to_yaml(self) -> str:

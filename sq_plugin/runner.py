@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sq_plugin.methods import METHODS, QuantizeJob, family_statistics
+from sq_plugin.methods import METHODS, MIXED_ONLY_METHODS, QuantizeJob, family_statistics
 from sq_plugin.recipe import Recipe, RecipeError
 
 ROW_KEYS: tuple[str, ...] = ("model", "method", "w_bits", "a_bits", "simulated", "backend", "int8_kernels", "wer",
@@ -59,6 +59,7 @@ class RunResult:
     examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # model -> example transcripts
     skipped: list[dict[str, Any]] = field(default_factory=list)  # {model, method, bits, reason}
     plans: dict[str, Any] = field(default_factory=dict)  # "<model> <method> <bits>" -> its QuantPlan
+    sensitivities: dict[str, Any] = field(default_factory=dict)  # model -> SensitivityResult.to_dict() (mixed bits)
     statistics_seconds: dict[str, float] = field(default_factory=dict)  # model -> the one statistics pass
     peak_rss_mb: float = 0.0
     seconds: float = 0.0
@@ -96,15 +97,16 @@ def check_runnable(recipe: Recipe) -> None:
     source = f"{recipe.name or 'recipe'}.yaml"
     errors = []
     metric = recipe.method_options.stablequant.metric
+    searches = "stablequant" in recipe.methods or any(m in recipe.methods for m in MIXED_ONLY_METHODS)
     for model in recipe.models:
         family = _family(model)
         bad = [m for m in recipe.methods if family not in METHODS[m].families]
         if bad:
             errors.append(_family_error(model, family, bad))
-        if family == "whisper" and "stablequant" in recipe.methods and metric == "ctc_loss":
+        if family == "whisper" and searches and metric == "ctc_loss":
             errors.append(f"method_options.stablequant.metric: 'ctc_loss' needs a CTC model; {model!r} is "
                           "Whisper: use tf_loss, tf_token_error, wer or cer")
-        elif family == "ctc" and "stablequant" in recipe.methods and metric in TEACHER_FORCED_METRICS:
+        elif family == "ctc" and searches and metric in TEACHER_FORCED_METRICS:
             errors.append(f"method_options.stablequant.metric: {metric!r} is a Whisper proxy; model {model!r} "
                           "is a CTC model: use wer, cer or ctc_loss")
     for i, method in enumerate(recipe.methods):
@@ -192,9 +194,33 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, log: Callable[[str], No
     return run
 
 
-def _unsupported(method: str, w_bits: int, a_bits: int, recipe: Recipe) -> str | None:
-    """Why a method cannot run at these bits, on this grid and CPU (None: it can)."""
-    return METHODS[method].refusal(w_bits=w_bits, a_bits=a_bits, int8_grid=_int8_grid(recipe))
+def _unsupported(method: str, bits: Any, recipe: Recipe) -> str | None:
+    """Why a method cannot run at these bits (uniform or a mixed item), on this grid and CPU (None: it can)."""
+    return METHODS[method].refusal(w_bits=bits.w, a_bits=bits.a, int8_grid=_int8_grid(recipe), mixed=bits.is_mixed)
+
+
+def _packed_size(quantized: Any, bundle: Any) -> dict[str, Any]:
+    """A mixed-precision row's size: its packed checkpoint (`backends.packed`, written to a temporary directory and
+    measured on disk) against the float32 state_dict, and how it executes."""
+    import tempfile
+
+    from sq_plugin.backends.packed import fp32_nbytes, save_packed
+    from sq_plugin.core.mixed import mean_bits
+    from sq_plugin.families.mixed import folded_model
+
+    model = folded_model(bundle)
+    plan = quantized.plan
+    with tempfile.TemporaryDirectory() as tmp:
+        info = save_packed(Path(tmp) / "packed", model, plan, quantized.stored_weights)
+    fp32 = fp32_nbytes(model)
+    modules = dict(model.named_modules())
+    bits = {n: plan.layers[n].weight.bits for n in plan.quantized}
+    avg = mean_bits(bits, {n: modules[n].weight.numel() for n in bits})
+    return {"avg_bits": round(avg, 3), "bytes": info.bytes, "fp32_bytes": fp32,
+            "compression_ratio": round(fp32 / info.bytes, 3),
+            "executed": "simulated" if quantized.simulated else (
+                "int8-kernels" if min(bits.values()) >= 7 else "storage-only"),
+            "weight_bits": bits}
 
 
 def _search(bundle: Any, calibration: Sequence[Any], recipe: Recipe, w_bits: int, a_bits: int, progress: bool) -> Any:
@@ -271,10 +297,60 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
                          "backend": "eager float32", "int8_kernels": 0, "wer": fp_wer, "cer": fp_cer,
                          "fp_wer": fp_wer, "fp_cer": fp_cer, "calib_seconds": None, "search_seconds": None,
                          "n_eval": fp.n, "lower_seconds": None, "eval_seconds": fp.seconds})
+        if any(b.is_mixed for b in recipe.bits):  # the size the mixed rows are compared with
+            from sq_plugin.backends.packed import fp32_nbytes
+            from sq_plugin.families.mixed import folded_model
+
+            run.rows[-1].update({"bytes": fp32_nbytes(folded_model(bundle)), "avg_bits": 32.0,
+                                 "compression_ratio": 1.0, "wer_ci95": [0.0, 0.0], "executed": "float32"})
     lower = False if recipe.backend == "simulate" else None  # None: real INT8 for W8A8, simulated below
     provenance = {"model": model, "calibration": f"{recipe.calibration.dataset}[:{len(calibration)}]",
                   "calibration_sha256": _utterance_hash(calibration), "x86_isa": _isa_record(recipe)}
     histograms: dict[str, Any] = {}
+    searched: dict[tuple[int, int], Any] = {}  # (w_bits, a_bits) -> (search, plan): one search per model and bits
+    cached: dict[str, Any] = {}  # the sensitivity and the training split, once per model
+
+    def run_search(w_bits: int, a_bits: int, label: str) -> tuple[Any, Any, float | None]:
+        """The search at these bits (run once per model: a mixed item reuses a w8a8 item's), its plan, and its
+        wall seconds when it ran here (None: reused)."""
+        if (w_bits, a_bits) in searched:
+            search, plan = searched[(w_bits, a_bits)]
+            return search, plan, None
+        key = f"w{w_bits}a{a_bits}"
+        say(f"{model} {label}: searching ({len(calibration)} calibration utterances, metric "
+            f"{recipe.method_options.stablequant.metric}, {key})")
+        t0 = time.perf_counter()
+        search = _search(bundle, calibration, recipe, w_bits, a_bits, progress)
+        seconds = time.perf_counter() - t0
+        run.searches[f"{model} {key}"] = {**search.to_dict(), "model": model, "bits": key, "wall_seconds": seconds}
+        plan = search.to_plan({**provenance, "metric": recipe.method_options.stablequant.metric})
+        if not histograms:
+            histograms.update(search.histograms)
+            run.statistics_seconds[model] = search.seconds.get("statistics", 0.0)
+        say(f"{model} {label}: search {seconds:.0f} s, {search.evaluations} evaluations, flagged "
+            f"{search.flagged or 'none'}")
+        searched[(w_bits, a_bits)] = (search, plan)
+        return search, plan, seconds
+
+    def sensitivity(plan: Any) -> Any:
+        """The sensitivity of the plan's quantized layers (the W8A8 search's plan: the same for every mixed item)."""
+        if "sensitivity" not in cached:
+            from sq_plugin.families.mixed import family_sensitivity
+
+            say(f"{model}: sensitivity of {len(plan.quantized)} layers at each weight width (dev metric)")
+            cached["sensitivity"] = sens = family_sensitivity(bundle, calibration, layers=plan.quantized,
+                                                              progress=progress)
+            run.sensitivities[model] = sens.to_dict()
+            say(f"{model}: sensitivity: {sens.evaluations} evaluations in {sens.seconds:.0f} s")
+        return cached["sensitivity"]
+
+    def train() -> Any:
+        if "train" not in cached:
+            from sq_plugin.speech.corpus import load_split
+
+            cached["train"] = load_split("train", limit=recipe.method_options.mixed_training.train_size,
+                                         progress=progress)
+        return cached["train"]
 
     def statistics() -> dict[str, Any]:
         """Every layer's input histogram, computed once per model (or taken from the search)."""
@@ -291,30 +367,22 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
         rows: dict[str, dict[str, Any]] = {}
         for method in order:
             label = f"{method} {bits.label}"
-            reason = _unsupported(method, bits.w, bits.a, recipe)
+            reason = _unsupported(method, bits, recipe)
             if reason is not None:
                 run.skipped.append({"model": model, "method": method, "bits": bits.label, "reason": reason})
                 say(f"{model} {label}: skipped: {reason}")
                 continue
             search_seconds = None
             searched_plan = None
-            if method == "stablequant":
-                say(f"{model} {label}: searching ({len(calibration)} calibration utterances, metric "
-                    f"{recipe.method_options.stablequant.metric})")
-                t0 = time.perf_counter()
-                search = _search(bundle, calibration, recipe, bits.w, bits.a, progress)
-                search_seconds = time.perf_counter() - t0
-                run.searches[f"{model} {bits.label}"] = {**search.to_dict(), "model": model, "bits": bits.label,
-                                                         "wall_seconds": search_seconds}
-                searched_plan = search.to_plan({**provenance, "metric": recipe.method_options.stablequant.metric})
-                if not histograms:
-                    histograms.update(search.histograms)
-                    run.statistics_seconds[model] = search.seconds.get("statistics", 0.0)
-                say(f"{model} {label}: search {search_seconds:.0f} s, {search.evaluations} evaluations, flagged "
-                    f"{search.flagged or 'none'}")
+            if method == "stablequant" or bits.is_mixed:
+                # mixed precision keeps the ranges of the W8A8 search (8-bit activations): one search serves all
+                _, searched_plan, search_seconds = run_search(8 if bits.is_mixed else bits.w, bits.a, label)
             job = QuantizeJob(w_bits=bits.w, a_bits=bits.a, lower=lower, int8_grid=_int8_grid(recipe),
                               options=recipe.method_options, statistics=statistics, plan=searched_plan,
-                              provenance=provenance)
+                              provenance=provenance, mixed=bits if bits.is_mixed else None,
+                              sensitivity=lambda plan=searched_plan: sensitivity(plan), train=train)
+            if bits.is_mixed:
+                say(f"{model} {label}: budget {bits.budget_bits:g} bits per weight over widths {list(bits.widths)}")
             quantized = METHODS[method].build(bundle, calibration, job)
             if quantized.plan is not None:
                 run.plans[f"{model} {method} {bits.label}"] = quantized.plan
@@ -322,6 +390,7 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
             wer_q = _finite(result.wer, f"{model} {label} WER")
             cer_q = _finite(result.cer, f"{model} {label} CER")
             delta = _delta_ci(references, fp_errors, words, result, f"{model} {label}")
+            size = _packed_size(quantized, bundle) if bits.is_mixed else {}
             rows[method] = {"model": model, "method": method, "w_bits": bits.w, "a_bits": bits.a,
                             "simulated": quantized.simulated, "backend": quantized.backend,
                             "int8_kernels": quantized.int8_kernels, "wer": wer_q, "cer": cer_q, "fp_wer": fp_wer,
@@ -333,6 +402,13 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
                             "wer_delta_p": delta.p_value,
                             "plan": f"plan_{_slug(f'{model} {method} {bits.label}')}.json"
                             if quantized.plan is not None else None}
+            if bits.is_mixed:
+                lossless = not delta.low > 0  # no significant WER increase (the interval does not lie above 0)
+                rows[method].update({"bits": bits.label, "budget_bits": bits.budget_bits, "lossless": lossless,
+                                     **size})
+                say(f"{model} {label}: mean {size['avg_bits']:.2f} weight bits, {size['bytes'] / 1e6:.2f} MB packed "
+                    f"({size['compression_ratio']:.2f}x smaller than float32; {size['executed']}); "
+                    f"{'lossless' if lossless else 'not lossless'} at p < 0.05")
             hypotheses[label] = {u.id: u.hypothesis for u in result.utterances}
             say(f"{model} {label}: WER {wer_q:.4f} ({(wer_q - fp_wer) * 100:+.2f} pp, 95% "
                 f"[{delta.low * 100:+.2f}, {delta.high * 100:+.2f}]) CER {cer_q:.4f}; "
@@ -386,6 +462,7 @@ def write_outputs(run: RunResult) -> Path:
             "recipe": recipe.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fp": run.fp,
             "rows": run.rows, "searches": run.searches, "examples": run.examples, "skipped": run.skipped,
             "peak_rss_mb": run.peak_rss_mb, "statistics_seconds": run.statistics_seconds,
+            "sensitivities": run.sensitivities,
             "seconds": run.seconds, "versions": _versions(), "x86_isa": _isa_record(recipe),
         }
         # allow_nan=False: the rows were checked finite; anything else here is a bug, not a report.
@@ -442,7 +519,9 @@ def _slug(text: str) -> str:
 
 
 def _bits_label(row: dict[str, Any]) -> str:
-    return "fp32" if row["method"] == "fp" else f"w{row['w_bits']}a{row['a_bits']}"
+    if row["method"] == "fp":
+        return "fp32"
+    return row.get("bits") or f"w{row['w_bits']}a{row['a_bits']}"
 
 
 def _plot(run: RunResult, out: Path) -> list[str]:
@@ -488,7 +567,53 @@ def _plot(run: RunResult, out: Path) -> list[str]:
         ax.set_title(f"{model}: ΔWER per method (blue: INT8 kernels, orange: simulated; n = {rows[0]['n_eval']})")
         ax.legend()
         files.append(_save_figure(plt, fig, out, f"wer_by_method_{_slug(model)}.png"))
+    return files + _plot_mixed(run, out)
+
+
+def _plot_mixed(run: RunResult, out: Path) -> list[str]:
+    """Per model with mixed-precision rows: each layer's weight width per row, and WER against size."""
+    from sq_plugin.mixed_report import bits_chart, pareto_chart
+
+    files = []
+    for model in run.fp:
+        rows = [r for r in run.rows if r["model"] == model and r.get("weight_bits")]
+        if not rows:
+            continue
+        params = run.sensitivities.get(model, {}).get("params")
+        if params:
+            name = f"mixed_bits_{_slug(model)}.png"
+            bits_chart(out / name, {f"{r['method']} {r['bits']}": r["weight_bits"] for r in rows}, params,
+                       title=f"{model}: weight bits per layer")
+            files.append(name)
+        sized = [r for r in run.rows if r["model"] == model and r.get("bytes") and r.get("wer_ci95")]
+        name = f"mixed_pareto_{_slug(model)}.png"
+        pareto_chart(out / name, sized, title=f"{model}: WER against size")
+        files.append(name)
     return files
+
+
+def _mixed_md(run: RunResult) -> list[str]:
+    rows = [r for r in run.rows if r.get("weight_bits")]
+    if not rows:
+        return []
+    lines = ["## Mixed precision", "",
+             "Weight widths per layer under the budget (mean weight bits, weighted by parameters); activations "
+             "keep the W8A8 search's ranges. Size: the packed checkpoint (`sq_plugin.backends.packed`: codes at "
+             "each layer's width, per-channel float32 scales, the float rest) against the float32 state_dict. "
+             "**storage-only**: the packed weights are unpacked at load onto int8 INT8-kernel weights (no low-bit "
+             "kernel runs); **int8-kernels**: every layer at 8 (7) bits. Lossless: the ΔWER interval does not lie "
+             "above 0 (no significant increase at p < 0.05).", "",
+             "| model | method | budget | mean bits | size MB | vs float32 | executed | ΔWER pp [95%] | lossless |",
+             "|---|---|---:|---:|---:|---:|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['method']} | {r['budget_bits']:g} | {r['avg_bits']:.2f} | "
+                     f"{r['bytes'] / 1e6:.2f} | {r['compression_ratio']:.2f}x | {r['executed']} | {_delta_md(r)} | "
+                     f"{'yes' if r['lossless'] else 'no'} |")
+    lines.append("")
+    for model, sens in run.sensitivities.items():
+        lines += [f"Sensitivity ({model}): {sens['evaluations']} evaluations of the dev metric in "
+                  f"{sens['seconds']:.0f} s (float {sens['fp_metric']:.4f}; each layer alone at each width).", ""]
+    return lines
 
 
 def _save_figure(plt: Any, fig: Any, out: Path, name: str) -> str:
@@ -575,8 +700,9 @@ def _report_md(run: RunResult, plots: Sequence[str]) -> str:
                 listed = "; ".join(f"`{name}`: {why}" for name, why in row["plan_deviations"].items())
                 lines += [f"- {row['model']} {row['method']} {_bits_label(row)}: the backend ran "
                           f"{len(row['plan_deviations'])} layer(s) otherwise: {listed}", ""]
+    lines += _mixed_md(run)
     if run.skipped:
-        lines += ["Not run (the framework cannot express these bits):", ""]
+        lines += ["Not run (the method cannot express these bits):", ""]
         lines += [f"- {s['model']} {s['method']} {s['bits']}: {s['reason']}" for s in run.skipped]
         lines.append("")
 

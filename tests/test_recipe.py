@@ -61,6 +61,33 @@ def test_bad_bits(tmp_path, bits, expected):
     assert expected in error_of(tmp_path, MINIMAL + f"bits: {bits}\n")
 
 
+def test_a_mixed_bits_item_parses_round_trips_and_labels_itself(tmp_path):
+    recipe = load_recipe(write(tmp_path, MINIMAL.replace("max]", "max, mixed_one_stage]")
+                               + "bits: [w8a8, {mixed: {budget_bits: 4.5, widths: [8, 4, 2]}}]\n"))
+    mixed = recipe.bits[1]
+    assert mixed.is_mixed and not recipe.bits[0].is_mixed
+    assert (mixed.budget_bits, mixed.widths, mixed.a, mixed.w, mixed.label) == (4.5, (2, 4, 8), 8, 8, "mixed4.5a8")
+    assert type(recipe).model_validate(recipe.to_dict()) == recipe
+    alone = load_recipe(write(tmp_path, MINIMAL + "bits: {mixed: {budget_bits: 3}}\n"))
+    assert [b.label for b in alone.bits] == ["mixed3a8"]
+
+
+@pytest.mark.parametrize("bits, expected", [
+    ("{mixed: {budget_bits: 1.5}}", "bits[0].mixed: budget_bits 1.5 is below the smallest candidate width (2 bits)"),
+    ("{mixed: {budget_bits: 2.5, widths: [3, 4]}}", "below the smallest candidate width (3 bits)"),
+    ("{mixed: {budget_bits: 4, widths: [4, 7]}}", "bits[0].mixed.widths: unknown weight width(s) [7]"),
+    ("{mixed: {budget: 4}}", "bits[0].mixed.budget_bits: required key is missing"),
+    ("{mixed: {budget_bits: 4}, a: 9}", "bits[0].a: bit width must be an integer from 2 to 8 (got 9)"),
+])
+def test_bad_mixed_bits(tmp_path, bits, expected):
+    assert expected in error_of(tmp_path, MINIMAL + f"bits: {bits}\n")
+
+
+def test_a_mixed_only_method_needs_a_mixed_bits_item(tmp_path):
+    message = error_of(tmp_path, MINIMAL.replace("max]", "mixed_two_stage]") + "bits: [w8a8]\n")
+    assert "methods ['mixed_two_stage'] learn per-layer weight widths, but bits has no mixed item" in message
+
+
 def test_bits_as_mappings(tmp_path):
     recipe = load_recipe(write(tmp_path, MINIMAL + "bits: [{w: 8, a: 8}, w6a6, {w: 4, a: 8}]\n"))
     assert [b.label for b in recipe.bits] == ["w8a8", "w6a6", "w4a8"]
