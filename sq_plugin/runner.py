@@ -404,8 +404,8 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
                             if quantized.plan is not None else None}
             if bits.is_mixed:
                 lossless = not delta.low > 0  # no significant WER increase (the interval does not lie above 0)
-                rows[method].update({"bits": bits.label, "budget_bits": bits.budget_bits, "lossless": lossless,
-                                     **size})
+                rows[method].update({"w_bits": "mixed", "bits": bits.label, "budget_bits": bits.budget_bits,
+                                     "lossless": lossless, **size})
                 say(f"{model} {label}: mean {size['avg_bits']:.2f} weight bits, {size['bytes'] / 1e6:.2f} MB packed "
                     f"({size['compression_ratio']:.2f}x smaller than float32; {size['executed']}); "
                     f"{'lossless' if lossless else 'not lossless'} at p < 0.05")

@@ -272,3 +272,46 @@ def test_generate_is_transcribe_per_row_so_evaluate_runs_the_int8_graphs(bundle,
     utts = [Utt(f"u{i}", (0.1 * gen.standard_normal(16000)).astype(np.float32), "hello") for i in range(2)]
     result = evaluate(dataclasses.replace(bundle, model=int8), utts, batch_size=2, progress=False)
     assert result.n == 2 and np.isfinite(result.wer)
+
+
+def test_mixed_widths_reach_both_graphs_and_the_tied_embedding_with_the_stored_codes(bundle, features):
+    """A mixed-precision plan ("stored" weights at 2-8 bits) on Whisper's INT8 graphs: every layer's INT8 weight
+    is its stored codes, and the token embedding reads proj_out's stored table (stored once, at proj_out's width)."""
+    from sq_plugin.backends.artifact import _get_attr, layer_qparams
+    from sq_plugin.backends.simulate import quantizable_layers
+    from sq_plugin.core.plan import LayerPlan, QuantPlan, x86_grids
+    from sq_plugin.families.whisper import quantize_whisper_x86
+    from sq_plugin.families.whisper_int8 import graph_layer_names
+    from sq_plugin.search.mixed_precision import mixed_plan, stored_weights
+
+    whisper = bundle.model
+    names = list(quantizable_layers(whisper))
+    weight, act = x86_grids(8, 8) if x86_policy().int32_accumulation else x86_grids(7, 8)
+    base = QuantPlan({n: LayerPlan("conv1d" if "conv" in n else "linear", act, (-4.0, 4.0), weight) for n in names},
+                     {"model": bundle.name})
+    widths = (2, 3, 4, 5, 6, 8)
+    plan = mixed_plan(base, {n: widths[i % len(widths)] for i, n in enumerate(names)})
+    weights = stored_weights(whisper, plan)
+
+    class Utt:
+        audio = (0.1 * np.random.default_rng(1).standard_normal(16000)).astype(np.float32)
+
+    quantized = quantize_whisper_x86(bundle, [Utt()], plan, weights=weights)
+    assert "mixed 2/3/4/5/6/" in quantized.backend and quantized.int8_kernels == 29
+    converted = quantized.bundle.model.converted
+    graph_names = graph_layer_names(whisper)
+    seen = set()
+    for graph, module_names in graph_names.items():
+        entries = layer_qparams(converted[graph])
+        for hf_name, graph_name in module_names.items():
+            if graph_name not in entries:  # a module the graph holds but does not run (e.g. the encoder graph's
+                continue                   # copy of a decoder self-attention; only cross k/v run there)
+            entry = entries[graph_name]["weight"]
+            assert torch.equal(_get_attr(converted[graph], entry["int8"]), weights[hf_name].codes), hf_name
+            seen.add(hf_name)
+    assert seen == set(names)
+    step = converted["decoder_step"]
+    lookup = next(n for n in step.graph.nodes if n.target == torch.ops.aten.embedding.default)
+    assert torch.equal(_get_attr(step, lookup.args[0].target), weights["proj_out"].codes)
+    assert torch.equal(bundle.model.proj_out.weight, whisper.model.decoder.embed_tokens.weight)  # caller untouched
+    assert not torch.equal(bundle.model.proj_out.weight, weights["proj_out"].dequantize())
