@@ -300,6 +300,14 @@ def quantize_cuda_from_plan(model: torch.nn.Module, plan: Any, *, pad: bool = Tr
     )
 
     plan.check_layers([n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv1d)])
+    stored = [n for n in plan.quantized if plan.layers[n].weight_rule == "stored"]
+    if stored:
+        from sq_plugin.core.plan import PlanError
+
+        raise PlanError(f"layers.{stored[0]} (and {len(stored) - 1} more): weight_rule 'stored' (a mixed-precision "
+                        "plan's codes and scales); torchao's static INT8 here re-quantizes every weight to 8 bits per "
+                        "row and cannot take stored codes. Fix: run it on the x86 backend "
+                        "(sq_plugin.families.mixed.quantize_mixed) or the simulation")
     ranges = {n: ActRange(*plan.layers[n].act_range, ndim=ndim) for n in plan.quantized
               if plan.layers[n].op == "linear"}
     paths = plan_layers(model, ranges, pad=pad)

@@ -124,3 +124,8 @@ def test_a_backend_says_which_plan_layers_it_cannot_run(setup):
     with pytest.raises(PlanError, match="1 layer\\(s\\) of this model are not in the plan"):
         quantize_cuda_from_plan(copy.deepcopy(model), QuantPlan({"fc1": plan.layers["fc1"],
                                                                   "fc2": plan.layers["fc2"]}))
+    # a mixed-precision plan's stored codes cannot be taken by torchao's static INT8: refused, not re-derived
+    from sq_plugin.search.mixed_precision import mixed_plan
+
+    with pytest.raises(PlanError, match="weight_rule 'stored'.*cannot take stored codes"):
+        quantize_cuda_from_plan(copy.deepcopy(model), mixed_plan(plan, {"fc1": 4, "fc2": 8, "fc3": 2}))
