@@ -66,10 +66,36 @@ def family_sensitivity(bundle: SpeechModel, dev: Sequence[Any], *, widths: Seque
     return measure_sensitivity(work.model, score, layers=layers, replay_blocks=replay, progress=progress, **kwargs)
 
 
+def weight_only(plan: QuantPlan) -> QuantPlan:
+    """The plan with its activations left float: what the int4 kernel (bf16 activations) executes."""
+    layers = {n: layer if layer.is_float else dataclasses.replace(layer, activation=None, act_range=None)
+              for n, layer in plan.layers.items()}
+    return QuantPlan(layers, {**plan.provenance, "activations": "float (bf16 on the int4 kernel)"})
+
+
+def quantize_int4_kernel(bundle: SpeechModel, plan: QuantPlan, weights: Mapping[str, StoredWeight]
+                         ) -> QuantizedModel:
+    """Weight-only execution: every 4-bit Linear of the stored weights on torch's x86 int4 kernel
+    (`backends.int4_cpu`, bf16 activations), every other stored layer dequantized to float32 (listed)."""
+    import time
+
+    from sq_plugin.backends.int4_cpu import apply_int4_kernel
+    from sq_plugin.backends.weights import install_stored_weights
+
+    start = time.perf_counter()
+    model = install_stored_weights(folded_model(bundle), weights)  # a tied embedding reads the stored table
+    report = apply_int4_kernel(model, weights)
+    quantized = QuantizedModel(dataclasses.replace(bundle, model=model.eval()), report.backend, False,
+                               {"int4_linear": len(report.int4_layers), "dequantized": len(report.other_layers)},
+                               0, time.perf_counter() - start, 0.0, plan=weight_only(plan))
+    quantized.stored_weights = dict(weights)
+    return quantized
+
+
 def quantize_mixed(bundle: SpeechModel, calibration: Sequence[Any], plan: QuantPlan,
                    weights: Mapping[str, StoredWeight], *, simulate: bool = False) -> QuantizedModel:
     """A mixed-precision plan and its stored weights on oneDNN INT8 kernels (or, `simulate=True`, Whisper's
-    fake-quant simulation, labelled so)."""
+    fake-quant simulation, labelled so). For the int4 kernel (weight-only) see `quantize_int4_kernel`."""
     if bundle.kind == "ctc":
         quantized = quantize_ctc_pt2e(bundle, calibration, plan=plan, weights=weights,
                                       **({"lower": False} if simulate else {}))
@@ -124,5 +150,5 @@ def train_mixed(bundle: SpeechModel, train: Sequence[Any], plan: QuantPlan, conf
                             progress=progress)
 
 
-__all__ = ["DEFAULT_METRIC", "family_sensitivity", "folded_model", "quantize_mixed", "train_mixed",
-           "training_batches"]
+__all__ = ["DEFAULT_METRIC", "family_sensitivity", "folded_model", "quantize_int4_kernel", "quantize_mixed",
+           "train_mixed", "training_batches", "weight_only"]

@@ -122,3 +122,21 @@ def test_sensitivity_and_training_on_the_real_model(w2v, dev, base):
     assert set(result.weights) == set(base.quantized)
     total = sum(w.codes.numel() for w in result.weights.values())
     assert sum(result.bits[n] * result.weights[n].codes.numel() for n in result.bits) / total <= 4.0
+
+
+def test_four_bit_linears_run_on_the_int4_kernel_with_the_stored_codes(w2v, dev, base):
+    from sq_plugin.backends.weights import install_stored_weights
+    from sq_plugin.families.mixed import quantize_int4_kernel
+
+    plan = mixed_plan(base, dict.fromkeys(base.quantized, 4))
+    weights = stored_weights(folded_model(w2v), plan)
+    quantized = quantize_int4_kernel(w2v, plan, weights)
+    linears = [n for n in plan.quantized if plan.layers[n].op == "linear"]
+    assert quantized.op_counts == {"int4_linear": len(linears), "dequantized": len(plan.quantized) - len(linears)}
+    assert "int4 kernel" in quantized.backend and "bf16 activations" in quantized.backend
+    assert all(quantized.plan.layers[n].activation is None for n in plan.quantized)  # weight-only, said so
+    reference = install_stored_weights(folded_model(w2v), weights)
+    x = ctc_inputs(w2v, dev[0].audio)
+    with torch.no_grad():
+        got, want = quantized.bundle.model(*x).logits, reference(*x).logits
+    assert float((got - want).abs().max()) < 0.05 * float(want.abs().max())  # bf16 activations only
