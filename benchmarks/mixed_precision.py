@@ -251,7 +251,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=",".join(SETTINGS), help="comma-separated, from: " + ", ".join(SETTINGS))
-    parser.add_argument("--budgets", type=float, nargs="+", default=[3.0, 3.5, 4.0, 4.5, 5.0, 6.0])
+    parser.add_argument("--budgets", type=float, nargs="*", default=[3.0, 3.5, 4.0, 4.5, 5.0, 6.0])
     parser.add_argument("--uniform", type=int, nargs="*", default=[6, 5, 4, 3, 2])
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps per stage (default: per model; 0: no training rows)")

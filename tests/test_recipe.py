@@ -146,7 +146,7 @@ def test_shipped_recipes_validate_and_can_run_here(path):
 def test_shipped_recipes_are_the_expected_ones():
     assert {p.name for p in RECIPES} >= {"wav2vec2-ref-w8a8.yaml", "offline-full-comparison.yaml",
                                          "hubert-large-ls960-w8a8.yaml", "wav2vec2-base-960h-w8a8.yaml",
-                                         "whisper-tiny-en-w8a8.yaml"}
+                                         "whisper-tiny-en-w8a8.yaml", "wav2vec2-ref-mixed.yaml"}
 
 
 def test_corpus_sizes_match_the_corpus_config():
