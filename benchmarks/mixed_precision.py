@@ -149,6 +149,11 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]]
 
     if args.int4_only:
         return int4_rows(name, bundle, base, folded, params, fp, base_row, search_seconds, args), extras
+    steps = cfg["steps"] if args.steps is None else args.steps
+    if args.train_budget is not None:  # only training rows, at this budget (e.g. one-stage at the two-stage's steps)
+        train_rows(name, bundle, train, base, add, args.train_budget, steps, cfg["batch"], search_seconds,
+                   args.train_methods, suffix=f"-{steps}steps")
+        return rows, extras
     plan8 = mixed_plan(base, dict.fromkeys(layers, 8), method="stablequant-w8")
     add("stablequant-w8", plan8, stored_weights(folded, plan8, rule="max"), search_seconds)
     for width in args.uniform:
@@ -174,21 +179,25 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]]
             lossless_budgets.append(budget)
     target = min(lossless_budgets) if lossless_budgets else min(args.budgets)
     extras["training_budget"] = target
-    steps = cfg["steps"] if args.steps is None else args.steps
     if steps:
-        train_config = MixedTrainConfig(budget_bits=target, steps=steps)
-        for method in ("two-stage", "one-stage"):
-            say(f"{name}: mixed-{method} at {target:g} bits, {steps} steps on {len(train)} train utterances")
-            result = train_mixed(bundle, train, base, train_config, method=method, batch_size=cfg["batch"],
-                                 progress=False)
-            plan = mixed_plan(base, result.bits, method=f"mixed-{method}")
-            add(f"mixed-{method}@{target:g}", plan, result.weights, search_seconds + result.seconds,
-                {"budget_bits": target, "train_seconds": round(result.seconds, 1),
-                 "stage_seconds": {k: round(v, 1) for k, v in result.stage_seconds.items()},
-                 "train_steps": steps, "train_utterances": len(train), "final_kl": result.history[-1]["kl"]})
+        train_rows(name, bundle, train, base, add, target, steps, cfg["batch"], search_seconds, args.train_methods)
     extras["search_seconds"] = round(search_seconds, 1)
     extras["flagged"] = search.flagged
     return rows, extras
+
+
+def train_rows(name: str, bundle: Any, train: list, base: Any, add: Any, budget: float, steps: int, batch: int,
+               search_seconds: float, methods: list[str], suffix: str = "") -> None:
+    """The seed paper's one-stage method and the two-stage baseline at `budget`, `steps` per stage."""
+    config = MixedTrainConfig(budget_bits=budget, steps=steps)
+    for method in methods:
+        say(f"{name}: mixed-{method} at {budget:g} bits, {steps} steps on {len(train)} train utterances")
+        result = train_mixed(bundle, train, base, config, method=method, batch_size=batch, progress=False)
+        plan = mixed_plan(base, result.bits, method=f"mixed-{method}")
+        add(f"mixed-{method}@{budget:g}{suffix}", plan, result.weights, search_seconds + result.seconds,
+            {"budget_bits": budget, "train_seconds": round(result.seconds, 1),
+             "stage_seconds": {k: round(v, 1) for k, v in result.stage_seconds.items()},
+             "train_steps": steps, "train_utterances": len(train), "final_kl": result.history[-1]["kl"]})
 
 
 def int4_rows(name: str, bundle: Any, base: Any, folded: Any, params: dict, fp: dict, base_row: dict,
@@ -257,6 +266,10 @@ def main() -> None:
                         help="training steps per stage (default: per model; 0: no training rows)")
     parser.add_argument("--dev", type=int, default=0, help="dev utterances (default: per model)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--train-budget", type=float, default=None,
+                        help="only the training rows, at this budget (labelled with their steps)")
+    parser.add_argument("--train-methods", nargs="+", default=["two-stage", "one-stage"],
+                        choices=["two-stage", "one-stage"])
     parser.add_argument("--int4-only", action="store_true",
                         help="only the weight-only rows on the x86 int4 kernel (merged into the results)")
     parser.add_argument("--test", type=int, default=0, help="test utterances (default: per model)")
@@ -276,8 +289,14 @@ def main() -> None:
         doc["rows"] = merge(doc["rows"], rows)
         entry = {**{k: v for k, v in extras.items() if k != "sensitivity"}, "device": device_name(),
                  "command": command, "torch": torch.__version__, "seconds": round(time.perf_counter() - started, 1)}
-        doc["models"][name] = {**doc["models"].get(name, {}), **(
-            {"int4_command": command, "int4_seconds": entry["seconds"]} if args.int4_only else entry)}
+        if args.int4_only or args.train_budget is not None:  # rows added to a full run: keep its record
+            previous = doc["models"].get(name, {})
+            previous.setdefault("added_runs", []).append({"command": command, "seconds": entry["seconds"],
+                                                          "device": entry["device"]})
+            previous["allocations"] = {**previous.get("allocations", {}), **extras["allocations"]}
+            doc["models"][name] = previous
+        else:
+            doc["models"][name] = entry
         slug = name.replace("/", "__")
         if "sensitivity" in extras:
             atomic_write(OUT / f"{slug}_sensitivity.json", json.dumps(extras["sensitivity"], indent=1))
@@ -285,9 +304,10 @@ def main() -> None:
         atomic_write(MD, f"Device: {device_name()}\n\n" + table(doc["rows"]))
         model_rows = [r for r in doc["rows"] if r["model"] == name]
         pareto_chart(OUT / f"{slug}_pareto.png", model_rows, title=f"{name}: WER against size (W·A8)")
-        allocations = {m: b for m, b in extras["allocations"].items() if m.startswith("mixed-")}
-        if allocations and "sensitivity" in extras:
-            params = extras["sensitivity"]["params"]
+        allocations = {m: b for m, b in doc["models"][name].get("allocations", {}).items() if m.startswith("mixed-")}
+        sens_file = OUT / f"{slug}_sensitivity.json"
+        if allocations and sens_file.exists():
+            params = json.loads(sens_file.read_text())["params"]
             bits_chart(OUT / f"{slug}_bits.png", allocations, params, title=f"{name}: weight bits per layer")
         say(f"{name}: done in {time.perf_counter() - started:.0f} s")
 
