@@ -8,9 +8,10 @@ below shares (8-bit activations); then the weights:
 
 - `stablequant-w8`: every layer 8 bits (per-channel MAX, what StableQuant W8A8 runs);
 - `uniform-w{6,5,4,3,2}`: every layer at that width, per-channel MSE clipping;
-- `mixed-ptq@B`: the widths {2,3,4,5,6,8} allocated by integer linear programming under a mean of B bits, from
-  each layer's measured sensitivity (the dev metric with only that layer quantized: CTC loss per character for
-  CTC models, teacher-forced loss for Whisper); no training;
+- `mixed-ptq@B`: the widths {4,5,6,8} (the library's default for PTQ; `mixed-ptq[2/3/4/5/6/8]@B` with all of
+  them) allocated by integer linear programming under a mean of B bits, from each layer's measured
+  sensitivity (the dev metric with only that layer quantized: CTC loss per character for CTC models,
+  teacher-forced loss for Whisper); no training;
 - `mixed-two-stage@B`, `mixed-one-stage@B`: the seed paper's baseline and method (`sq_plugin.search.mixed_training`),
   trained on the train split, at the smallest budget B where mixed-ptq was lossless (or the lowest budget).
 
@@ -38,12 +39,12 @@ import torch
 from common import RESULTS, atomic_write, device_name
 
 from sq_plugin.backends.packed import fp32_nbytes, save_packed
-from sq_plugin.core.mixed import mean_bits
+from sq_plugin.core.mixed import PTQ_WIDTHS, mean_bits
 from sq_plugin.core.significance import paired_bootstrap
 from sq_plugin.families.mixed import family_sensitivity, folded_model, quantize_mixed, train_mixed
 from sq_plugin.mixed_report import bits_chart, pareto_chart
 from sq_plugin.search import SearchConfig
-from sq_plugin.search.mixed_precision import mixed_plan, stored_weights
+from sq_plugin.search.mixed_precision import SensitivityResult, mixed_plan, stored_weights
 from sq_plugin.search.mixed_training import MixedTrainConfig
 from sq_plugin.speech.corpus import load_split
 from sq_plugin.speech.evaluate import evaluate, word_errors
@@ -155,24 +156,32 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]]
                    args.train_methods, suffix=f"-{steps}steps")
         return rows, extras
     plan8 = mixed_plan(base, dict.fromkeys(layers, 8), method="stablequant-w8")
-    add("stablequant-w8", plan8, stored_weights(folded, plan8, rule="max"), search_seconds)
-    for width in args.uniform:
+    if not args.no_uniform_rows:
+        add("stablequant-w8", plan8, stored_weights(folded, plan8, rule="max"), search_seconds)
+    for width in [] if args.no_uniform_rows else args.uniform:
         start = time.perf_counter()
         plan = mixed_plan(base, dict.fromkeys(layers, width), method=f"uniform-w{width}")
         weights = stored_weights(folded, plan)
         add(f"uniform-w{width}", plan, weights, search_seconds + time.perf_counter() - start)
 
-    say(f"{name}: sensitivity of {len(layers)} layers x 6 widths")
-    sens = family_sensitivity(bundle, dev, layers=layers, progress=False)
+    saved = OUT / f"{name.replace('/', '__')}_sensitivity.json"
+    if args.reuse_sensitivity and saved.exists():  # allocate again (e.g. other widths) on the saved measurement
+        sens = SensitivityResult.from_dict(json.loads(saved.read_text()))
+        say(f"{name}: sensitivity from {saved} ({sens.evaluations} evaluations, {sens.seconds:.0f} s when measured)")
+    else:
+        say(f"{name}: sensitivity of {len(layers)} layers x 6 widths")
+        sens = family_sensitivity(bundle, dev, layers=layers, progress=False)
+        say(f"{name}: sensitivity took {sens.seconds:.0f} s ({sens.evaluations} evaluations)")
     extras["sensitivity"] = sens.to_dict()
-    say(f"{name}: sensitivity took {sens.seconds:.0f} s ({sens.evaluations} evaluations)")
+    widths = tuple(args.widths)
+    label = "mixed-ptq" if widths == PTQ_WIDTHS else f"mixed-ptq[{'/'.join(map(str, widths))}]"
     lossless_budgets = []
     for budget in args.budgets:
         start = time.perf_counter()
-        bits = sens.allocate(budget)
+        bits = sens.allocate(budget, widths=widths)
         plan = mixed_plan(base, bits, method="mixed-ptq")
         weights = stored_weights(folded, plan)
-        row = add(f"mixed-ptq@{budget:g}", plan, weights,
+        row = add(f"{label}@{budget:g}", plan, weights,
                   search_seconds + sens.seconds + time.perf_counter() - start,
                   {"budget_bits": budget, "predicted_metric": sens.predicted(bits)})
         if row["lossless"]:
@@ -211,7 +220,9 @@ def int4_rows(name: str, bundle: Any, base: Any, folded: Any, params: dict, fp: 
     rows = []
     allocations = {"uniform-w4-int4": dict.fromkeys(layers, 4)}
     if args.budgets:
-        sens = family_sensitivity(bundle, fp["dev"], layers=layers, progress=False)
+        saved = OUT / f"{name.replace('/', '__')}_sensitivity.json"
+        sens = (SensitivityResult.from_dict(json.loads(saved.read_text())) if args.reuse_sensitivity and saved.exists()
+                else family_sensitivity(bundle, fp["dev"], layers=layers, progress=False))
         for budget in args.budgets:
             allocations[f"mixed-ptq-int4@{budget:g}"] = sens.allocate(budget)
     for method, bits in allocations.items():
@@ -270,6 +281,12 @@ def main() -> None:
                         help="only the training rows, at this budget (labelled with their steps)")
     parser.add_argument("--train-methods", nargs="+", default=["two-stage", "one-stage"],
                         choices=["two-stage", "one-stage"])
+    parser.add_argument("--widths", type=int, nargs="+", default=list(PTQ_WIDTHS),
+                        help="candidate widths of the PTQ allocation (default: the library's, 4 5 6 8; rows are "
+                             "labelled with them otherwise)")
+    parser.add_argument("--reuse-sensitivity", action="store_true",
+                        help="allocate on the sensitivity saved by an earlier run instead of measuring it")
+    parser.add_argument("--no-uniform-rows", action="store_true", help="skip stablequant-w8 and the uniform rows")
     parser.add_argument("--int4-only", action="store_true",
                         help="only the weight-only rows on the x86 int4 kernel (merged into the results)")
     parser.add_argument("--test", type=int, default=0, help="test utterances (default: per model)")
@@ -289,7 +306,7 @@ def main() -> None:
         doc["rows"] = merge(doc["rows"], rows)
         entry = {**{k: v for k, v in extras.items() if k != "sensitivity"}, "device": device_name(),
                  "command": command, "torch": torch.__version__, "seconds": round(time.perf_counter() - started, 1)}
-        if args.int4_only or args.train_budget is not None:  # rows added to a full run: keep its record
+        if args.int4_only or args.train_budget is not None or args.no_uniform_rows:  # rows added to a full run
             previous = doc["models"].get(name, {})
             previous.setdefault("added_runs", []).append({"command": command, "seconds": entry["seconds"],
                                                           "device": entry["device"]})

@@ -155,7 +155,7 @@ def _build_mixed_ptq(bundle: Any, calibration: Any, job: QuantizeJob) -> Any:
                          "is missing")
     sens = job.sensitivity()
     start = time.perf_counter()
-    bits = sens.allocate(job.mixed.budget_bits, widths=job.mixed.widths, layers=job.plan.quantized)
+    bits = sens.allocate(job.mixed.budget_bits, widths=job.mixed.widths_for("stablequant"), layers=job.plan.quantized)
     plan = mixed_plan(job.plan, bits, method="mixed-ptq",
                       provenance={"budget_bits": job.mixed.budget_bits, "predicted_metric": sens.predicted(bits)})
     weights = stored_weights(folded_model(bundle), plan)
@@ -175,8 +175,8 @@ def _build_mixed_training(method: str) -> Builder:
             raise ValueError(f"mixed_{method.replace('-', '_')} trains on the search's W8A8 ranges and the training "
                              "split: QuantizeJob.plan and QuantizeJob.train are needed")
         opts = job.options.mixed_training
-        config = MixedTrainConfig(budget_bits=job.mixed.budget_bits, widths=tuple(job.mixed.widths), steps=opts.steps,
-                                  seed=opts.seed)
+        config = MixedTrainConfig(budget_bits=job.mixed.budget_bits, widths=job.mixed.widths_for(method),
+                                  steps=opts.steps, seed=opts.seed)
         result = train_mixed(bundle, job.train(), job.plan, config, method=method, batch_size=opts.batch_size)
         plan = mixed_plan(job.plan, result.bits, method=f"mixed-{method}",
                           provenance={"budget_bits": job.mixed.budget_bits, "train_steps": opts.steps,

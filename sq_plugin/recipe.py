@@ -10,7 +10,7 @@
       percentile: {percentile: 99.99}
       mse: {mse_grid: 100}
     bits: [w8a8, w6a6]                 # or [{w: 8, a: 8}, ...]; per-layer weight widths under a budget:
-                                       # {mixed: {budget_bits: 4.0, widths: [2, 3, 4, 5, 6, 8]}} (8-bit activations)
+                                       # {mixed: {budget_bits: 4.5}} (8-bit activations; widths: [...] optional)
     backend: x86                       # x86: real INT8 kernels for W8A8, fake-quant below; simulate: fake-quant always
     int8_grid: auto                    # auto: 7-bit weights on x86 without VNNI, else full; full;
                                        # narrow_weights; narrow_activations (sq_plugin.backends.x86_isa)
@@ -35,7 +35,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 # Torch-free: the registry, the grids and the search defaults are imported, not copied.
 from sq_plugin.core.defaults import DEFAULT_MSE_GRID, DEFAULT_PERCENTILES, DEFAULT_THRESHOLD
-from sq_plugin.core.grid import GRID_CHOICES, WEIGHT_WIDTHS, check_budget, check_widths
+from sq_plugin.core.grid import GRID_CHOICES, PTQ_WIDTHS, WEIGHT_WIDTHS, check_budget, check_widths
 from sq_plugin.methods import METHOD_NAMES as METHODS
 from sq_plugin.methods import MIXED_ONLY_METHODS
 
@@ -132,21 +132,24 @@ class Bits(_Strict):
 
 
 class MixedSpec(_Strict):
-    """Per-layer weight widths: the parameter-weighted mean at most `budget_bits`, each one of `widths`."""
+    """Per-layer weight widths: the parameter-weighted mean at most `budget_bits`, each one of `widths` (null: each
+    method's default: the PTQ allocation `PTQ_WIDTHS` 4, 5, 6, 8; the trained methods all of `WEIGHT_WIDTHS`)."""
 
     budget_bits: float
-    widths: tuple[int, ...] = WEIGHT_WIDTHS
+    widths: tuple[int, ...] | None = None
 
     @field_validator("widths", mode="before")
     @classmethod
-    def _widths(cls, v: Any) -> tuple[int, ...]:
+    def _widths(cls, v: Any) -> tuple[int, ...] | None:
+        if v is None:
+            return None
         if not isinstance(v, list | tuple):
             raise ValueError(f"widths must be a list of bit widths, e.g. {list(WEIGHT_WIDTHS)} (got {v!r})")
         return check_widths(v)
 
     @model_validator(mode="after")
     def _budget(self) -> MixedSpec:
-        check_budget(self.budget_bits, self.widths)
+        check_budget(self.budget_bits, self.widths or WEIGHT_WIDTHS)
         return self
 
 
@@ -164,15 +167,20 @@ class MixedBits(_Strict):
     @property
     def w(self) -> int:
         """The widest weight width (what the search that decides the activation ranges runs at)."""
-        return max(self.mixed.widths)
+        return max(self.mixed.widths or WEIGHT_WIDTHS)
 
     @property
     def budget_bits(self) -> float:
         return self.mixed.budget_bits
 
     @property
-    def widths(self) -> tuple[int, ...]:
+    def widths(self) -> tuple[int, ...] | None:
+        """The recipe's candidate widths, or None: each method's default."""
         return self.mixed.widths
+
+    def widths_for(self, method: str) -> tuple[int, ...]:
+        """The candidates `method` allocates from: the recipe's, or the method's default."""
+        return self.mixed.widths or (PTQ_WIDTHS if method == "stablequant" else WEIGHT_WIDTHS)
 
     @property
     def label(self) -> str:
@@ -348,6 +356,18 @@ class Recipe(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _ptq_budget_fits_its_widths(self) -> Recipe:
+        if "stablequant" not in self.methods:
+            return self
+        for i, b in enumerate(self.bits):
+            if b.is_mixed and b.widths is None and b.budget_bits < min(PTQ_WIDTHS):
+                raise ValueError(f"bits[{i}].mixed: stablequant's PTQ allocation takes {list(PTQ_WIDTHS)} bits unless "
+                                 f"told otherwise (below 4 bits the layers' sensitivities stop adding up), so a "
+                                 f"budget of {b.budget_bits:g} cannot be met. Fix: a budget >= {min(PTQ_WIDTHS)}, or "
+                                 f"widths: {list(WEIGHT_WIDTHS)}")
+        return self
+
+    @model_validator(mode="after")
     def _mixed_methods_have_mixed_bits(self) -> Recipe:
         learned = [m for m in self.methods if m in MIXED_ONLY_METHODS]
         if learned and not any(b.is_mixed for b in self.bits):
@@ -362,7 +382,8 @@ class Recipe(_Strict):
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-able dict; `Recipe.model_validate(r.to_dict()) == r`."""
         data = self.model_dump(mode="json")
-        data["bits"] = [{"mixed": {"budget_bits": b.budget_bits, "widths": list(b.widths)}, "a": b.a}
+        data["bits"] = [{"mixed": {"budget_bits": b.budget_bits,
+                                   "widths": list(b.widths) if b.widths is not None else None}, "a": b.a}
                         if b.is_mixed else b.label for b in self.bits]
         return data
 

@@ -332,17 +332,20 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
         searched[(w_bits, a_bits)] = (search, plan)
         return search, plan, seconds
 
-    def sensitivity(plan: Any) -> Any:
-        """The sensitivity of the plan's quantized layers (the W8A8 search's plan: the same for every mixed item)."""
-        if "sensitivity" not in cached:
+    def sensitivity(plan: Any, widths: tuple[int, ...]) -> Any:
+        """The sensitivity of the plan's quantized layers (the W8A8 search's plan: the same for every mixed item) at
+        `widths`, measured once per model for all the widths the mixed items ask for so far."""
+        have = cached.get("sensitivity")
+        if have is None or not set(widths) <= set(have.widths):
             from sq_plugin.families.mixed import family_sensitivity
 
-            say(f"{model}: sensitivity of {len(plan.quantized)} layers at each weight width (dev metric)")
-            cached["sensitivity"] = sens = family_sensitivity(bundle, calibration, layers=plan.quantized,
-                                                              progress=progress)
-            run.sensitivities[model] = sens.to_dict()
-            say(f"{model}: sensitivity: {sens.evaluations} evaluations in {sens.seconds:.0f} s")
-        return cached["sensitivity"]
+            wanted = tuple(sorted(set(widths) | set(have.widths if have is not None else ())))
+            say(f"{model}: sensitivity of {len(plan.quantized)} layers at {list(wanted)} bits (dev metric)")
+            cached["sensitivity"] = have = family_sensitivity(bundle, calibration, widths=wanted,
+                                                              layers=plan.quantized, progress=progress)
+            run.sensitivities[model] = have.to_dict()
+            say(f"{model}: sensitivity: {have.evaluations} evaluations in {have.seconds:.0f} s")
+        return have
 
     def train() -> Any:
         if "train" not in cached:
@@ -380,9 +383,11 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
             job = QuantizeJob(w_bits=bits.w, a_bits=bits.a, lower=lower, int8_grid=_int8_grid(recipe),
                               options=recipe.method_options, statistics=statistics, plan=searched_plan,
                               provenance=provenance, mixed=bits if bits.is_mixed else None,
-                              sensitivity=lambda plan=searched_plan: sensitivity(plan), train=train)
+                              sensitivity=lambda plan=searched_plan, item=bits: sensitivity(
+                                  plan, item.widths_for("stablequant")), train=train)
             if bits.is_mixed:
-                say(f"{model} {label}: budget {bits.budget_bits:g} bits per weight over widths {list(bits.widths)}")
+                say(f"{model} {label}: budget {bits.budget_bits:g} bits per weight over widths "
+                    f"{list(bits.widths_for(method if method == 'stablequant' else 'trained'))}")
             quantized = METHODS[method].build(bundle, calibration, job)
             if quantized.plan is not None:
                 run.plans[f"{model} {method} {bits.label}"] = quantized.plan

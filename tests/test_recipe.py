@@ -68,8 +68,21 @@ def test_a_mixed_bits_item_parses_round_trips_and_labels_itself(tmp_path):
     assert mixed.is_mixed and not recipe.bits[0].is_mixed
     assert (mixed.budget_bits, mixed.widths, mixed.a, mixed.w, mixed.label) == (4.5, (2, 4, 8), 8, 8, "mixed4.5a8")
     assert type(recipe).model_validate(recipe.to_dict()) == recipe
-    alone = load_recipe(write(tmp_path, MINIMAL + "bits: {mixed: {budget_bits: 3}}\n"))
+    alone = load_recipe(write(tmp_path, MINIMAL.replace("stablequant, ", "") + "bits: {mixed: {budget_bits: 3}}\n"))
     assert [b.label for b in alone.bits] == ["mixed3a8"]
+    # no widths: each method's default (the PTQ allocation 4-8 bits, the trained methods 2-8)
+    assert alone.bits[0].widths is None
+    assert alone.bits[0].widths_for("stablequant") == (4, 5, 6, 8)
+    assert alone.bits[0].widths_for("one-stage") == (2, 3, 4, 5, 6, 8)
+    assert type(alone).model_validate(alone.to_dict()) == alone
+
+
+def test_the_ptq_allocation_refuses_a_budget_below_its_default_widths(tmp_path):
+    message = error_of(tmp_path, MINIMAL + "bits: {mixed: {budget_bits: 3}}\n")
+    assert "bits[0].mixed: stablequant's PTQ allocation takes [4, 5, 6, 8] bits" in message
+    assert "Fix: a budget >= 4, or widths: [2, 3, 4, 5, 6, 8]" in message
+    explicit = load_recipe(write(tmp_path, MINIMAL + "bits: {mixed: {budget_bits: 3, widths: [2, 3, 4, 8]}}\n"))
+    assert explicit.bits[0].widths_for("stablequant") == (2, 3, 4, 8)
 
 
 @pytest.mark.parametrize("bits, expected", [

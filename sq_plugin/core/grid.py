@@ -31,6 +31,10 @@ def quant_bounds(bits: int, *, signed: bool) -> tuple[int, int]:
 # The weight widths a mixed-precision allocation chooses from (sq_plugin.core.mixed); here, torch- and numpy-free,
 # so that a recipe asking for `bits: {mixed: ...}` is validated without importing either.
 WEIGHT_WIDTHS = (2, 3, 4, 5, 6, 8)
+# The PTQ allocation's default candidates (no training): below 4 bits the layers' one-at-a-time sensitivities stop
+# adding up, and the allocation loses to uniform widths (measured on the three references, BENCHMARKS.md: HuBERT-ref
+# at 5 bits +0.93 pp with 2-8 bits, +0.39 pp with 4-8 bits, uniform 5 bits -0.14 pp). The trained methods take all.
+PTQ_WIDTHS = (4, 5, 6, 8)
 
 
 def check_widths(widths: Sequence[int]) -> tuple[int, ...]:

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 # The widths and their checks are torch- and numpy-free (recipe validation uses them): sq_plugin.core.grid.
-from sq_plugin.core.grid import WEIGHT_WIDTHS, check_budget, check_widths
+from sq_plugin.core.grid import PTQ_WIDTHS, WEIGHT_WIDTHS, check_budget, check_widths
 
 
 def mean_bits(bits: Mapping[str, int], params: Mapping[str, int]) -> float:
@@ -84,4 +84,4 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-__all__ = ["WEIGHT_WIDTHS", "allocate_bits", "check_budget", "check_widths", "mean_bits", "pareto_front"]
+__all__ = ["PTQ_WIDTHS", "WEIGHT_WIDTHS", "allocate_bits", "check_budget", "check_widths", "mean_bits", "pareto_front"]

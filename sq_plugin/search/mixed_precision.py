@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from sq_plugin.backends.simulate import LayerQuant, quantizable_layers, simulate, strip_weight_norm
 from sq_plugin.backends.weights import WEIGHT_RULES, StoredWeight, quantize_weight
 from sq_plugin.core.grid import PlanError
-from sq_plugin.core.mixed import WEIGHT_WIDTHS, allocate_bits, check_widths
+from sq_plugin.core.mixed import PTQ_WIDTHS, allocate_bits, check_widths
 from sq_plugin.core.plan import QuantPlan
 from sq_plugin.search.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
 
@@ -74,6 +74,14 @@ class SensitivityResult:
         """The additive model's metric for an allocation: float metric + the sum of the layers' rises."""
         return self.fp_metric + sum(self.monotone(n)[b] for n, b in bits.items())
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SensitivityResult:
+        """The inverse of `to_dict` (a saved measurement, to allocate again without re-measuring)."""
+        return cls(float(data["fp_metric"]),
+                   {n: {int(b): float(v) for b, v in s.items()} for n, s in data["sensitivity"].items()},
+                   {n: int(p) for n, p in data["params"].items()}, tuple(int(b) for b in data["widths"]),
+                   str(data["weight_rule"]), float(data["seconds"]), int(data["evaluations"]))
+
     def to_dict(self) -> dict[str, Any]:
         return {"fp_metric": self.fp_metric, "widths": list(self.widths), "weight_rule": self.weight_rule,
                 "seconds": round(self.seconds, 2), "evaluations": self.evaluations, "params": self.params,
@@ -81,10 +89,11 @@ class SensitivityResult:
 
 
 def measure_sensitivity(model: torch.nn.Module, metric: Callable[[], float], *, layers: Sequence[str] | None = None,
-                        widths: Sequence[int] = WEIGHT_WIDTHS, weight_rule: str = "mse",
+                        widths: Sequence[int] = PTQ_WIDTHS, weight_rule: str = "mse",
                         replay_blocks: Sequence[str] | str | None = "auto",
                         cache_budget_mb: float = DEFAULT_BUDGET_MB, progress: bool = True) -> SensitivityResult:
     """One evaluation of `metric()` per layer and width (weights fake-quantized, inputs float), plus the float one.
+    widths: default `PTQ_WIDTHS` (4, 5, 6, 8): below 4 bits the one-at-a-time rises stop adding up (BENCHMARKS.md).
 
     metric: a calibration metric over fixed dev batches (lower is better), run on `model` as it stands.
     replay_blocks: as in `stablequant_search` ("auto": every module in an nn.ModuleList; None: no replay, for a
