@@ -13,7 +13,8 @@ for training, batches with a forward that returns logits and the positions that 
 Execution: a plan whose activations are on 8 bits (7 on x86 without VNNI) runs on oneDNN's INT8 kernels at any
 weight width; the weights are int8 values on their narrower grid (exact on every ISA). The compression is then
 in storage only (`sq_plugin.backends.packed`: packed at each layer's width), which the benchmark labels
-"storage-only"; no low-bit kernel runs.
+"storage-only". `quantize_int4_kernel` runs the 4-bit Linears on torch's x86 int4 kernel instead, weight-only
+(bf16 activations; `sq_plugin.backends.int4_cpu`).
 """
 
 from __future__ import annotations
