@@ -30,16 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from common import RESULTS, atomic_write, device_name
 
-from sq_plugin.backends.packed import fp32_nbytes, save_packed
-from sq_plugin.core.mixed import PTQ_WIDTHS, mean_bits
+from sq_plugin.backends.packed import fp32_nbytes, packed_size
+from sq_plugin.core.mixed import PTQ_WIDTHS
 from sq_plugin.core.significance import paired_bootstrap
 from sq_plugin.families.mixed import family_sensitivity, folded_model, quantize_mixed, train_mixed
 from sq_plugin.mixed_report import bits_chart, pareto_chart
@@ -89,12 +87,6 @@ def score(bundle: Any, test: list, fp: dict[str, Any]) -> dict[str, Any]:
             "eval_seconds": round(result.seconds, 1)}
 
 
-def packed_size(model: torch.nn.Module, plan: Any, weights: dict) -> tuple[int, float]:
-    with tempfile.TemporaryDirectory() as tmp:
-        info = save_packed(Path(tmp) / "model.sqp", model, plan, weights)
-        return info.bytes, info.avg_bits
-
-
 def run_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from sq_plugin.families.ctc import search_ctc
     from sq_plugin.families.whisper import search_whisper
@@ -128,14 +120,13 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]]
     base = search.to_plan({"model": name})
     search_seconds = time.perf_counter() - start
     layers = base.quantized
-    params = {n: int(dict(folded.named_modules())[n].weight.numel()) for n in layers}
 
     def add(method: str, plan: Any, weights: dict, seconds: float, extra: dict | None = None) -> dict[str, Any]:
         say(f"{name}: {method}: INT8 build and evaluation")
         quantized = quantize_mixed(bundle, dev, plan, weights)
-        size, _ = packed_size(folded, plan, weights)
+        info = packed_size(folded, plan, weights)
+        size, avg = info.bytes, info.avg_bits
         bits = {n: plan.layers[n].weight.bits for n in layers}
-        avg = mean_bits(bits, params)
         row = {**base_row, "method": method, "avg_bits": round(avg, 3), "bytes": size,
                "compression_ratio": round(fp32 / size, 3), **score(quantized.bundle, test, fp),
                "compress_seconds": round(seconds, 1),
@@ -149,7 +140,7 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]]
         return row
 
     if args.int4_only:
-        return int4_rows(name, bundle, base, folded, params, fp, base_row, search_seconds, args), extras
+        return int4_rows(name, bundle, base, folded, fp, base_row, search_seconds, args), extras
     steps = cfg["steps"] if args.steps is None else args.steps
     if args.train_budget is not None:  # only training rows, at this budget (e.g. one-stage at the two-stage's steps)
         train_rows(name, bundle, train, base, add, args.train_budget, steps, cfg["batch"], search_seconds,
@@ -209,7 +200,7 @@ def train_rows(name: str, bundle: Any, train: list, base: Any, add: Any, budget:
              "train_steps": steps, "train_utterances": len(train), "final_kl": result.history[-1]["kl"]})
 
 
-def int4_rows(name: str, bundle: Any, base: Any, folded: Any, params: dict, fp: dict, base_row: dict,
+def int4_rows(name: str, bundle: Any, base: Any, folded: Any, fp: dict, base_row: dict,
               search_seconds: float, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Weight-only rows on torch's x86 int4 kernel (bf16 activations): uniform 4 bits, and the PTQ allocation at
     each budget with its 4-bit Linears on the kernel (other widths and the convs dequantized to float)."""
@@ -230,8 +221,8 @@ def int4_rows(name: str, bundle: Any, base: Any, folded: Any, params: dict, fp: 
         plan = mixed_plan(base, bits, method=method)
         weights = stored_weights(folded, plan)
         quantized = quantize_int4_kernel(bundle, plan, weights)
-        size, _ = packed_size(folded, quantized.plan, weights)
-        avg = mean_bits({n: plan.layers[n].weight.bits for n in layers}, params)
+        info = packed_size(folded, quantized.plan, weights)
+        size, avg = info.bytes, info.avg_bits
         rows.append({**base_row, "method": method, "avg_bits": round(avg, 3), "bytes": size,
                      "compression_ratio": round(base_row["fp32_bytes"] / size, 3), **score(quantized.bundle, test, fp),
                      "compress_seconds": round(search_seconds + time.perf_counter() - start, 1),

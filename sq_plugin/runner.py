@@ -202,21 +202,15 @@ def _unsupported(method: str, bits: Any, recipe: Recipe) -> str | None:
 def _packed_size(quantized: Any, bundle: Any) -> dict[str, Any]:
     """A mixed-precision row's size: its packed checkpoint (`backends.packed`, written to a temporary directory and
     measured on disk) against the float32 state_dict, and how it executes."""
-    import tempfile
-
-    from sq_plugin.backends.packed import fp32_nbytes, save_packed
-    from sq_plugin.core.mixed import mean_bits
+    from sq_plugin.backends.packed import fp32_nbytes, packed_size
     from sq_plugin.families.mixed import folded_model
 
     model = folded_model(bundle)
     plan = quantized.plan
-    with tempfile.TemporaryDirectory() as tmp:
-        info = save_packed(Path(tmp) / "packed", model, plan, quantized.stored_weights)
+    info = packed_size(model, plan, quantized.stored_weights)
     fp32 = fp32_nbytes(model)
-    modules = dict(model.named_modules())
     bits = {n: plan.layers[n].weight.bits for n in plan.quantized}
-    avg = mean_bits(bits, {n: modules[n].weight.numel() for n in bits})
-    return {"avg_bits": round(avg, 3), "bytes": info.bytes, "fp32_bytes": fp32,
+    return {"avg_bits": round(info.avg_bits, 3), "bytes": info.bytes, "fp32_bytes": fp32,
             "compression_ratio": round(fp32 / info.bytes, 3),
             "executed": "simulated" if quantized.simulated else (
                 "int8-kernels" if min(bits.values()) >= 7 else "storage-only"),

@@ -252,6 +252,15 @@ def save_packed(path: str | os.PathLike, model: torch.nn.Module, plan: QuantPlan
 # ----------------------------------------------------------------------------------------------------
 
 
+def packed_size(model: torch.nn.Module, plan: QuantPlan, weights: Mapping[str, StoredWeight]) -> PackedInfo:
+    """What `save_packed` would write, measured by writing it to a temporary directory (removed after): the
+    size a report quotes is bytes on disk, not an estimate."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return save_packed(Path(tmp) / "packed", model, plan, weights)
+
+
 def _read_document(file: Path, meta: dict[str, str] | None) -> dict[str, Any]:
     text = (meta or {}).get(METADATA_KEY)
     if text is None:
@@ -380,4 +389,4 @@ def load_packed(path: str | os.PathLike, model: torch.nn.Module) -> tuple[QuantP
 
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "METADATA_KEY", "PLAN_FILE", "WEIGHTS_FILE", "PackedError", "PackedInfo",
-           "fp32_nbytes", "load_packed", "save_packed"]
+           "fp32_nbytes", "load_packed", "packed_size", "save_packed"]
