@@ -92,8 +92,10 @@ def test_packed_checkpoint_is_a_quarter_of_int8_at_two_bits_and_loads_back(w2v, 
     for width in (8, 4, 2):
         plan = mixed_plan(base, dict.fromkeys(base.quantized, width))
         sizes[width] = save_packed(tmp_path / f"w{width}", model, plan, stored_weights(model, plan)).bytes
+    top = base.layers[base.quantized[0]].weight.bits  # what "8 bits" stores here: 7 on x86 without VNNI
     assert fp32 / sizes[8] > 3.5  # int8 codes + per-channel scales + the float rest
-    assert sizes[8] / sizes[4] > 1.8 and sizes[4] / sizes[2] > 1.6
+    # the codes dominate: the size follows the width (scales and the float rest are the same in every row)
+    assert sizes[8] / sizes[4] > 0.85 * top / 4 and sizes[4] / sizes[2] > 1.6
     plan = mixed_plan(base, random_widths(base, seed=1))
     weights = stored_weights(model, plan)
     save_packed(tmp_path / "mixed", model, plan, weights)
