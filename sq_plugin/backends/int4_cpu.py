@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sq_plugin.backends.weights import StoredWeight
+from sq_plugin.backends.weights import StoredWeight, install_stored_weights
 
 GROUP_SIZES = (128, 64, 32)  # the kernel's group sizes, largest first (fewer scale/zero pairs)
 
@@ -95,15 +95,14 @@ def apply_int4_kernel(model: torch.nn.Module, weights: Mapping[str, StoredWeight
     `Int4KernelLinear` with its stored codes; every other stored layer holds its dequantized stored weight."""
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         raise RuntimeError("this torch has no _weight_int4pack_mm_for_cpu kernel; use the INT8 path (storage-only)")
+    # Every stored layer first gets its dequantized weight (checked against the model by name and shape): what the
+    # layers the kernel does not take compute with, and what a module tied to a kernel layer (a token embedding
+    # sharing proj_out's table) keeps reading after that layer is replaced.
+    install_stored_weights(model, weights)
     report = Int4Report()
     modules = dict(model.named_modules())
     for name, stored in weights.items():
-        module = modules.get(name)
-        if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
-            raise ValueError(f"{name}: not a layer with a weight in this model. Fix: store the weights of this model")
-        if tuple(module.weight.shape) != tuple(stored.codes.shape):
-            raise ValueError(f"{name}: stored weight of shape {tuple(stored.codes.shape)}, the layer's is "
-                             f"{tuple(module.weight.shape)}. Fix: store the weights of this model")
+        module = modules[name]
         linear = isinstance(module, torch.nn.Linear)
         group = group_size_for(module.weight.shape[-1]) if linear else None
         rows_fit = module.weight.shape[0] % 16 == 0  # the kernel packs output channels in 16s
@@ -116,12 +115,7 @@ def apply_int4_kernel(model: torch.nn.Module, weights: Mapping[str, StoredWeight
                "not an nn.Linear" if not linear else
                f"input width {module.weight.shape[-1]} is not a multiple of 32" if group is None else
                f"output width {module.weight.shape[0]} is not a multiple of 16")
-        with torch.no_grad():
-            if module.weight is not None:
-                # a weight shared with another module (a tied embedding) keeps reading the same, dequantized, data
-                module.weight.data = stored.dequantize().to(module.weight.dtype)
         report.other_layers[name] = f"{why}: the int4 kernel does not take it; dequantized stored weight in float"
     return report
-
 
 __all__ = ["GROUP_SIZES", "Int4KernelLinear", "Int4Report", "apply_int4_kernel", "group_size_for", "int4_tensor"]

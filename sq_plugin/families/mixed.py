@@ -82,11 +82,10 @@ def quantize_int4_kernel(bundle: SpeechModel, plan: QuantPlan, weights: Mapping[
     import time
 
     from sq_plugin.backends.int4_cpu import apply_int4_kernel
-    from sq_plugin.backends.weights import install_stored_weights
 
     start = time.perf_counter()
-    model = install_stored_weights(folded_model(bundle), weights)  # a tied embedding reads the stored table
-    report = apply_int4_kernel(model, weights)
+    model = folded_model(bundle)
+    report = apply_int4_kernel(model, weights)  # a tied embedding reads the stored table
     quantized = QuantizedModel(dataclasses.replace(bundle, model=model.eval()), report.backend, False,
                                {"int4_linear": len(report.int4_layers), "dequantized": len(report.other_layers)},
                                0, time.perf_counter() - start, 0.0, plan=weight_only(plan))
