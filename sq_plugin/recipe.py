@@ -39,13 +39,15 @@ from sq_plugin.core.grid import GRID_CHOICES, PTQ_WIDTHS, WEIGHT_WIDTHS, check_b
 from sq_plugin.methods import METHOD_NAMES as METHODS
 from sq_plugin.methods import MIXED_ONLY_METHODS
 
-CALIBRATION_DATASETS: tuple[str, ...] = ("corpus-dev", "librispeech-validation.clean")
+# corpus-dev: the offline corpus's dev split (release v2: voices held out of train and test);
+# corpus-dev-v1: release v1's dev split (the training voices), kept for comparison.
+CALIBRATION_DATASETS: tuple[str, ...] = ("corpus-dev", "corpus-dev-v1", "librispeech-validation.clean")
 EVALUATION_DATASETS: tuple[str, ...] = ("corpus-test", "librispeech-test.clean")
 BACKENDS: tuple[str, ...] = ("x86", "simulate")
 INT8_GRIDS: tuple[str, ...] = GRID_CHOICES
 # Split sizes of the offline corpus (CorpusConfig defaults; tests/test_recipe.py checks they agree).
 # Not imported from sq_plugin.speech.corpus: that pulls in scipy and makes `validate` slow.
-CORPUS_SIZES: dict[str, int] = {"corpus-dev": 300, "corpus-test": 600}
+CORPUS_SIZES: dict[str, int] = {"corpus-dev": 300, "corpus-dev-v1": 300, "corpus-test": 600}
 # Whisper's teacher-forced search proxies (sq_plugin.families.whisper imports them from here: the schema owns them).
 TEACHER_FORCED_METRICS: tuple[str, ...] = ("tf_loss", "tf_token_error")
 _BITS = re.compile(r"^w(\d+)a(\d+)$")

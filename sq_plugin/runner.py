@@ -149,9 +149,10 @@ class DataUnavailableError(RuntimeError):
 
 def _load_data(dataset: str, size: int | None) -> list[Any]:
     if dataset.startswith("corpus-"):
-        from sq_plugin.speech.corpus import load_split
+        from sq_plugin.speech.corpus import corpus_config, load_split
 
-        return load_split(dataset.removeprefix("corpus-"), limit=size)
+        split, _, release = dataset.removeprefix("corpus-").partition("-")  # "dev-v1": release v1's dev split
+        return load_split(split, limit=size, config=corpus_config(release or "v2"))
     from sq_plugin.speech.models import load_librispeech
 
     try:

@@ -165,8 +165,11 @@ def test_shipped_recipes_are_the_expected_ones():
 def test_corpus_sizes_match_the_corpus_config():
     from sq_plugin.speech.corpus import CorpusConfig
 
+    from sq_plugin.speech.corpus import corpus_config
+
     config = CorpusConfig()
-    assert CORPUS_SIZES == {"corpus-dev": config.dev_size, "corpus-test": config.test_size}
+    assert CORPUS_SIZES == {"corpus-dev": config.dev_size, "corpus-dev-v1": corpus_config("v1").dev_size,
+                            "corpus-test": config.test_size}
 
 
 def test_int8_grid_choices_match_the_x86_policy_and_bad_ones_are_refused(tmp_path):

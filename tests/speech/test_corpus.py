@@ -11,12 +11,14 @@ import pytest
 from sq_plugin.speech.audio import SAMPLE_RATE
 from sq_plugin.speech.corpus import (
     CORPUS_VERSION,
+    DEV_VOICES,
     SPLITS,
     TEST_VOICES,
     TRAIN_VOICES,
     CorpusCacheError,
     CorpusConfig,
     Utterance,
+    corpus_config,
     default_cache_dir,
     load_split,
     split_hash,
@@ -47,12 +49,31 @@ def test_default_config_sizes_and_voices() -> None:
     assert cfg.snr_db is None
     assert cfg.version == CORPUS_VERSION
     assert len(cfg.train_voices) >= 10 and len(cfg.test_voices) >= 5
-    assert cfg.dev_voices == cfg.train_voices
-    # Held-out speakers: no test variant is used in train/dev at all.
-    test_variants = {v.split("+")[1] for v in cfg.test_voices}
-    seen_variants = {v.split("+")[1] for v in cfg.train_voices + cfg.dev_voices}
-    assert not test_variants & seen_variants
-    assert not set(TEST_VOICES) & set(TRAIN_VOICES)
+    # Held-out speakers, as in LibriSpeech: no variant is shared by two splits.
+    variants = {split: {v.split("+")[1] for v in cfg.voices(split)} for split in SPLITS}
+    assert not variants["test"] & (variants["train"] | variants["dev"])
+    assert not variants["dev"] & variants["train"]
+    assert len(variants["dev"]) == len(variants["test"]) == 3
+    assert not set(TEST_VOICES) & set(TRAIN_VOICES) and not set(DEV_VOICES) & set(TRAIN_VOICES + TEST_VOICES)
+
+
+def test_release_v1_keeps_the_training_voices_in_dev_and_shares_train_and_test() -> None:
+    v1, v2 = corpus_config("v1"), corpus_config("v2")
+    assert v2 == CorpusConfig() and v2.version == CORPUS_VERSION
+    assert v1.dev_voices == TRAIN_VOICES and v1.version != v2.version
+    assert dataclasses.replace(v1, dev_voices=v2.dev_voices) == v2  # only dev differs
+    with pytest.raises(ValueError, match="unknown corpus release 'v3'; releases: v2, v1"):
+        corpus_config("v3")
+
+
+def test_dev_voices_are_synthesized_as_named(tmp_path) -> None:
+    # A named variant eSpeak did not know would silently fall back to the accent's default voice.
+    u = load_split("dev", limit=1, config=SMALL, cache_dir=tmp_path, progress=False)[0]
+    accent, _, variant = u.voice.partition("+")
+    again, sr = synthesize(u.text, voice=accent, rate=u.rate, pitch=u.pitch, variant=variant, seed=1)
+    plain, _ = synthesize(u.text, voice=accent, rate=u.rate, pitch=u.pitch, variant=None, seed=1)
+    assert variant in {v.split("+")[1] for v in DEV_VOICES} and sr == ESPEAK_SAMPLE_RATE
+    assert len(again) != len(plain) or not np.array_equal(again, plain)
 
 
 def test_utterance_format(small_splits: dict[str, list[Utterance]]) -> None:
