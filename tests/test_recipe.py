@@ -163,9 +163,7 @@ def test_shipped_recipes_are_the_expected_ones():
 
 
 def test_corpus_sizes_match_the_corpus_config():
-    from sq_plugin.speech.corpus import CorpusConfig
-
-    from sq_plugin.speech.corpus import corpus_config
+    from sq_plugin.speech.corpus import CorpusConfig, corpus_config
 
     config = CorpusConfig()
     assert CORPUS_SIZES == {"corpus-dev": config.dev_size, "corpus-dev-v1": corpus_config("v1").dev_size,
