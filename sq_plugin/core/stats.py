@@ -222,3 +222,41 @@ def _as_rows(values: np.ndarray | torch.Tensor, channel_axis: int | None) -> np.
     if channel_axis is None:
         return x.reshape(1, -1)
     return np.moveaxis(x, channel_axis, 0).reshape(x.shape[channel_axis], -1)
+
+
+# torchao's MovingAverageMinMaxObserver default: each new batch moves the range 1 % of the way to its own.
+DEFAULT_AVERAGING_CONSTANT = 0.01
+
+
+@dataclass
+class MovingAverageMinMax:
+    """The moving-average MAX statistic of the built-in observers (torchao's `MovingAverageMinMaxObserver`,
+    per tensor): the first batch sets [min, max]; every later batch moves each bound by `averaging_constant`
+    toward that batch's own min and max. Order-dependent by definition, so it does not merge; the search
+    collects it in the same pass as the histograms to offer the range that built-in would choose."""
+
+    averaging_constant: float = DEFAULT_AVERAGING_CONSTANT
+    min_val: float = float("inf")
+    max_val: float = float("-inf")
+    batches: int = 0
+
+    def update(self, values: np.ndarray | torch.Tensor, *, name: str = "tensor") -> None:
+        x = values.detach().float() if isinstance(values, torch.Tensor) else torch.as_tensor(values).float()
+        if x.numel() == 0:
+            return
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError(f"{name}: NaN/Inf in the calibration tensor; a moving-average range cannot be computed")
+        if self.batches == 0:
+            self.min_val, self.max_val = lo, hi
+        else:
+            c = self.averaging_constant
+            self.min_val += c * (lo - self.min_val)
+            self.max_val += c * (hi - self.max_val)
+        self.batches += 1
+
+    def range(self, *, name: str = "tensor") -> tuple[float, float]:
+        if self.batches == 0:
+            raise RuntimeError(f"{name}: no calibration data was observed, so no moving-average range exists; run "
+                               "the calibration data through the model first")
+        return self.min_val, self.max_val

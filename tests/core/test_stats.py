@@ -71,3 +71,25 @@ def test_bins_must_be_a_power_of_two():
 def test_merge_rejects_other_shapes():
     with pytest.raises(ValueError, match="cannot merge"):
         Histogram.empty(bins=64).merge(Histogram.empty(bins=128))
+
+
+def test_moving_average_min_max_is_torchaos_observer_statistic():
+    torch = pytest.importorskip("torch")
+    from torchao.quantization.pt2e import MovingAverageMinMaxObserver
+
+    from sq_plugin.core.stats import MovingAverageMinMax
+
+    observer = MovingAverageMinMaxObserver(dtype=torch.quint8, quant_min=0, quant_max=255)
+    ours = MovingAverageMinMax()
+    with pytest.raises(RuntimeError, match="enc.fc: no calibration data was observed"):
+        ours.range(name="enc.fc")
+    gen = torch.Generator().manual_seed(0)
+    for i in range(50):
+        batch = torch.randn(300, generator=gen) * (1 + (i % 7 == 0) * 5)
+        observer(batch)
+        ours.update(batch)
+    lo, hi = ours.range()
+    assert ours.batches == 50 and lo == pytest.approx(float(observer.min_val), rel=1e-5)
+    assert hi == pytest.approx(float(observer.max_val), rel=1e-5)
+    with pytest.raises(ValueError, match="enc.fc: NaN/Inf"):
+        ours.update(torch.tensor([1.0, float("nan")]), name="enc.fc")
