@@ -44,14 +44,16 @@ def main(argv: list[str] | None = None) -> None:
     search = search_ctc(bundle, dev, SearchConfig())
     search_s = time.perf_counter() - start
     print(f"search: {search.evaluations} evaluations in {search_s:.0f} s; flagged {search.flagged or 'none'}; "
-          f"dev WER fp {search.fp_metric:.4f}, all-MAX {search.max_metric:.4f}, StableQuant {search.final_metric:.4f}")
+          f"dev WER fp {search.fp_metric:.4f}, all-MAX {search.max_metric:.4f}, best built-in rule "
+          f"({search.base_rule}) {search.rule_metrics[search.base_rule]:.4f}, StableQuant {search.final_metric:.4f}")
     for d in search.layers:
         if d.flagged:
-            print(f"  {d.name}: screen dWER {d.screen_delta:+.4f}, cut-off {d.percentile}, range "
+            how = f"cut-off {d.percentile}" if d.choice == "percentile" else f"the {d.choice} range"
+            print(f"  {d.name}: screen dWER {d.screen_delta:+.4f}, {how}, range "
                   f"[{d.act_range[0]:.3g}, {d.act_range[1]:.3g}] vs MAX [{d.max_range[0]:.3g}, {d.max_range[1]:.3g}]")
 
     rows = [("fp32", "eager float", fp.wer, fp.cer, "-")]
-    for method, kwargs in (("stablequant", {"per_layer": search.per_layer_rules()}),
+    for method, kwargs in (("stablequant", {"plan": search.to_plan({"model": args.model})}),
                            ("minmax", {"act_rule": RangeRule("max")})):
         q = quantize_ctc_pt2e(bundle, dev, **kwargs)
         result = evaluate(q.bundle, test, progress=False, **EVAL_KWARGS)

@@ -252,6 +252,20 @@ class StableQuantOptions(_Strict):
     keep_float: list[str] = Field(default_factory=list)
     # Memory for replaying unchanged layer outputs between the search's evaluations (prefix cache).
     cache_budget_mb: float = Field(default=1024.0, ge=0)
+    # Not in the paper: start from the best built-in rule (MSE, MAX, moving average, L2 histogram) and offer their
+    # ranges to every flagged layer, so the search never loses to one of them on its metric. false: the paper's.
+    builtin_candidates: bool = True
+    # Not in the paper: extra sweeps over the flagged layers once all are set.
+    refine_passes: int = Field(default=0, ge=0)
+
+    def search_config(self, *, w_bits: int, a_bits: int, int8_grid: str, threshold: float | None = None) -> Any:
+        """These options as the search's `SearchConfig` (imported here, not at import time: see the module note)."""
+        from sq_plugin.search import SearchConfig
+
+        return SearchConfig(w_bits=w_bits, a_bits=a_bits, threshold=self.threshold if threshold is None else threshold,
+                            percentiles=tuple(self.percentiles), mse_grid=self.mse_grid,
+                            float_fallback=self.float_fallback, keep_float=tuple(self.keep_float), int8_grid=int8_grid,
+                            builtin_candidates=self.builtin_candidates, refine_passes=self.refine_passes)
 
     @field_validator("threshold")
     @classmethod

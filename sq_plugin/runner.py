@@ -220,12 +220,9 @@ def _packed_size(quantized: Any, bundle: Any) -> dict[str, Any]:
 
 def _search(bundle: Any, calibration: Sequence[Any], recipe: Recipe, w_bits: int, a_bits: int, progress: bool) -> Any:
     from sq_plugin.families.ctc import search_ctc
-    from sq_plugin.search import SearchConfig
 
     opts = recipe.method_options.stablequant
-    config = SearchConfig(w_bits=w_bits, a_bits=a_bits, threshold=opts.threshold, percentiles=tuple(opts.percentiles),
-                          mse_grid=opts.mse_grid, float_fallback=opts.float_fallback,
-                          keep_float=tuple(opts.keep_float), int8_grid=_int8_grid(recipe))
+    config = opts.search_config(w_bits=w_bits, a_bits=a_bits, int8_grid=_int8_grid(recipe))
     if bundle.kind == "whisper":
         from sq_plugin.families.whisper import search_whisper
 
@@ -537,10 +534,14 @@ def _plot(run: RunResult, out: Path) -> list[str]:
         fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8.0, len(layers) * 0.18), 8.0), sharex=True)
         colors = ["tab:red" if d["flagged"] else "tab:blue" for d in layers]
         percentiles = [d["percentile"] for d in layers]
-        ax1.scatter(x, percentiles, c=colors, s=14)
+        on_cut_off = [d.get("choice", "percentile") == "percentile" for d in layers]
+        for marker, keep in (("o", True), ("x", False)):  # x: the layer took a built-in rule's range
+            idx = [i for i in x if on_cut_off[i] == keep]
+            ax1.scatter(idx, [percentiles[i] for i in idx], c=[colors[i] for i in idx], s=14, marker=marker)
         ax1.set_ylim(min(min(percentiles), 99.0) - 0.1, 100.0)  # a percentile stops at 100
         ax1.set_ylabel("chosen percentile")
-        ax1.set_title(f"StableQuant {key}: per-layer cut-off (red = flagged by the screen)")
+        ax1.set_title(f"StableQuant {key}: per-layer cut-off (red = flagged by the screen; x = a built-in rule's "
+                      f"range, base {search.get('base_rule', 'mse')})")
         ax2.semilogy(x, [max(d["max_range"][1] - d["max_range"][0], 1e-12) for d in layers], ".-", label="MAX range")
         ax2.semilogy(x, [max(d["act_range"][1] - d["act_range"][0], 1e-12) for d in layers], ".-",
                      label="StableQuant range")
@@ -727,18 +728,25 @@ def _report_md(run: RunResult, plots: Sequence[str]) -> str:
             f"{_fmt(calib.get('stablequant'))} s{minmax}.{replay}",
             "",
             f"Calibration metric: FP {search['fp_metric']:.4f}, all layers MAX {search['max_metric']:.4f}, "
-            f"StableQuant {search['final_metric']:.4f}. Flagged layers: {', '.join(search['flagged']) or 'none'}."
-            + (f" Kept float (float_fallback): {', '.join(search['float_layers'])}." if search.get("float_layers")
-               else ""),
+            + "".join(f"all {rule} {value:.4f}, " for rule, value in search.get("rule_metrics", {}).items()
+                      if rule != "max")
+            + f"StableQuant {search['final_metric']:.4f}"
+            + (f" (started from the best built-in rule, {search['base_rule']})"
+               if len(search.get("rule_metrics", {})) > 1 else "")
+            + f". Flagged layers: {', '.join(search['flagged']) or 'none'}."
+            + (f" Kept float: {', '.join(search['float_layers'])} ({100 * search.get('float_mac_share', 0):.2f} % of "
+               "the MACs)." if search.get("float_layers") else ""),
             "",
             f"The per-layer decision is `{plan_file}` (`stablequant plan show {plan_file}`)."
             + _deviations_md(run, search),
             "",
-            "| layer | kind | screen Δ | flagged | percentile | range (lo, hi) | MAX range (lo, hi) |",
-            "|---|---|---:|---|---:|---|---|",
+            "| layer | kind | screen Δ | flagged | range rule | range (lo, hi) | MAX range (lo, hi) |",
+            "|---|---|---:|---|---|---|---|",
         ]
         for d in sorted(search["layers"], key=lambda d: not d["flagged"]):  # flagged first, then network order
-            cut_off = "float" if d.get("keep_float") else format(d["percentile"], "g")
+            choice = d.get("choice", "percentile")
+            cut_off = ("float" if d.get("keep_float") else
+                       f"p{d['percentile']:g}, MSE" if choice == "percentile" else choice)
             lines.append(
                 f"| `{d['name']}` | {d['kind']} | {d['screen_delta']:+.4f} | {'yes' if d['flagged'] else ''} | "
                 f"{cut_off} | ({d['act_range'][0]:.3g}, {d['act_range'][1]:.3g}) | "

@@ -332,3 +332,12 @@ def test_whisper_runs_every_method_on_int8_kernels_at_w8a8_and_simulates_on_back
     runner.run_recipe(make_recipe(tmp_path, model="openai/whisper-tiny.en", bits=["w8a8"], backend="simulate",
                                   methods=["fp", "stablequant", "max", "histogram"]), progress=False)
     assert seen == [("simulated", "stablequant"), ("simulated", "max"), ("simulated", "observer")]
+
+
+def test_corpus_datasets_load_their_release():
+    from sq_plugin.runner import _load_data
+    from sq_plugin.speech.corpus import DEV_VOICES, TRAIN_VOICES
+
+    (v2,) = _load_data("corpus-dev", 1)
+    (v1,) = _load_data("corpus-dev-v1", 1)
+    assert v2.voice in DEV_VOICES and v1.voice in TRAIN_VOICES and v1.text == v2.text  # same sentences

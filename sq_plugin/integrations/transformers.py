@@ -624,7 +624,6 @@ def quantize_hf(bundle: Any, config: StableQuantConfig) -> Any:
     from sq_plugin.core.plan import QuantPlan
     from sq_plugin.methods import METHODS, QuantizeJob, apply_plan, family_statistics
     from sq_plugin.recipe import TEACHER_FORCED_METRICS
-    from sq_plugin.search import SearchConfig
 
     whisper = bundle.kind == "whisper"
     method = METHODS[config.method]
@@ -669,10 +668,9 @@ def quantize_hf(bundle: Any, config: StableQuantConfig) -> Any:
         plan = QuantPlan.load(config.plan)
         return apply_plan(bundle, calibration, plan, job)
     if config.method == "stablequant":
-        result = search(bundle, calibration, SearchConfig(
-            w_bits=w_bits, a_bits=a_bits, threshold=threshold, percentiles=tuple(opts.percentiles),
-            mse_grid=opts.mse_grid, float_fallback=opts.float_fallback, keep_float=tuple(opts.keep_float),
-            int8_grid=grid), metric=metric, progress=False, cache_budget_mb=opts.cache_budget_mb)
+        result = search(bundle, calibration, opts.search_config(w_bits=w_bits, a_bits=a_bits, int8_grid=grid,
+                                                                threshold=threshold),
+                        metric=metric, progress=False, cache_budget_mb=opts.cache_budget_mb)
         job = dataclasses.replace(job, plan=result.to_plan({**job.provenance, "metric": metric,
                                                             "threshold": threshold}))
     return method.build(bundle, calibration, job)

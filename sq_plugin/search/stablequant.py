@@ -11,6 +11,13 @@ Following the paper's public description (Hong et al., ICASSP 2025; see shared/r
 3. **MSE.** Every layer's range is the MSE-optimal one on its histogram clipped at its percentile
    (100 for layers not flagged): `percentile_then_mse_range`.
 
+Not in the paper, on by default (`builtin_candidates`), so that the search never loses to a built-in on its own
+metric: the whole model is first scored with every layer on one built-in rule (MSE, MAX, moving-average MAX,
+L2 histogram) and the best of them is where unflagged layers stay and the clip step starts; each flagged layer's
+candidates are the cut-offs plus those rules' ranges plus its current one, so every accepted step is at least
+as good. `refine_passes` adds sweeps over the flagged layers once all are set; `float_fallback` makes float a
+candidate too.
+
 The search is framework-free: it drives a plain `nn.Module` through `sq_plugin.backends.simulate` and asks
 two callables for the data: `run_calibration()` (pushes the calibration set through the model) and
 `metric()` (evaluates the model as it currently is; lower is better). The result is a per-layer
@@ -35,8 +42,8 @@ from sq_plugin.backends.x86_isa import resolve_int8_grid
 from sq_plugin.core.defaults import DEFAULT_MSE_GRID, DEFAULT_PERCENTILES, DEFAULT_THRESHOLD
 from sq_plugin.core.plan import LayerPlan, QuantPlan, x86_grids
 from sq_plugin.core.quant import check_bits, grid_bits
-from sq_plugin.core.ranges import RangeRule, check_percentile, compute_range
-from sq_plugin.core.stats import DEFAULT_BINS, Histogram
+from sq_plugin.core.ranges import RangeRule, check_percentile, compute_range, l2_histogram_range
+from sq_plugin.core.stats import DEFAULT_BINS, Histogram, MovingAverageMinMax
 from sq_plugin.search.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
 
 
@@ -56,6 +63,13 @@ class SearchConfig:
     int8_grid: the grids the search scores, which must be the ones that will execute: "auto" (resolved
         at construction to this CPU's x86 policy: "narrow_weights", 7-bit weights, on x86 without VNNI,
         else "full"), "full", "narrow_weights" or "narrow_activations". `grid_bits` gives their widths.
+    builtin_candidates: not in the paper (on by default). The search starts from the best whole-model built-in
+        rule (`BUILTIN_RULES`: MSE, MAX, moving-average MAX, L2 histogram) on its metric, and those rules' ranges
+        join every flagged layer's cut-offs as candidates; so it never ends worse, on the metric it scores, than
+        a built-in rule applied to every layer. False: the paper's search alone (MSE base, cut-offs only).
+    refine_passes: not in the paper (0 by default). Extra sweeps over the flagged layers once all are set, each
+        layer re-choosing among its candidates with the others at their new choices (never worse: the current
+        choice is a candidate).
     """
 
     w_bits: int = 8
@@ -67,6 +81,8 @@ class SearchConfig:
     float_fallback: bool = False
     keep_float: tuple[str, ...] = ()
     int8_grid: str = "auto"
+    builtin_candidates: bool = True
+    refine_passes: int = 0
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, name="w_bits")
@@ -80,6 +96,9 @@ class SearchConfig:
             raise ValueError(f"percentiles must include 100 (no clipping) (got {self.percentiles!r})")
         for p in self.percentiles:
             check_percentile(p)
+        if isinstance(self.refine_passes, bool) or not isinstance(self.refine_passes, int) or self.refine_passes < 0:
+            raise ValueError(f"refine_passes must be an integer >= 0 (got {self.refine_passes!r}); 0 = the paper's "
+                             "single greedy sweep, 1 = one more sweep over the flagged layers")
 
     @property
     def grid_bits(self) -> tuple[int, int]:
@@ -105,6 +124,11 @@ class LayerDecision:
     candidates: dict[float, float] = field(default_factory=dict)  # percentile -> metric (flagged layers)
     keep_float: bool = False  # stays float: listed in keep_float, or chosen by float_fallback
     float_metric: float | None = None  # the whole-model metric with this layer float (float_fallback)
+    # How the range was decided: "percentile" (cut-off `percentile`, then MSE) or a built-in rule of BUILTIN_RULES
+    # ("max", "moving_average", "l2_histogram"; "mse" is percentile 100).
+    choice: str = "percentile"
+    rule_candidates: dict[str, float] = field(default_factory=dict)  # built-in rule -> metric (flagged layers)
+    macs: int = 0  # multiply-accumulates over the calibration set (the share kept float is reported)
 
 
 @dataclass
@@ -120,6 +144,9 @@ class SearchResult:
     # The statistics the search decided on (layer -> input histogram): a baseline rule can reuse them
     # (`sq_plugin.search.rules.rule_plan`) instead of pushing the calibration set through the model again.
     histograms: dict[str, Histogram] = field(default_factory=dict, repr=False, compare=False)
+    # Whole-model metric of each built-in rule applied to every layer (builtin_candidates), and the one it started from.
+    rule_metrics: dict[str, float] = field(default_factory=dict)
+    base_rule: str = "mse"
 
     @property
     def flagged(self) -> list[str]:
@@ -129,12 +156,29 @@ class SearchResult:
     def float_layers(self) -> list[str]:
         return [d.name for d in self.layers if d.keep_float]
 
+    @property
+    def float_mac_share(self) -> float:
+        """The share of the quantizable layers' multiply-accumulates (on the calibration set) kept float."""
+        total = sum(d.macs for d in self.layers)
+        return sum(d.macs for d in self.layers if d.keep_float) / total if total else 0.0
+
     def per_layer_rules(self) -> dict[str, RangeRule | None]:
         """The activation rule of every layer, for `stablequant_x86_quantizer(per_layer=...)`; None for a
-        layer that stays float (float_fallback)."""
-        return {d.name: None if d.keep_float else
-                RangeRule("percentile_then_mse", percentile=d.percentile, mse_grid=self.config.mse_grid)
-                for d in self.layers}
+        layer that stays float (float_fallback). A layer that chose the moving-average or L2-histogram range
+        has no `RangeRule` (those are not histogram rules): apply the decision as a plan (`to_plan()`)."""
+        rules: dict[str, RangeRule | None] = {}
+        for d in self.layers:
+            if d.keep_float:
+                rules[d.name] = None
+            elif d.choice == "max":
+                rules[d.name] = RangeRule("max")
+            elif d.choice == "percentile":
+                rules[d.name] = RangeRule("percentile_then_mse", percentile=d.percentile, mse_grid=self.config.mse_grid)
+            else:
+                raise ValueError(f"layer {d.name}: the search chose the {d.choice} range, which no RangeRule "
+                                 "expresses; apply the search as a plan (result.to_plan(), e.g. "
+                                 "quantize_ctc_pt2e(plan=...)), or search with builtin_candidates=False")
+        return rules
 
     def to_plan(self, provenance: dict | None = None) -> QuantPlan:
         """The decision as a `QuantPlan`: every layer's input range on the grids the search scored
@@ -147,17 +191,20 @@ class SearchResult:
                 why = "keep_float" if d.float_metric is None else "float_fallback: float beat every cut-off"
                 layers[d.name] = LayerPlan(op=op, why_float=why)
                 continue
+            decision = ({"method": "percentile_then_mse", "percentile": d.percentile} if d.choice == "percentile"
+                        else {"method": d.choice})
             layers[d.name] = LayerPlan(op=op, activation=act_grid, act_range=d.act_range, weight=weight_grid,
-                                       decision={"method": "percentile_then_mse", "percentile": d.percentile,
-                                                 "flagged": d.flagged})
+                                       decision={**decision, "flagged": d.flagged})
         return QuantPlan(layers, {**(provenance or {}), "method": "stablequant", "w_bits": self.config.w_bits,
                                   "a_bits": self.config.a_bits, "int8_grid": self.config.int8_grid,
-                                  "fp_metric": self.fp_metric, "final_metric": self.final_metric})
+                                  "fp_metric": self.fp_metric, "final_metric": self.final_metric,
+                                  "base_rule": self.base_rule, "float_mac_share": self.float_mac_share})
 
     def to_dict(self) -> dict:
         return {
             "config": self.config.to_dict(), "fp_metric": self.fp_metric, "max_metric": self.max_metric,
             "final_metric": self.final_metric, "flagged": self.flagged, "float_layers": self.float_layers,
+            "float_mac_share": self.float_mac_share, "base_rule": self.base_rule, "rule_metrics": self.rule_metrics,
             "seconds": self.seconds,
             "evaluations": self.evaluations, "cache": self.cache,
             "layers": [{**asdict(d), "candidates": {str(k): v for k, v in d.candidates.items()}} for d in self.layers],
@@ -170,6 +217,27 @@ def collect_input_histograms(model: torch.nn.Module, run_calibration: Callable[[
     hists = {name: Histogram.empty(bins=bins) for name in layers}
     observe_inputs(model, run_calibration, layers, lambda name, x: hists[name].update(x, name=f"{name} (input)"))
     return hists
+
+
+# The built-in observers' rules the search also tries (builtin_candidates), in tie-break order: "mse" is the
+# paper's base (percentile 100, then MSE), "max" MinMax, "moving_average" the moving-average MinMax observer,
+# "l2_histogram" the histogram observer's L2 criterion.
+BUILTIN_RULES: tuple[str, ...] = ("mse", "max", "moving_average", "l2_histogram")
+
+
+def _row(bounds: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
+    return float(bounds[0][0]), float(bounds[1][0])
+
+
+def layer_macs(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of one call of a Linear or Conv1d layer on input `x`."""
+    if isinstance(module, torch.nn.Conv1d):
+        (k,), (s,), (d,) = module.kernel_size, module.stride, module.dilation
+        pad = module.padding[0] if isinstance(module.padding, tuple) else 0  # "same"/"valid": close enough
+        frames = (x.shape[-1] + 2 * pad - d * (k - 1) - 1) // s + 1
+        batch = x.shape[0] if x.dim() == 3 else 1
+        return int(batch * max(frames, 0) * module.out_channels * (module.in_channels // module.groups) * k)
+    return int(x.numel() // module.in_features * module.in_features * module.out_features)
 
 
 def _checked(value: float, what: str) -> float:
@@ -227,9 +295,17 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
 
     start = time.perf_counter()
     hists: dict[str, Histogram] = {}
+    averages = {n: MovingAverageMinMax() for n in names}
+    macs = dict.fromkeys(names, 0)
+
+    def on_input(name: str, x: torch.Tensor) -> None:
+        hists[name].update(x, name=f"{name} (input)")
+        averages[name].update(x, name=f"{name} (input)")
+        macs[name] += layer_macs(modules[name], x)
 
     def statistics() -> None:
-        hists.update(collect_input_histograms(model, run_calibration, names, bins=config.bins))
+        hists.update({n: Histogram.empty(bins=config.bins) for n in names})
+        observe_inputs(model, run_calibration, names, on_input)
 
     if replay_blocks is None:
         statistics()
@@ -240,62 +316,109 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
 
     w_grid_bits, a_grid_bits = config.grid_bits
 
-    def act_range(name: str, rule: RangeRule) -> tuple[float, float]:
-        lo, hi = compute_range(hists[name], rule, bits=a_grid_bits, symmetric=False, signed=False,
-                               name=f"{name} (input)")
-        return float(lo[0]), float(hi[0])
+    def percentile_range(name: str, p: float) -> tuple[float, float]:
+        return _row(compute_range(hists[name], RangeRule("percentile_then_mse", p, config.mse_grid),
+                                  bits=a_grid_bits, symmetric=False, signed=False, name=f"{name} (input)"))
 
-    def quant(name: str, rng: tuple[float, float]) -> LayerQuant:
+    def rule_range(name: str, rule: str) -> tuple[float, float]:
+        """The range a built-in rule gives this layer (BUILTIN_RULES)."""
+        label = f"{name} (input)"
+        if rule == "mse":
+            return percentile_range(name, 100.0)
+        if rule == "max":
+            return _row(compute_range(hists[name], RangeRule("max"), bits=a_grid_bits, symmetric=False, signed=False,
+                                      name=label))
+        if rule == "moving_average":
+            return averages[name].range(name=label)
+        return _row(l2_histogram_range(hists[name], bits=a_grid_bits, symmetric=False, signed=False, name=label))
+
+    def quant(rng: tuple[float, float]) -> LayerQuant:
         return LayerQuant(act_range=rng, a_bits=a_grid_bits, w_bits=w_grid_bits)
 
-    max_ranges = {n: act_range(n, RangeRule("max")) for n in names}
+    max_ranges = {n: rule_range(n, "max") for n in names}
 
     # 1. Screen: one layer at a time, MAX ranges.
     start = time.perf_counter()
     fp_metric = evaluate({}, "the float model")
     screen: dict[str, float] = {}
     for name in tqdm(names, desc="screen", disable=not progress):
-        screen[name] = fp_metric if name in kept else evaluate({name: quant(name, max_ranges[name])},
+        screen[name] = fp_metric if name in kept else evaluate({name: quant(max_ranges[name])},
                                                                 f"layer {name} alone (MAX)")
     flagged = [n for n in names if screen[n] - fp_metric > config.threshold]
     seconds["screen"] = time.perf_counter() - start
 
     # 2. Clip: greedy over flagged layers in network order, whole model quantized.
     start = time.perf_counter()
-    chosen = {n: 100.0 for n in names}
-    ranges = {n: act_range(n, RangeRule("percentile_then_mse", 100.0, config.mse_grid)) for n in names}
-
     float_layers: set[str] = set(kept)
+    quantized = [n for n in names if n not in kept]
 
     def whole_model() -> dict[str, LayerQuant]:
-        return {n: quant(n, ranges[n]) for n in names if n not in float_layers}
+        return {n: quant(ranges[n]) for n in names if n not in float_layers}
 
-    max_metric = evaluate({n: quant(n, max_ranges[n]) for n in names if n not in kept}, "the whole model (MAX)")
-    candidates: dict[str, dict[float, float]] = {}
-    float_metrics: dict[str, float] = {}
+    max_metric = evaluate({n: quant(max_ranges[n]) for n in quantized}, "the whole model (MAX)")
+    # The base: every layer on one rule. The paper's is MSE on the unclipped histogram; with builtin_candidates the
+    # best built-in rule on the metric (ties: the earlier in BUILTIN_RULES, so MSE first).
+    base_ranges = {rule: {n: rule_range(n, rule) for n in names}
+                   for rule in (BUILTIN_RULES if config.builtin_candidates else ("mse",))}
+    rule_metrics: dict[str, float] = {}
+    for rule, rule_ranges in base_ranges.items():
+        rule_metrics[rule] = max_metric if rule == "max" else evaluate(
+            {n: quant(rule_ranges[n]) for n in quantized}, f"the whole model ({rule})")
+    base_rule = min(rule_metrics, key=lambda r: (rule_metrics[r], BUILTIN_RULES.index(r)))
+    ranges = dict(base_ranges[base_rule])
+    base_choice = ("percentile", 100.0) if base_rule == "mse" else (base_rule, 100.0)
+    chosen = {n: base_choice for n in names}
+    current_metric = rule_metrics[base_rule]
+
     candidate_ps = sorted(set(config.percentiles), reverse=True)
-    for name in tqdm(flagged, desc="clip", disable=not progress or not flagged):  # no empty "clip: 0it" bar
-        results: dict[float, float] = {}
-        for p in candidate_ps:
-            ranges[name] = act_range(name, RangeRule("percentile_then_mse", p, config.mse_grid))
-            results[p] = evaluate(whole_model(), f"layer {name} at percentile {p}")
-        best = min(candidate_ps, key=lambda p: (results[p], -p))  # ties: the larger percentile
-        chosen[name] = best
-        ranges[name] = act_range(name, RangeRule("percentile_then_mse", best, config.mse_grid))
-        candidates[name] = results
+    percentile_candidates: dict[str, dict[float, float]] = {n: {} for n in flagged}
+    rule_candidates: dict[str, dict[str, float]] = {n: {} for n in flagged}
+    float_metrics: dict[str, float] = {}
+
+    def choose(name: str, sweep: str) -> None:
+        """Re-choose `name`'s range with every other layer as it is now; the current one is a candidate."""
+        nonlocal current_metric
+        options: list[tuple[tuple[str, float], tuple[float, float]]] = [(chosen[name], ranges[name])]
+        options += [(("percentile", p), percentile_range(name, p)) for p in candidate_ps]
+        if config.builtin_candidates:
+            options += [((rule, 100.0), rule_range(name, rule)) for rule in BUILTIN_RULES if rule != "mse"]
+        scored: dict[tuple[float, float], float] = {ranges[name]: current_metric}  # one evaluation per range
+        results: list[tuple[float, int, tuple[str, float], tuple[float, float]]] = []
+        for order, (option, rng) in enumerate(options):
+            if rng not in scored:
+                ranges[name] = rng
+                what = f"percentile {option[1]}" if option[0] == "percentile" else f"the {option[0]} range"
+                scored[rng] = evaluate(whole_model(), f"layer {name} at {what} ({sweep})")
+            results.append((scored[rng], order, option, rng))
+            if option[0] == "percentile":
+                percentile_candidates[name][option[1]] = scored[rng]
+            elif order > 0:
+                rule_candidates[name][option[0]] = scored[rng]
+        # Ties keep the current choice (order 0), then the larger percentile, then the earlier built-in rule.
+        current_metric, _, chosen[name], ranges[name] = min(results, key=lambda t: (t[0], t[1]))
         if config.float_fallback:
             float_layers.add(name)
-            float_metrics[name] = evaluate(whole_model(), f"layer {name} in float")
-            if not float_metrics[name] < results[best] - config.threshold:
+            float_metrics[name] = evaluate(whole_model(), f"layer {name} in float ({sweep})")
+            if float_metrics[name] < current_metric - config.threshold:
+                current_metric = float_metrics[name]
+            else:
                 float_layers.discard(name)
+
+    for name in tqdm(flagged, desc="clip", disable=not progress or not flagged):  # no empty "clip: 0it" bar
+        choose(name, "clip")
+    for sweep in range(config.refine_passes):
+        for name in tqdm(flagged, desc=f"refine {sweep + 1}", disable=not progress or not flagged):
+            if name not in float_layers:
+                choose(name, f"refine {sweep + 1}")
     final_metric = evaluate(whole_model(), "the final model")
     seconds["clip"] = time.perf_counter() - start
 
     decisions = [
         LayerDecision(name=n, kind=type(modules[n]).__name__, screen_metric=screen[n],
-                      screen_delta=screen[n] - fp_metric, flagged=n in flagged, percentile=chosen[n],
-                      act_range=ranges[n], max_range=max_ranges[n], candidates=candidates.get(n, {}),
-                      keep_float=n in float_layers, float_metric=float_metrics.get(n))
+                      screen_delta=screen[n] - fp_metric, flagged=n in flagged, percentile=chosen[n][1],
+                      act_range=ranges[n], max_range=max_ranges[n], candidates=percentile_candidates.get(n, {}),
+                      keep_float=n in float_layers, float_metric=float_metrics.get(n), choice=chosen[n][0],
+                      rule_candidates=rule_candidates.get(n, {}), macs=macs[n])
         for n in names
     ]
     seconds["total"] = float(np.sum(list(seconds.values())))
@@ -304,4 +427,4 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
         "replayed_calls": cache.replayed_calls, "computed_calls": cache.computed_calls}
     return SearchResult(config=config, fp_metric=fp_metric, max_metric=max_metric, final_metric=final_metric,
                         layers=decisions, seconds=seconds, evaluations=evaluations, cache=cache_stats,
-                        histograms=hists)
+                        histograms=hists, rule_metrics=rule_metrics, base_rule=base_rule)

@@ -85,7 +85,7 @@ def test_search_with_replay_equals_search_without():
     cached = stablequant_search(model, run, metric, config, progress=False, replay_blocks="auto")
     assert plain.flagged and cached.flagged == plain.flagged
     assert [d.screen_metric for d in cached.layers] == [d.screen_metric for d in plain.layers]
-    assert cached.per_layer_rules() == plain.per_layer_rules() and cached.final_metric == plain.final_metric
+    assert cached.to_plan().layers == plain.to_plan().layers and cached.final_metric == plain.final_metric
     stats = cached.cache
     assert stats["replayed_calls"] > stats["computed_calls"] / 2  # most block calls were not recomputed
 
@@ -98,12 +98,12 @@ def test_memory_stays_within_the_budget_and_results_do_not_change():
     model, run, metric = make_problem()
     tight = stablequant_search(model, run, metric, config, progress=False, replay_blocks="auto",
                                cache_budget_mb=budget_mb)
-    assert tight.per_layer_rules() == plain.per_layer_rules() and tight.final_metric == plain.final_metric
+    assert tight.to_plan().layers == plain.to_plan().layers and tight.final_metric == plain.final_metric
     assert 0 < tight.cache["peak_mb"] <= budget_mb
     model, run, metric = make_problem()
     none = stablequant_search(model, run, metric, config, progress=False, replay_blocks="auto", cache_budget_mb=0)
     assert none.cache["peak_mb"] == 0 and none.cache["replayed_calls"] == 0
-    assert none.per_layer_rules() == plain.per_layer_rules()
+    assert none.to_plan().layers == plain.to_plan().layers
 
 
 def test_a_metric_that_changes_its_batches_is_an_error():

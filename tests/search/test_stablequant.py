@@ -42,8 +42,11 @@ def make_problem():
 
 
 def test_search_flags_exactly_the_outlier_layer_and_clips_it():
+    # The paper's search alone (builtin_candidates=False): MSE base, cut-offs only.
     model, run_calibration, metric = make_problem()
-    result = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0), progress=False)
+    result = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0, builtin_candidates=False),
+                                progress=False)
+    assert result.base_rule == "mse" and set(result.rule_metrics) == {"mse"}
     assert result.flagged == ["fc2"]
     fc2 = next(d for d in result.layers if d.name == "fc2")
     assert fc2.percentile < 100.0
@@ -137,16 +140,17 @@ def test_float_fallback_keeps_a_layer_float_only_where_no_cut_off_saves_it():
     assert result.flagged == ["fc2"] and result.float_layers == ["fc2"] and fc2.keep_float
     assert result.final_metric < result.max_metric / 10
     assert fc2.float_metric < min(fc2.candidates.values()) - config.threshold
-    assert result.per_layer_rules()["fc2"] is None and result.final_metric == pytest.approx(fc2.float_metric)
+    assert result.to_plan().layers["fc2"].why_float.startswith("float_fallback")
+    assert result.final_metric == pytest.approx(fc2.float_metric)
     assert result.to_dict()["float_layers"] == ["fc2"]
 
 
 def test_keep_float_layers_stay_float_and_out_of_the_search():
     model, run_calibration, metric = make_problem()
-    result = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0, keep_float=("fc[2]",)),
-                                progress=False)
+    config = SearchConfig(threshold=1.0, keep_float=("fc[2]",), builtin_candidates=False)
+    result = stablequant_search(model, run_calibration, metric, config, progress=False)
     assert result.float_layers == ["fc2"] and result.flagged == []  # fc2, the outlier layer, was never screened
-    assert result.evaluations == 1 + 2 + 1 + 1  # fp, screen fc1 and fc3, whole model MAX, final
+    assert result.evaluations == 1 + 2 + 1 + 1 + 1  # fp, screen fc1 and fc3, whole model MAX, MSE, final
     assert result.per_layer_rules() == {"fc1": RangeRule("percentile_then_mse", 100.0), "fc2": None,
                                         "fc3": RangeRule("percentile_then_mse", 100.0)}
     with pytest.raises(ValueError, match="keep_float: 'encoder.*' matches no quantizable layer; layers are named"):
@@ -173,3 +177,66 @@ def test_progress_shows_no_empty_clip_bar_when_nothing_is_flagged(capsys):
     result = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1e9), progress=True)
     err = capsys.readouterr().err
     assert result.flagged == [] and "screen" in err and "clip" not in err
+
+
+def test_builtin_candidates_never_lose_to_a_builtin_rule_on_the_metric():
+    model, run_calibration, metric = make_problem()
+    paper = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0, builtin_candidates=False),
+                               progress=False)
+    result = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0), progress=False)
+    assert set(result.rule_metrics) == {"mse", "max", "moving_average", "l2_histogram"}
+    assert result.rule_metrics["max"] == result.max_metric
+    # The base is the best whole-model built-in rule, and the search ends at or below it and below the paper's.
+    assert result.rule_metrics[result.base_rule] == min(result.rule_metrics.values())
+    assert result.final_metric <= min(result.rule_metrics.values())
+    assert result.final_metric <= paper.final_metric
+    fc2 = next(d for d in result.layers if d.name == "fc2")
+    assert set(fc2.rule_candidates) == {"max", "moving_average", "l2_histogram"}
+    best = min([*fc2.candidates.values(), *fc2.rule_candidates.values()])
+    assert result.final_metric == pytest.approx(best)
+    # Unflagged layers sit on the base rule: its range, exactly.
+    fc1 = next(d for d in result.layers if d.name == "fc1")
+    assert fc1.choice == ("percentile" if result.base_rule == "mse" else result.base_rule)
+    # One evaluation per distinct range: float, screen (3), MAX, 3 more base rules, fc2's candidates, final.
+    distinct = len({*fc2.candidates.values(), *fc2.rule_candidates.values()})
+    assert 1 + 3 + 1 + 3 + distinct - 1 + 1 <= result.evaluations <= 1 + 3 + 1 + 3 + 6 + 2 + 1
+
+
+def test_a_range_no_rule_expresses_is_refused_by_per_layer_rules_and_kept_by_the_plan():
+    model, run_calibration, metric = make_problem()
+    result = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0), progress=False)
+    fc1 = next(d for d in result.layers if d.name == "fc1")
+    fc1.choice = "moving_average"
+    with pytest.raises(ValueError, match="layer fc1: the search chose the moving_average range.*to_plan"):
+        result.per_layer_rules()
+    plan = result.to_plan()
+    assert plan.layers["fc1"].decision == {"method": "moving_average", "flagged": False}
+    assert plan.layers["fc1"].act_range == pytest.approx(fc1.act_range)
+    assert plan.provenance["base_rule"] == result.base_rule
+
+
+def test_refine_pass_never_ends_worse_and_re_scores_each_flagged_layer():
+    model, run_calibration, metric = make_problem()
+    once = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0), progress=False)
+    twice = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0, refine_passes=1),
+                               progress=False)
+    assert twice.final_metric <= once.final_metric
+    # With one flagged layer, the second sweep sees the same model: every range is scored already, or once more.
+    assert once.evaluations <= twice.evaluations <= once.evaluations + 8
+    with pytest.raises(ValueError, match="refine_passes must be an integer >= 0"):
+        SearchConfig(refine_passes=-1)
+
+
+def test_layer_macs_and_the_share_kept_float():
+    from sq_plugin.search.stablequant import layer_macs
+
+    assert layer_macs(torch.nn.Linear(16, 32), torch.zeros(5, 7, 16)) == 5 * 7 * 16 * 32
+    conv = torch.nn.Conv1d(4, 8, kernel_size=3, stride=2, groups=2)
+    assert layer_macs(conv, torch.zeros(2, 4, 11)) == 2 * 5 * 8 * 2 * 3  # 5 output frames, 2 inputs per group
+    model, run_calibration, metric = make_problem()
+    result = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0, keep_float=("fc1",)),
+                                progress=False)
+    macs = {d.name: d.macs for d in result.layers}
+    assert macs == {"fc1": 2000 * 16 * 32, "fc2": 2000 * 32 * 32, "fc3": 2000 * 32 * 8}
+    assert result.float_mac_share == pytest.approx(macs["fc1"] / sum(macs.values()))
+    assert result.to_dict()["float_mac_share"] == result.float_mac_share
