@@ -50,6 +50,9 @@ def to_row(run_row: dict[str, Any], run_dir: str, command: str) -> dict[str, Any
         "calib_seconds": None if calib is None else calib + (search or 0.0), "n_eval": run_row["n_eval"],
         "backend": run_row["backend"], "int8_kernels": run_row["int8_kernels"], "search_seconds": search,
         "eval_seconds": run_row.get("eval_seconds"), "run": run_dir, "command": command,
+        # ΔWER against FP on the same utterances with its 95 % paired-bootstrap interval (fractions).
+        "wer_delta": run_row.get("wer_delta"), "wer_ci95": run_row.get("wer_ci95"),
+        "wer_delta_p": run_row.get("wer_delta_p"),
     }
 
 
@@ -67,7 +70,7 @@ def table(rows: list[dict[str, Any]], searches: dict[str, dict[str, Any]]) -> st
     """The markdown table of BENCHMARKS.md: one block per model, rows by bits then method."""
     order = {m: i for i, m in enumerate(ALL_METHODS)}
     models = list(dict.fromkeys(r["model"] for r in rows))
-    lines = ["| model | bits | method | runs on | WER % | ΔWER pp | CER % | ΔCER pp | calib s | n |",
+    lines = ["| model | bits | method | runs on | WER % | ΔWER pp [95 % CI] | CER % | ΔCER pp | calib s | n |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for model in models:
         mrows = sorted((r for r in rows if r["model"] == model),
@@ -81,26 +84,64 @@ def table(rows: list[dict[str, Any]], searches: dict[str, dict[str, Any]]) -> st
                 runs_on = f"INT8 ({r['int8_kernels']} kernels)"
             name = f"**{r['method']}**" if r["method"] == "stablequant" else r["method"]
             calib = "-" if r["calib_seconds"] is None else f"{r['calib_seconds']:.1f}"
+            ci = r.get("wer_ci95")
+            interval = "" if r["method"] == "fp" or not ci else f" [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]"
             lines.append(f"| {model} | {_bits(r)} | {name} | {runs_on} | {r['wer'] * 100:.2f} | "
-                         f"{(r['wer'] - r['fp_wer']) * 100:+.2f} | {r['cer'] * 100:.2f} | "
+                         f"{(r['wer'] - r['fp_wer']) * 100:+.2f}{interval} | {r['cer'] * 100:.2f} | "
                          f"{(r['cer'] - r['fp_cer']) * 100:+.2f} | {calib} | {r['n_eval']} |")
     lines.append("")
+    lines += verdicts(rows)
     if searches:
-        lines += ["StableQuant search, per model and bits (calibration metric; flagged layers and their cut-off):", "",
-                  "| model | bits | metric (threshold) | FP | all MAX | StableQuant | flagged "
-                  "| clipped (percentile) or float | evaluations | search s | search / (MinMax calib + 1 eval) |",
-                  "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+        lines += ["StableQuant search, per model and bits (calibration metric; flagged layers and their choice):", "",
+                  "| model | bits | metric (threshold) | FP | all MAX | best built-in rule | StableQuant | flagged "
+                  "| changed from the base (choice) | MACs float | evaluations | search s "
+                  "| search / (MinMax calib + 1 eval) |",
+                  "|---|---|---|---:|---:|---|---:|---:|---|---:|---:|---:|---:|"]
         for s in searches.values():
             flagged = [d for d in s["layers"] if d["flagged"]]
-            clipped = [f"`{d['name']}` ({'float' if d.get('keep_float') else format(d['percentile'], 'g')})"
-                       for d in s["layers"] if d.get("keep_float") or (d["flagged"] and d["percentile"] < 100)]
-            shown = ", ".join(clipped[:6]) + (f", … {len(clipped) - 6} more" if len(clipped) > 6 else "")
+            base = s.get("base_rule", "mse")
+            base_choice = "percentile" if base == "mse" else base
+
+            def label(d: dict[str, Any]) -> str:
+                if d.get("keep_float"):
+                    return "float"
+                choice = d.get("choice", "percentile")
+                return f"p{d['percentile']:g}" if choice == "percentile" else choice
+
+            changed = [f"`{d['name']}` ({label(d)})" for d in s["layers"] if d.get("keep_float") or (
+                d["flagged"] and (d.get("choice", "percentile") != base_choice or d["percentile"] < 100))]
+            shown = ", ".join(changed[:6]) + (f", … {len(changed) - 6} more" if len(changed) > 6 else "")
             ratio = "-" if s.get("cost_ratio") is None else f"{s['cost_ratio']:.2f}x"
+            rules = s.get("rule_metrics") or {}
+            best = f"{base} {rules[base]:.4f}" if base in rules else "-"
             lines.append(f"| {s['model']} | {s['bits']} | {s['metric']} ({s['threshold']:g}) | {s['fp_metric']:.4f} | "
-                         f"{s['max_metric']:.4f} | {s['final_metric']:.4f} | {len(flagged)} | {shown or 'none'} | "
-                         f"{s['evaluations']} | {s['wall_seconds']:.0f} | {ratio} |")
+                         f"{s['max_metric']:.4f} | {best} | {s['final_metric']:.4f} | {len(flagged)} | "
+                         f"{shown or 'none'} | {100 * s.get('float_mac_share', 0):.2f} % | {s['evaluations']} | "
+                         f"{s['wall_seconds']:.0f} | {ratio} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """Per model and bits: StableQuant's ΔWER against the best built-in's, and whether a built-in is better by more
+    than its interval (its whole 95 % interval below StableQuant's ΔWER)."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for bits in dict.fromkeys(_bits(r) for r in rows if r["model"] == model and r["method"] != "fp"):
+            cell = [r for r in rows if r["model"] == model and _bits(r) == bits and r.get("wer_ci95")]
+            ours = next((r for r in cell if r["method"] == "stablequant"), None)
+            others = [r for r in cell if r["method"] != "stablequant"]
+            if ours is None or not others:
+                continue
+            best = min(others, key=lambda r: r["wer"])
+            delta = (ours["wer"] - ours["fp_wer"]) * 100
+            beaten = [r["method"] for r in others if r["wer_ci95"][1] * 100 < delta]
+            out.append(f"- {model} {bits}: StableQuant {delta:+.2f} pp; best built-in {best['method']} "
+                       f"{(best['wer'] - best['fp_wer']) * 100:+.2f} pp "
+                       f"[{best['wer_ci95'][0] * 100:+.2f}, {best['wer_ci95'][1] * 100:+.2f}]; "
+                       + (f"better than StableQuant by more than their interval: {', '.join(beaten)}" if beaten
+                          else "no built-in better by more than its interval"))
+    return out + [""] if out else []
 
 
 def compare(names: list[str]) -> str:
@@ -142,6 +183,11 @@ def main() -> None:
     parser.add_argument("--keep-float", default="", help="StableQuant option: comma list of layer globs kept float")
     parser.add_argument("--int8-grid", default="auto", choices=GRID_CHOICES,
                         help="the recipe's int8_grid: auto = 7-bit weights on x86 without VNNI, else full")
+    parser.add_argument("--calib-dataset", default="corpus-dev", choices=("corpus-dev", "corpus-dev-v1"),
+                        help="corpus-dev: dev voices held out (release v2); corpus-dev-v1: dev on the training voices")
+    parser.add_argument("--paper-only", action="store_true",
+                        help="StableQuant without the built-in rules as candidates (builtin_candidates: false)")
+    parser.add_argument("--refine-passes", type=int, default=0, help="StableQuant option: extra sweeps")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="accuracy", help="results name; use another for ablations (e.g. "
                         "accuracy_ablation) so that accuracy.json keeps the default method's rows")
@@ -166,12 +212,14 @@ def main() -> None:
     methods = args.methods.split(",") if args.methods else list(WHISPER_METHODS if whisper else ALL_METHODS)
     recipe = parse_recipe({
         "name": f"{args.out}-{'whisper' if whisper else 'ctc'}", "model": models,
-        "calibration": {"dataset": "corpus-dev", "size": args.calib},
+        "calibration": {"dataset": args.calib_dataset, "size": args.calib},
         "evaluation": {"dataset": "corpus-test", "size": args.eval},
         "methods": methods, "bits": args.bits.split(","), "backend": "x86", "threads": args.threads,
         "int8_grid": args.int8_grid,
         "method_options": {"stablequant": {"metric": args.metric, "threshold": args.threshold,
                                             "float_fallback": args.float_fallback,
+                                            "builtin_candidates": not args.paper_only,
+                                            "refine_passes": args.refine_passes,
                                             "keep_float": [g for g in args.keep_float.split(",") if g]}},
         "output_dir": "runs/accuracy",
     }, source="benchmarks/accuracy.py")
@@ -191,8 +239,12 @@ def main() -> None:
                          "cache": s.get("cache", {}), "cost_ratio": cost, "threshold": args.threshold,
                          "float_fallback": run.recipe.method_options.stablequant.float_fallback,
                          "keep_float": run.recipe.method_options.stablequant.keep_float,
+                         "builtin_candidates": run.recipe.method_options.stablequant.builtin_candidates,
+                         "refine_passes": run.recipe.method_options.stablequant.refine_passes,
+                         "calibration": args.calib_dataset, "base_rule": s.get("base_rule"),
+                         "rule_metrics": s.get("rule_metrics", {}), "float_mac_share": s.get("float_mac_share", 0.0),
                          "layers": [{"name": d["name"], "flagged": d["flagged"], "percentile": d["percentile"],
-                                     "keep_float": d["keep_float"],
+                                     "choice": d.get("choice", "percentile"), "keep_float": d["keep_float"],
                                      "screen_delta": d["screen_delta"]} for d in s["layers"]]}
 
     path = RESULTS / f"{args.out}.json"
