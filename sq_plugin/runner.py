@@ -143,6 +143,41 @@ def _isa_errors(recipe: Recipe) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
+class _Progress(Sequence):
+    """The calibration set, with a progress bar over every full pass a builder makes through it (calibration runs
+    inside the builders; this shows it without threading a flag through each one)."""
+
+    def __init__(self, items: Sequence[Any], desc: str, enabled: bool) -> None:
+        self.items, self.desc, self.enabled = items, desc, enabled
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.items[index]
+
+    def __iter__(self) -> Any:
+        from tqdm.auto import tqdm
+
+        return iter(tqdm(self.items, desc=self.desc, unit="utt", disable=not self.enabled, leave=False))
+
+
+def _int8_nbytes(bundle: Any, plan: Any) -> int | None:
+    """Bytes of the model as INT8 storage holds it: every quantized layer's weight at 1 byte per value plus float32
+    per-channel scales, the rest float32 (None without a plan: a framework's observers chose the layers)."""
+    if plan is None:
+        return None
+    from sq_plugin.backends.packed import fp32_nbytes
+    from sq_plugin.backends.simulate import quantizable_layers
+    from sq_plugin.families.mixed import folded_model
+
+    model = folded_model(bundle)
+    layers = quantizable_layers(model)
+    saved = sum(3 * layers[name].weight.numel() - 4 * layers[name].weight.shape[0] for name in plan.quantized
+                if name in layers)
+    return fp32_nbytes(model) - saved
+
+
 class DataUnavailableError(RuntimeError):
     """A data set that cannot be fetched here (LibriSpeech without `datasets` or the hub)."""
 
@@ -257,7 +292,11 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
     """FP once, then every bits x method of one model; appends to `run` (rows, fp, searches, examples)."""
     import torch
 
+    from sq_plugin.backends.packed import fp32_nbytes
+    from sq_plugin.backends.pt2e import int8_modules
     from sq_plugin.families.ctc import EVAL_KWARGS
+    from sq_plugin.families.mixed import folded_model
+    from sq_plugin.speech.audio import SAMPLE_RATE
     from sq_plugin.speech.evaluate import evaluate, word_errors
     from sq_plugin.speech.models import load_model
 
@@ -276,8 +315,9 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
     wrong_family = [m for m in recipe.quantized_methods if bundle.kind not in METHODS[m].families]
     if wrong_family:  # a name that did not say its family (e.g. a local directory)
         raise RecipeError(f"{recipe.name or 'recipe'}.yaml", [_family_error(model, bundle.kind, wrong_family)])
-    fp = evaluate(bundle, evaluation, progress=False, **eval_kwargs)
+    fp = evaluate(bundle, evaluation, progress=progress, desc=f"evaluate {model} fp", **eval_kwargs)
     fp_wer, fp_cer = _finite(fp.wer, f"{model} FP WER"), _finite(fp.cer, f"{model} FP CER")
+    audio_seconds = sum(len(u.audio) for u in evaluation) / SAMPLE_RATE
     run.fp[model] = {"wer": fp_wer, "cer": fp_cer, "n": fp.n}
     say(f"{model} fp: WER {fp_wer:.4f} CER {fp_cer:.4f} on {fp.n} utterances ({fp.seconds:.0f} s)")
     hypotheses: dict[str, dict[str, str]] = {"fp": {u.id: u.hypothesis for u in fp.utterances}}
@@ -288,12 +328,11 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
         run.rows.append({"model": model, "method": "fp", "w_bits": 32, "a_bits": 32, "simulated": False,
                          "backend": "eager float32", "int8_kernels": 0, "wer": fp_wer, "cer": fp_cer,
                          "fp_wer": fp_wer, "fp_cer": fp_cer, "calib_seconds": None, "search_seconds": None,
-                         "n_eval": fp.n, "lower_seconds": None, "eval_seconds": fp.seconds})
+                         "n_eval": fp.n, "lower_seconds": None, "eval_seconds": fp.seconds,
+                         "compile_seconds": None, "rtf": fp.seconds / audio_seconds,
+                         "model_bytes": fp32_nbytes(folded_model(bundle))})
         if any(b.is_mixed for b in recipe.bits):  # the size the mixed rows are compared with
-            from sq_plugin.backends.packed import fp32_nbytes
-            from sq_plugin.families.mixed import folded_model
-
-            run.rows[-1].update({"bytes": fp32_nbytes(folded_model(bundle)), "avg_bits": 32.0,
+            run.rows[-1].update({"bytes": run.rows[-1]["model_bytes"], "avg_bits": 32.0,
                                  "compression_ratio": 1.0, "wer_ci95": [0.0, 0.0], "executed": "float32"})
     lower = False if recipe.backend == "simulate" else None  # None: real INT8 for W8A8, simulated below
     provenance = {"model": model, "calibration": f"{recipe.calibration.dataset}[:{len(calibration)}]",
@@ -380,10 +419,19 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
             if bits.is_mixed:
                 say(f"{model} {label}: budget {bits.budget_bits:g} bits per weight over widths "
                     f"{list(bits.widths_for(method if method == 'stablequant' else 'trained'))}")
-            quantized = METHODS[method].build(bundle, calibration, job)
+            say(f"{model} {label}: calibrating on {len(calibration)} utterances"
+                + (", then compiling to INT8 kernels" if job.runs_int8 else ""))
+            quantized = METHODS[method].build(bundle, _Progress(calibration, f"calibrate {method} {bits.label}",
+                                                                progress), job)
             if quantized.plan is not None:
                 run.plans[f"{model} {method} {bits.label}"] = quantized.plan
-            result = evaluate(quantized.bundle, evaluation, progress=False, **eval_kwargs)
+            compiled = int8_modules(quantized)
+            compile_before = sum(m.compile_seconds for m in compiled)  # lowering compiled the first shape
+            result = evaluate(quantized.bundle, evaluation, progress=progress, desc=f"evaluate {method} {bits.label}",
+                              **eval_kwargs)
+            compile_seconds = sum(m.compile_seconds for m in compiled)
+            # Steady-state evaluation: without the first call of each new input shape (its compilation).
+            eval_seconds = result.seconds - (compile_seconds - compile_before)
             wer_q = _finite(result.wer, f"{model} {label} WER")
             cer_q = _finite(result.cer, f"{model} {label} CER")
             delta = _delta_ci(references, fp_errors, words, result, f"{model} {label}")
@@ -393,7 +441,10 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
                             "int8_kernels": quantized.int8_kernels, "wer": wer_q, "cer": cer_q, "fp_wer": fp_wer,
                             "fp_cer": fp_cer, "calib_seconds": quantized.calib_seconds,
                             "search_seconds": search_seconds, "n_eval": result.n,
-                            "lower_seconds": quantized.lower_seconds, "eval_seconds": result.seconds,
+                            "lower_seconds": quantized.lower_seconds, "eval_seconds": eval_seconds,
+                            "compile_seconds": compile_seconds if compiled else None,
+                            "rtf": eval_seconds / audio_seconds,
+                            "model_bytes": _int8_nbytes(bundle, quantized.plan) if not quantized.simulated else None,
                             "plan_deviations": quantized.plan_deviations,
                             "wer_delta": delta.delta, "wer_ci95": [delta.low, delta.high],
                             "wer_delta_p": delta.p_value,
@@ -410,7 +461,8 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
             say(f"{model} {label}: WER {wer_q:.4f} ({(wer_q - fp_wer) * 100:+.2f} pp, 95% "
                 f"[{delta.low * 100:+.2f}, {delta.high * 100:+.2f}]) CER {cer_q:.4f}; "
                 f"{quantized.backend}, {quantized.int8_kernels} INT8 kernels; calibration "
-                f"{quantized.calib_seconds:.1f} s, evaluation {result.seconds:.0f} s")
+                f"{quantized.calib_seconds:.1f} s, " + (f"compilation {compile_seconds:.0f} s, " if compiled else "")
+                + f"evaluation {eval_seconds:.0f} s (RTF {eval_seconds / audio_seconds:.3f})")
             # Free the compiled graph before the next method: Inductor keeps every compiled model alive.
             del quantized
             torch._dynamo.reset()
@@ -676,18 +728,26 @@ def _report_md(run: RunResult, plots: Sequence[str]) -> str:
         "**simulated** = fake-quant q/dq run in float (below 8 bits, or backend `simulate`); "
         "otherwise the model ran on real INT8 kernels (count in the INT8 column).",
         "",
-        "| model | method | bits | WER % | ΔWER pp [95% interval] | CER % | ΔCER pp | backend | INT8 kernels | calib s "
-        "| search s |",
-        "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| model | method | bits | WER % | ΔWER pp [95% interval] | CER % | ΔCER pp | backend | INT8 kernels | size MB "
+        "| calib s | search s | compile s | eval s | RTF |",
+        "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in run.rows:
         backend = row["backend"] + (" — **simulated**" if row["simulated"] else "")
+        size = row.get("bytes") or row.get("model_bytes")
         lines.append(
             f"| {row['model']} | {row['method']} | {_bits_label(row)} | {row['wer'] * 100:.2f} | "
             f"{_delta_md(row)} | {row['cer'] * 100:.2f} | "
             f"{(row['cer'] - row['fp_cer']) * 100:+.2f} | {backend} | {row['int8_kernels']} | "
-            f"{_fmt(row['calib_seconds'])} | {_fmt(row['search_seconds'])} |")
+            f"{_fmt(None if size is None else size / 1e6, '.2f')} | {_fmt(row['calib_seconds'])} | "
+            f"{_fmt(row['search_seconds'])} | {_fmt(row.get('compile_seconds'))} | {_fmt(row.get('eval_seconds'))} | "
+            f"{_fmt(row.get('rtf'), '.3f')} |")
     lines.append("")
+    lines += ["Size: float32 for FP; INT8 rows as INT8 storage holds them (1 byte per quantized weight, float32 "
+              "per-channel scales, the rest float32; `-` where a framework's observers chose the layers, or the row "
+              "is simulated); mixed rows: packed bytes on disk. compile s: the calls that compiled a new input shape "
+              "(lowering included); eval s: the evaluation without them, at batch size 1; RTF = eval s / seconds of "
+              "evaluation audio.", ""]
     lines += _resolution_md(run)
     planned = [r for r in run.rows if r.get("plan")]
     if planned:

@@ -62,12 +62,12 @@ def fake_search_result(config, layers):
 
 
 def install_fakes(monkeypatch, *, wer_of=lambda bundle: 0.1 if not bundle.quantized else 0.12):
-    utts = [Utt(f"u{i}", None, f"hello world {i}") for i in range(3)]
+    utts = [Utt(f"u{i}", np.zeros(16000 * (i + 1), dtype=np.float32), f"hello world {i}") for i in range(3)]
     monkeypatch.setattr(runner, "_load_data", lambda dataset, size: utts[:size])
     monkeypatch.setattr(models, "load_model", lambda name: FakeBundle(name, "whisper" if "whisper" in name else "ctc"))
     statistics_calls = []
 
-    def fake_evaluate(bundle, utterances, batch_size=8, progress=True, pad_to_multiple=None):
+    def fake_evaluate(bundle, utterances, batch_size=8, progress=True, pad_to_multiple=None, desc=None):
         assert batch_size == 1
         wer = wer_of(bundle)
         hyp = "hello world" if not bundle.quantized else "hello word"
@@ -132,6 +132,11 @@ def test_run_writes_report_results_and_plots(tmp_path, monkeypatch):
     assert by[("max", 8)]["int8_kernels"] == 4 and not by[("max", 8)]["simulated"]
     assert by[("max", 4)]["simulated"] and by[("max", 4)]["int8_kernels"] == 0
     assert by[("stablequant", 8)]["search_seconds"] is not None and by[("max", 8)]["search_seconds"] is None
+    # Size: two Linear(2, 2) in float32 (48 bytes); INT8 keeps 1 byte per weight and a float32 scale per channel.
+    assert by[("fp", 32)]["model_bytes"] == 48 and by[("max", 8)]["model_bytes"] == 48 - 2 * (3 * 4 - 4 * 2)
+    assert by[("max", 4)]["model_bytes"] is None  # simulated: no storage format ran
+    # RTF: 0.01 s of fake evaluation over 1 + 2 + 3 s of audio; nothing compiled (no Int8Module in the fakes)
+    assert by[("max", 8)]["rtf"] == pytest.approx(0.01 / 6) and by[("max", 8)]["compile_seconds"] is None
     assert data["peak_rss_mb"] > 0 and set(data["searches"]) == {"sq/wav2vec2-ref w8a8", "sq/wav2vec2-ref w4a4"}
     report = (out / "report.md").read_text()
     # every fake utterance loses "zero/one/two" and turns "world" into "word": 1 vs 2 edits in 3 words, so
@@ -298,7 +303,7 @@ def test_whisper_runs_every_method_on_int8_kernels_at_w8a8_and_simulates_on_back
         return pipeline.QuantizedModel(FakeBundle(bundle.name, quantized="yes"), "x86-onednn-int8 (vnni: ...)", False,
                                        {"encoder_qlinear": 3, "decoder_step_qlinear": 2}, 5, 0.5, 0.2, plan=plan)
 
-    def fake_evaluate(bundle, utterances, batch_size=8, progress=True, pad_to_multiple=None):
+    def fake_evaluate(bundle, utterances, batch_size=8, progress=True, pad_to_multiple=None, desc=None):
         assert batch_size == whisper.EVAL_BATCH and pad_to_multiple is None
         us = [UtteranceResult(u.id, u.text, "hello world", 0.3, 0.1) for u in utterances]
         return EvalResult(wer=0.3, cer=0.1, n=len(us), utterances=us, seconds=0.01)

@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import functools
 import math
+import time
 import warnings
 import weakref
 from collections import OrderedDict
@@ -1111,6 +1112,9 @@ class Int8Module:
         self.refused: dict[tuple, str] = {}  # input shapes whose compilation failed the check -> why
         self.compiled = torch.compile(converted, dynamic=False)
         self.shapes: set[tuple] = set()
+        # Seconds spent in calls that compiled a new input shape (compilation and that first run): reports keep
+        # them apart from steady-state time.
+        self.compile_seconds = 0.0
 
     def __call__(self, *args: torch.Tensor) -> Any:
         import torch._dynamo.config as dynamo_config
@@ -1123,11 +1127,13 @@ class Int8Module:
         if key in self.refused:  # the compiled graph is cached: calling it again would skip the check
             raise RuntimeError(self.refused[key])
         before = _int8_lowered()
+        start = time.perf_counter()
         with inductor_config.patch(freezing=True, cpp_wrapper=self.cpp_wrapper), \
                 dynamo_config.patch(recompile_limit=256), torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_INDUCTOR_COPY_WARNING, category=UserWarning)
             out = self.compiled(*args)
         if key not in self.shapes:
+            self.compile_seconds += time.perf_counter() - start
             lowered = _int8_lowered() - before
             if self.quantized_ops and lowered == 0:
                 raise RuntimeError(
@@ -1156,6 +1162,24 @@ class Int8Module:
                 f"{KNOWN_KERNEL_DEFECTS}."
             )
             raise RuntimeError(self.refused[key])
+
+
+def int8_modules(obj: Any) -> list[Int8Module]:
+    """The `Int8Module`s `obj` is or holds, up to three attributes deep (a `QuantizedModel`'s CTC graph at
+    .bundle.model, Whisper's encoder and decoder step at .bundle.model.encode / .step), each once."""
+    found: dict[int, Int8Module] = {}
+    stack, seen = [(obj, 0)], set()
+    while stack:
+        item, depth = stack.pop()
+        if id(item) in seen or item is None or isinstance(item, str | int | float | bool | torch.Tensor):
+            continue
+        seen.add(id(item))
+        if isinstance(item, Int8Module):
+            found[id(item)] = item
+            continue
+        if depth < 3:
+            stack += [(v, depth + 1) for v in getattr(item, "__dict__", {}).values() if not isinstance(v, dict | list)]
+    return list(found.values())
 
 
 def lower_x86(converted: torch.fx.GraphModule, example_inputs: tuple, *,

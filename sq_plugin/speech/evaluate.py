@@ -300,6 +300,7 @@ def transcribe(
     progress: bool = True,
     max_new_tokens: int = 128,
     pad_to_multiple: int | None = None,
+    desc: str | None = None,
 ) -> list[str]:
     """Transcribe 16 kHz mono float32 clips; returns texts in the input order.
 
@@ -311,7 +312,7 @@ def transcribe(
     audios = [np.asarray(a, dtype=np.float32).reshape(-1) for a in audios]
     if any(len(a) == 0 for a in audios):
         raise ValueError("transcribe(): got an empty audio clip")
-    with torch.inference_mode(), _progress(len(audios), progress, f"transcribe {bundle.name}") as bar:
+    with torch.inference_mode(), _progress(len(audios), progress, desc or f"transcribe {bundle.name}") as bar:
         if bundle.kind == "ctc":
             return _transcribe_ctc(bundle, audios, batch_size, bar, pad_to_multiple)
         if bundle.kind == "whisper":
@@ -361,7 +362,7 @@ class EvalResult:
 
 
 def evaluate(bundle: SpeechModel, utterances: Sequence[Any], *, batch_size: int = 8,
-             progress: bool = True, pad_to_multiple: int | None = None) -> EvalResult:
+             progress: bool = True, pad_to_multiple: int | None = None, desc: str | None = None) -> EvalResult:
     """Transcribe `utterances` (objects with .id, .audio (float32 16 kHz mono), .text) and score them.
 
     pad_to_multiple (CTC): zero-pad each batch to a multiple of this many samples, as a statically
@@ -371,7 +372,7 @@ def evaluate(bundle: SpeechModel, utterances: Sequence[Any], *, batch_size: int 
         raise ValueError("evaluate(): no utterances given")
     start = time.perf_counter()
     hyps = transcribe(bundle, [u.audio for u in utterances], batch_size=batch_size, progress=progress,
-                      pad_to_multiple=pad_to_multiple)
+                      pad_to_multiple=pad_to_multiple, desc=desc)
     seconds = time.perf_counter() - start
     scored: list[UtteranceResult] = []
     empty: list[UtteranceResult] = []
