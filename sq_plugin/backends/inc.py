@@ -6,7 +6,7 @@ entry points run StableQuant's PT2E path (`sq_plugin.backends.pt2e`):
     import sq_plugin.backends.inc  # noqa: F401  (the registration)
     from neural_compressor.torch.quantization import convert, prepare, quantize
 
-    config = StableQuantConfig(per_layer=search.per_layer_rules())        # or {"stablequant": {...}}
+    config = StableQuantConfig(plan=search.to_plan())        # or per_layer={name: RangeRule}, or {"stablequant": {...}}
     quantized = quantize(model, config, run_fn=calibrate_fn, example_inputs=(audio,))
     prepared = prepare(model, config, example_inputs=(audio,)); calibrate_fn(prepared); quantized = convert(prepared)
 

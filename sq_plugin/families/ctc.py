@@ -3,7 +3,7 @@ benchmarks call. CTC models (wav2vec2 / HuBERT) for now; Whisper goes through th
 
     bundle = load_model("sq/wav2vec2-ref")
     result = search_ctc(bundle, dev_utterances)                        # screen -> clip -> MSE on WER
-    quantized = quantize_ctc_pt2e(bundle, dev_utterances, per_layer=result.per_layer_rules())
+    quantized = quantize_ctc_pt2e(bundle, dev_utterances, plan=result.to_plan())
     evaluate(quantized.bundle, test_utterances, batch_size=1)           # real INT8 kernels
 """
 

@@ -2,7 +2,7 @@
 
     bundle = load_model("openai/whisper-tiny.en")
     result = search_whisper(bundle, dev, SearchConfig(threshold=0.01), metric="tf_loss")
-    quantized = quantize_whisper_simulated(bundle, dev, per_layer=result.per_layer_rules())
+    quantized = quantize_whisper_simulated(bundle, dev, plan=result.to_plan())
     evaluate(quantized.bundle, test, batch_size=16)          # greedy generate, fake-quantized layers
 
 Metrics for the search. The paper screens by WER, which for Whisper means autoregressive decoding
