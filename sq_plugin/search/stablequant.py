@@ -129,6 +129,7 @@ class LayerDecision:
     choice: str = "percentile"
     rule_candidates: dict[str, float] = field(default_factory=dict)  # built-in rule -> metric (flagged layers)
     macs: int = 0  # multiply-accumulates over the calibration set (the share kept float is reported)
+    shares_input_with: list[str] = field(default_factory=list)  # layers reading the same tensor: one decision
 
 
 @dataclass
@@ -240,6 +241,25 @@ def layer_macs(module: torch.nn.Module, x: torch.Tensor) -> int:
     return int(x.numel() // module.in_features * module.in_features * module.out_features)
 
 
+def shared_input_units(names: Sequence[str], inputs_seen: dict[str, list[tuple[int, tuple[int, ...]]]],
+                       hists: dict[str, Histogram]) -> dict[str, tuple[str, ...]]:
+    """Group layers that read the same tensor: first unit member -> its members, in network order. Same tensor
+    means the same storage and shape in each of the first calls, and bit-identical statistics (a freed buffer
+    reused by another tensor cannot pass both)."""
+    units: dict[str, tuple[str, ...]] = {}
+    by_input: dict[tuple, str] = {}
+    for name in names:
+        key = tuple(inputs_seen.get(name, ()))
+        leader = by_input.get(key) if key else None
+        if leader is not None and hists[leader].equals(hists[name]):
+            units[leader] += (name,)
+        else:
+            units[name] = (name,)
+            if key:
+                by_input.setdefault(key, name)
+    return units
+
+
 def _checked(value: float, what: str) -> float:
     value = float(value)
     if not math.isfinite(value):
@@ -295,16 +315,22 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
 
     start = time.perf_counter()
     hists: dict[str, Histogram] = {}
-    averages = {n: MovingAverageMinMax() for n in names}
-    macs = dict.fromkeys(names, 0)
+    averages: dict[str, MovingAverageMinMax] = {}
+    macs: dict[str, int] = {}
+    inputs_seen: dict[str, list[tuple[int, tuple[int, ...]]]] = {}  # the first calls' input tensors (shared inputs)
 
     def on_input(name: str, x: torch.Tensor) -> None:
         hists[name].update(x, name=f"{name} (input)")
         averages[name].update(x, name=f"{name} (input)")
         macs[name] += layer_macs(modules[name], x)
+        if len(inputs_seen[name]) < 4:
+            inputs_seen[name].append((x.data_ptr(), tuple(x.shape)))
 
     def statistics() -> None:
         hists.update({n: Histogram.empty(bins=config.bins) for n in names})
+        averages.update({n: MovingAverageMinMax() for n in names})
+        macs.update(dict.fromkeys(names, 0))
+        inputs_seen.update({n: [] for n in names})
         observe_inputs(model, run_calibration, names, on_input)
 
     if replay_blocks is None:
@@ -315,6 +341,11 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
     seconds["statistics"] = time.perf_counter() - start
 
     w_grid_bits, a_grid_bits = config.grid_bits
+    # Layers that read the same tensor (q/k/v projections) are one decision: a quantized graph quantizes a tensor
+    # once for all its consumers, so one range is what will execute. A unit is named by its first layer.
+    units = shared_input_units([n for n in names if n not in kept], inputs_seen, hists)
+    units.update({n: (n,) for n in kept})
+    leaders = [n for n in names if n in units]
 
     def percentile_range(name: str, p: float) -> tuple[float, float]:
         return _row(compute_range(hists[name], RangeRule("percentile_then_mse", p, config.mse_grid),
@@ -337,14 +368,16 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
 
     max_ranges = {n: rule_range(n, "max") for n in names}
 
-    # 1. Screen: one layer at a time, MAX ranges.
+    # 1. Screen: one layer (one shared input) at a time, MAX ranges.
     start = time.perf_counter()
     fp_metric = evaluate({}, "the float model")
     screen: dict[str, float] = {}
-    for name in tqdm(names, desc="screen", disable=not progress):
-        screen[name] = fp_metric if name in kept else evaluate({name: quant(max_ranges[name])},
-                                                                f"layer {name} alone (MAX)")
-    flagged = [n for n in names if screen[n] - fp_metric > config.threshold]
+    for leader in tqdm(leaders, desc="screen", disable=not progress):
+        what = f"layer {leader}" + (f" and the {len(units[leader]) - 1} sharing its input" if len(units[leader]) > 1
+                                    else "") + " alone (MAX)"
+        value = fp_metric if leader in kept else evaluate({m: quant(max_ranges[m]) for m in units[leader]}, what)
+        screen.update(dict.fromkeys(units[leader], value))
+    flagged = [n for n in leaders if screen[n] - fp_metric > config.threshold]  # flagged units, by their leader
     seconds["screen"] = time.perf_counter() - start
 
     # 2. Clip: greedy over flagged layers in network order, whole model quantized.
@@ -375,8 +408,13 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
     rule_candidates: dict[str, dict[str, float]] = {n: {} for n in flagged}
     float_metrics: dict[str, float] = {}
 
+    def set_unit(name: str, choice: tuple[str, float], rng: tuple[float, float]) -> None:
+        for member in units[name]:
+            chosen[member], ranges[member] = choice, rng
+
     def choose(name: str, sweep: str) -> None:
-        """Re-choose `name`'s range with every other layer as it is now; the current one is a candidate."""
+        """Re-choose the range of `name`'s unit with every other layer as it is now; the current one is a
+        candidate. Its members share one input, so one histogram gives the candidates for all."""
         nonlocal current_metric
         options: list[tuple[tuple[str, float], tuple[float, float]]] = [(chosen[name], ranges[name])]
         options += [(("percentile", p), percentile_range(name, p)) for p in candidate_ps]
@@ -386,7 +424,7 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
         results: list[tuple[float, int, tuple[str, float], tuple[float, float]]] = []
         for order, (option, rng) in enumerate(options):
             if rng not in scored:
-                ranges[name] = rng
+                set_unit(name, option, rng)
                 what = f"percentile {option[1]}" if option[0] == "percentile" else f"the {option[0]} range"
                 scored[rng] = evaluate(whole_model(), f"layer {name} at {what} ({sweep})")
             results.append((scored[rng], order, option, rng))
@@ -395,14 +433,15 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
             elif order > 0:
                 rule_candidates[name][option[0]] = scored[rng]
         # Ties keep the current choice (order 0), then the larger percentile, then the earlier built-in rule.
-        current_metric, _, chosen[name], ranges[name] = min(results, key=lambda t: (t[0], t[1]))
+        current_metric, _, best, best_range = min(results, key=lambda t: (t[0], t[1]))
+        set_unit(name, best, best_range)
         if config.float_fallback:
-            float_layers.add(name)
+            float_layers.update(units[name])
             float_metrics[name] = evaluate(whole_model(), f"layer {name} in float ({sweep})")
             if float_metrics[name] < current_metric - config.threshold:
                 current_metric = float_metrics[name]
             else:
-                float_layers.discard(name)
+                float_layers.difference_update(units[name])
 
     for name in tqdm(flagged, desc="clip", disable=not progress or not flagged):  # no empty "clip: 0it" bar
         choose(name, "clip")
@@ -413,12 +452,15 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
     final_metric = evaluate(whole_model(), "the final model")
     seconds["clip"] = time.perf_counter() - start
 
+    leader_of = {member: leader for leader, unit in units.items() for member in unit}
     decisions = [
         LayerDecision(name=n, kind=type(modules[n]).__name__, screen_metric=screen[n],
-                      screen_delta=screen[n] - fp_metric, flagged=n in flagged, percentile=chosen[n][1],
-                      act_range=ranges[n], max_range=max_ranges[n], candidates=percentile_candidates.get(n, {}),
-                      keep_float=n in float_layers, float_metric=float_metrics.get(n), choice=chosen[n][0],
-                      rule_candidates=rule_candidates.get(n, {}), macs=macs[n])
+                      screen_delta=screen[n] - fp_metric, flagged=leader_of[n] in flagged, percentile=chosen[n][1],
+                      act_range=ranges[n], max_range=max_ranges[n],
+                      candidates=percentile_candidates.get(leader_of[n], {}), keep_float=n in float_layers,
+                      float_metric=float_metrics.get(leader_of[n]), choice=chosen[n][0],
+                      rule_candidates=rule_candidates.get(leader_of[n], {}), macs=macs[n],
+                      shares_input_with=[m for m in units[leader_of[n]] if m != n])
         for n in names
     ]
     seconds["total"] = float(np.sum(list(seconds.values())))

@@ -240,3 +240,43 @@ def test_layer_macs_and_the_share_kept_float():
     assert macs == {"fc1": 2000 * 16 * 32, "fc2": 2000 * 32 * 32, "fc3": 2000 * 32 * 8}
     assert result.float_mac_share == pytest.approx(macs["fc1"] / sum(macs.values()))
     assert result.to_dict()["float_mac_share"] == result.float_mac_share
+
+
+class SharedInput(torch.nn.Module):
+    """q/k/v read one tensor (as attention does); `out` reads another."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+        self.out = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = x.clone()
+        h[:, 0] = h[:, 0] + 40.0 * (torch.arange(h.shape[0]) % 97 == 0)  # rare outliers in the shared input
+        return self.out(torch.relu(self.q(h) + self.k(h) * self.v(h)))
+
+
+def test_layers_that_share_an_input_are_one_decision():
+    model = SharedInput().eval()
+    data = torch.randn(2000, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(data)
+
+    @torch.no_grad()
+    def error():
+        return float((model(data) - reference).norm() / reference.norm() * 100)
+
+    config = SearchConfig(threshold=0.2, builtin_candidates=False, int8_grid="full")
+    result = stablequant_search(model, lambda: model(data), error, config, progress=False)
+    by = {d.name: d for d in result.layers}
+    assert by["q"].shares_input_with == ["k", "v"] and by["v"].shares_input_with == ["q", "k"]
+    assert by["out"].shares_input_with == []
+    # one range for the three, whatever was chosen, so the quantized graph runs what was scored
+    assert by["q"].act_range == by["k"].act_range == by["v"].act_range
+    assert by["q"].flagged == by["k"].flagged == by["v"].flagged
+    # screened once for the three: float, 2 units, all MAX, MSE base, the flagged units' candidates, final
+    flagged_units = sum(1 for n in ("q", "out") if by[n].flagged)
+    assert result.evaluations <= 1 + 2 + 1 + 1 + flagged_units * len(config.percentiles) + 1
+    plan = result.to_plan()
+    assert plan.layers["q"].act_range == plan.layers["k"].act_range == plan.layers["v"].act_range
