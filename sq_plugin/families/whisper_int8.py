@@ -139,9 +139,20 @@ class GreedySettings:
         counts tokens after the prompt; it is capped so that every fed token has a position."""
         gen = whisper.generation_config
         if getattr(gen, "no_timestamps_token_id", None) is None:
-            raise ValueError("the model's generation_config has no no_timestamps_token_id: greedy_decode supports "
-                             "English-only Whisper checkpoints (prompt <|startoftranscript|><|notimestamps|>)")
-        prompt = (gen.decoder_start_token_id, gen.no_timestamps_token_id)
+            raise ValueError("the model's generation_config has no no_timestamps_token_id: greedy_decode transcribes "
+                             "without timestamps (prompt <|startoftranscript|>[<|en|><|transcribe|>]<|notimestamps|>)")
+        if getattr(gen, "is_multilingual", False):
+            # A multilingual model transcribes in the configured language (default English), as `generate` does.
+            language = gen.language or "en"
+            token = language if language.startswith("<|") else f"<|{language}|>"
+            lang_to_id, task_to_id = getattr(gen, "lang_to_id", None) or {}, getattr(gen, "task_to_id", None) or {}
+            if token not in lang_to_id or "transcribe" not in task_to_id:
+                raise ValueError(f"the multilingual model's generation_config lacks lang_to_id[{token!r}] or "
+                                 "task_to_id['transcribe']: set them (as openai's generation_config does)")
+            prompt = (gen.decoder_start_token_id, lang_to_id[token], task_to_id[gen.task or "transcribe"],
+                      gen.no_timestamps_token_id)
+        else:
+            prompt = (gen.decoder_start_token_id, gen.no_timestamps_token_id)
         limit = max_new_tokens or gen.max_length or whisper.config.max_target_positions
         return cls(prompt=prompt, eos=gen.eos_token_id, suppress=tuple(gen.suppress_tokens or ()),
                    begin_suppress=tuple(gen.begin_suppress_tokens or ()),

