@@ -20,6 +20,7 @@ from sq_plugin.recipe import RecipeError, load_recipe, with_overrides
 
 EXIT_RECIPE = 2
 EXIT_UNAVAILABLE = 1
+EXIT_RANK_FAILED = 3  # under torchrun: another rank died or hung; nothing was written
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +42,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     # Inductor's x86 INT8 lowering warns once per compiled layer about its own tensor copies: noise here.
     warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
+    from sq_plugin import parallel
     from sq_plugin.runner import DataUnavailableError, check_runnable, run_recipe, summary_table
     from sq_plugin.speech.models import HubUnavailableError
 
@@ -49,11 +51,16 @@ def run_command(args: argparse.Namespace) -> int:
         recipe = with_overrides(recipe, source=f"{args.recipe} (with command-line overrides)",
                                 output_dir=args.output_dir, eval_size=args.eval_size, calib_size=args.calib_size)
         check_runnable(recipe)
+        parallel.init_from_env()  # under torchrun: join its process group (each rank then evaluates a share)
         result = run_recipe(recipe, progress=not args.quiet)
     except RecipeError as exc:
         return _fail(str(exc), EXIT_RECIPE)
     except (HubUnavailableError, DataUnavailableError) as exc:  # their messages already say how to fix it
         return _fail(str(exc), EXIT_UNAVAILABLE)
+    except parallel.RankFailedError as exc:
+        return _fail(str(exc), EXIT_RANK_FAILED)
+    if not parallel.is_main():
+        return 0  # rank 0 prints and writes for all
     print(summary_table(result))
     print(f"\nreport: {result.output_dir / 'report.md'}  (peak RSS {result.peak_rss_mb:.0f} MiB, "
           f"{result.seconds:.0f} s)")

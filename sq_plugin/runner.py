@@ -206,8 +206,13 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, log: Callable[[str], No
     """Run every model x bits x method of `recipe`, then write the report atomically (see module docstring)."""
     import torch
 
+    from sq_plugin import parallel
+
+    main_rank = parallel.is_main()
+    progress = progress and main_rank  # under torchrun, rank 0 speaks for all
+
     def say(msg: str) -> None:
-        if log is not None:
+        if log is not None and main_rank:
             log(msg)
         elif progress:
             print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -220,11 +225,17 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, log: Callable[[str], No
     evaluation = _load_data(recipe.evaluation.dataset, recipe.evaluation.size)
     say(f"data: {len(calibration)} calibration ({recipe.calibration.dataset}), {len(evaluation)} evaluation "
         f"({recipe.evaluation.dataset}) utterances")
+    if parallel.active():  # refuse a world larger than the data before any work (each rank needs a share)
+        parallel.batch_shard(len(calibration), 8, what="calibration utterances")  # the search scores batches of 8
+        parallel.batch_shard(len(evaluation), 1, what="evaluation utterances")
+        say(f"torch.distributed: {parallel.rank_and_world()[1]} ranks share every evaluation; rank 0 writes the report")
     run = RunResult(recipe=recipe, output_dir=Path(), rows=[], fp={})
     for model in recipe.models:
         _run_model(run, model, calibration, evaluation, say, progress)
     run.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
     run.seconds = time.perf_counter() - start
+    if not main_rank:  # rank 0 writes; the others computed the same result
+        return run
     run.output_dir = write_outputs(run)
     say(f"report: {run.output_dir / 'report.md'}")
     return run

@@ -16,7 +16,7 @@ are exact and not rounded to a bin edge.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -232,13 +232,16 @@ DEFAULT_AVERAGING_CONSTANT = 0.01
 class MovingAverageMinMax:
     """The moving-average MAX statistic of the built-in observers (torchao's `MovingAverageMinMaxObserver`,
     per tensor): the first batch sets [min, max]; every later batch moves each bound by `averaging_constant`
-    toward that batch's own min and max. Order-dependent by definition, so it does not merge; the search
-    collects it in the same pass as the histograms to offer the range that built-in would choose."""
+    toward that batch's own min and max. It depends on the order of the batches, so it keeps each batch's
+    [min, max] (two floats a batch) and averages on demand: statistics split over processes then combine
+    exactly by putting the batches back in their order (`interleave`)."""
 
     averaging_constant: float = DEFAULT_AVERAGING_CONSTANT
-    min_val: float = float("inf")
-    max_val: float = float("-inf")
-    batches: int = 0
+    batch_ranges: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def batches(self) -> int:
+        return len(self.batch_ranges)
 
     def update(self, values: np.ndarray | torch.Tensor, *, name: str = "tensor") -> None:
         x = values.detach().float() if isinstance(values, torch.Tensor) else torch.as_tensor(values).float()
@@ -247,16 +250,23 @@ class MovingAverageMinMax:
         lo, hi = (float(v) for v in torch.aminmax(x))
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise ValueError(f"{name}: NaN/Inf in the calibration tensor; a moving-average range cannot be computed")
-        if self.batches == 0:
-            self.min_val, self.max_val = lo, hi
-        else:
-            c = self.averaging_constant
-            self.min_val += c * (lo - self.min_val)
-            self.max_val += c * (hi - self.max_val)
-        self.batches += 1
+        self.batch_ranges.append((lo, hi))
 
     def range(self, *, name: str = "tensor") -> tuple[float, float]:
-        if self.batches == 0:
+        if not self.batch_ranges:
             raise RuntimeError(f"{name}: no calibration data was observed, so no moving-average range exists; run "
                                "the calibration data through the model first")
-        return self.min_val, self.max_val
+        (lo, hi), c = self.batch_ranges[0], self.averaging_constant
+        for batch_lo, batch_hi in self.batch_ranges[1:]:
+            lo += c * (batch_lo - lo)
+            hi += c * (batch_hi - hi)
+        return lo, hi
+
+    @classmethod
+    def interleave(cls, parts: list[MovingAverageMinMax]) -> MovingAverageMinMax:
+        """The statistic of batches dealt round-robin to `parts` (batch i to part i % len(parts)), in their
+        original order."""
+        merged = cls(parts[0].averaging_constant if parts else DEFAULT_AVERAGING_CONSTANT)
+        for k in range(max((p.batches for p in parts), default=0)):
+            merged.batch_ranges += [p.batch_ranges[k] for p in parts if k < p.batches]
+        return merged

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sq_plugin import parallel
 from sq_plugin.backends.simulate import is_parametrized, quantizable_layers, strip_weight_norm
 from sq_plugin.backends.weights import StoredWeight, install_stored_weights
 from sq_plugin.core.plan import QuantPlan
@@ -93,15 +94,20 @@ def ctc_labels(bundle: SpeechModel, utterances: Sequence[Any]) -> list[torch.Ten
 
 def ctc_loss_per_char(model: torch.nn.Module, inputs: Sequence[tuple[torch.Tensor, ...]],
                       labels: Sequence[torch.Tensor], *, blank: int) -> float:
-    """Mean over utterances of CTC loss / reference length (one utterance per call: no padding)."""
-    total = 0.0
+    """Mean over utterances of CTC loss / reference length (one utterance per call: no padding). Under
+    torch.distributed each rank scores every world-th utterance; the values are gathered and summed in order."""
+    if len(inputs) != len(labels):
+        raise ValueError(f"ctc_loss_per_char: {len(inputs)} inputs for {len(labels)} label sequences")
+    mine = parallel.batch_shard(len(labels), 1)
+    values = []
     with torch.inference_mode():
-        for args, y in zip(inputs, labels, strict=True):
+        for i in mine:
+            args, y = inputs[i], labels[i]
             log_probs = torch.log_softmax(model(*args).logits[0].float(), dim=-1)
             loss = torch.nn.functional.ctc_loss(log_probs[:, None], y[None], torch.tensor([log_probs.shape[0]]),
                                                 torch.tensor([len(y)]), blank=blank, reduction="sum")
-            total += float(loss) / len(y)  # inf if the audio is too short for its transcript: the search raises
-    return total / len(labels)
+            values.append(float(loss) / len(y))  # inf if the audio is too short for its transcript: the search raises
+    return sum(parallel.gather_in_order(values, mine, len(labels))) / len(labels)
 
 
 def ctc_statistics(bundle: SpeechModel, calibration: Sequence[Any], *, bins: int = DEFAULT_BINS
@@ -114,7 +120,7 @@ def ctc_statistics(bundle: SpeechModel, calibration: Sequence[Any], *, bins: int
     model = bundle.model.eval()
     audios = [u.audio for u in calibration]
     return collect_input_histograms(model, lambda: transcribe(bundle, audios, batch_size=1, progress=False),
-                                    list(quantizable_layers(model)), bins=bins)
+                                    list(quantizable_layers(model)), bins=bins, sharded=parallel.active())
 
 
 def ctc_score(bundle: SpeechModel, utterances: Sequence[Any], metric: str, *, batch_size: int = 8
@@ -161,7 +167,8 @@ def search_ctc(bundle: SpeechModel, calibration: Sequence[Any], config: SearchCo
 
     bundle.model.eval()
     return stablequant_search(bundle.model, run_calibration, score, config, progress=progress,
-                              replay_blocks="auto" if prefix_cache else None, cache_budget_mb=cache_budget_mb)
+                              replay_blocks="auto" if prefix_cache else None, cache_budget_mb=cache_budget_mb,
+                              sharded=parallel.active())
 
 
 @dataclass

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sq_plugin import parallel
 from sq_plugin.backends.simulate import LayerQuant, observe_inputs, quantizable_layers, simulate, strip_weight_norm
 from sq_plugin.backends.x86_isa import resolve_int8_grid
 from sq_plugin.core.defaults import DEFAULT_MSE_GRID, DEFAULT_PERCENTILES, DEFAULT_THRESHOLD
@@ -213,11 +214,23 @@ class SearchResult:
 
 
 def collect_input_histograms(model: torch.nn.Module, run_calibration: Callable[[], None], layers: Sequence[str],
-                             *, bins: int = DEFAULT_BINS) -> dict[str, Histogram]:
-    """One pass over the calibration data, in float: a histogram of every layer's input activation."""
+                             *, bins: int = DEFAULT_BINS, sharded: bool = False) -> dict[str, Histogram]:
+    """One pass over the calibration data, in float: a histogram of every layer's input activation.
+    sharded: `run_calibration` pushed only this rank's share; the histograms are merged across ranks (exact)."""
     hists = {name: Histogram.empty(bins=bins) for name in layers}
     observe_inputs(model, run_calibration, layers, lambda name, x: hists[name].update(x, name=f"{name} (input)"))
-    return hists
+    return merge_across_ranks(hists) if sharded else hists
+
+
+def merge_across_ranks(hists: dict[str, Histogram]) -> dict[str, Histogram]:
+    """Every rank's histograms merged (exact, so the same as one process that saw all the data)."""
+    parts = parallel.gather(hists)
+    merged = {}
+    for name, hist in parts[0].items():
+        for part in parts[1:]:
+            hist = hist.merge(part[name])
+        merged[name] = hist
+    return merged
 
 
 # The built-in observers' rules the search also tries (builtin_candidates), in tie-break order: "mse" is the
@@ -284,7 +297,7 @@ def _matching(names: Sequence[str], patterns: Sequence[str]) -> set[str]:
 def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], None], metric: Callable[[], float],
                        config: SearchConfig | None = None, *, layers: Sequence[str] | None = None,
                        progress: bool = True, replay_blocks: Sequence[str] | str | None = None,
-                       cache_budget_mb: float = DEFAULT_BUDGET_MB) -> SearchResult:
+                       cache_budget_mb: float = DEFAULT_BUDGET_MB, sharded: bool = False) -> SearchResult:
     """Run screen -> clip -> MSE on `model` (modified only inside the calls; restored after).
 
     layers: module names to quantize (default: every Linear and Conv1d). Weight-norm
@@ -293,6 +306,10 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
     recorded outputs of blocks whose preceding layers are unchanged (`PrefixCache`; exact). Only for
     metrics that push the same batches every time through pure blocks (no KV cache). None: off.
     cache_budget_mb: memory for those recorded outputs; past it, blocks are recomputed.
+    sharded: under `torch.distributed` (`sq_plugin.parallel`), `run_calibration` pushes only this rank's share
+    of the calibration batches, dealt round-robin (as `transcribe` does), and `metric` returns the value over all
+    utterances (gathered): the statistics are then combined across ranks exactly, so every rank decides what one
+    process would (`search_ctc` sets it).
     """
     config = config or SearchConfig()
     strip_weight_norm(model)
@@ -332,6 +349,12 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
         macs.update(dict.fromkeys(names, 0))
         inputs_seen.update({n: [] for n in names})
         observe_inputs(model, run_calibration, names, on_input)
+        if sharded:  # each rank saw its share (transcribe deals batches round-robin): combine exactly
+            parts = parallel.gather({"averages": dict(averages), "macs": dict(macs)})
+            hists.update(merge_across_ranks(hists))
+            for n in names:
+                averages[n] = MovingAverageMinMax.interleave([part["averages"][n] for part in parts])
+                macs[n] = sum(part["macs"][n] for part in parts)
 
     if replay_blocks is None:
         statistics()

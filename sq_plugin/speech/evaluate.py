@@ -29,6 +29,7 @@ import jiwer
 import numpy as np
 import torch
 
+from sq_plugin import parallel
 from sq_plugin.speech.models import SpeechModel
 
 SAMPLE_RATE = 16000
@@ -224,15 +225,19 @@ def uses_attention_mask(bundle: SpeechModel) -> bool:
     return bool(getattr(bundle.processor.feature_extractor, "return_attention_mask", False))
 
 
-def _transcribe_ctc(bundle: SpeechModel, audios: list[np.ndarray], batch_size: int, bar: Any,
-                    pad_to_multiple: int | None = None) -> list[str]:
+def length_batches(audios: Sequence[np.ndarray], batch_size: int) -> list[list[int]]:
+    """The batches transcription runs, as indices: clips sorted by length (little padding), `batch_size` each."""
+    order = sorted(range(len(audios)), key=lambda i: len(audios[i]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def _transcribe_ctc(bundle: SpeechModel, audios: list[np.ndarray], batches: list[list[int]], bar: Any,
+                    pad_to_multiple: int | None = None) -> dict[int, str]:
     fe, tokenizer = bundle.processor.feature_extractor, bundle.processor.tokenizer
     kernels, strides = _conv_stack(bundle)
     with_mask = uses_attention_mask(bundle)
-    order = sorted(range(len(audios)), key=lambda i: len(audios[i]))  # similar lengths -> little padding
-    results: list[str] = [""] * len(audios)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    results: dict[int, str] = {}
+    for idx in batches:
         # Normalize each utterance on its own (zero mean / unit variance over its real samples), then pad
         # with zeros: normalizing a padded batch without an attention mask would count the padding.
         feats = [np.asarray(fe(audios[i], sampling_rate=SAMPLE_RATE).input_values[0], dtype=np.float32)
@@ -257,8 +262,8 @@ def _transcribe_ctc(bundle: SpeechModel, audios: list[np.ndarray], batch_size: i
 
 
 def _transcribe_whisper(
-    bundle: SpeechModel, audios: list[np.ndarray], batch_size: int, bar: Any, max_new_tokens: int
-) -> list[str]:
+    bundle: SpeechModel, audios: list[np.ndarray], batches: list[list[int]], bar: Any, max_new_tokens: int
+) -> dict[int, str]:
     fe, tokenizer = bundle.processor.feature_extractor, bundle.processor.tokenizer
     model = bundle.model
     if not hasattr(model, "generate"):
@@ -278,10 +283,8 @@ def _transcribe_whisper(
     # English-only checkpoints reject language/task; multilingual ones need them to skip detection.
     if getattr(model.generation_config, "is_multilingual", False):
         gen_kwargs.update(language="en", task="transcribe")
-    order = sorted(range(len(audios)), key=lambda i: len(audios[i]))
-    results: list[str] = [""] * len(audios)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    results: dict[int, str] = {}
+    for idx in batches:
         # Pads/truncates every clip to 30 s of log-mel frames (3000), as Whisper was trained.
         features = fe([audios[i] for i in idx], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
         tokens = model.generate(features.to(getattr(model, "dtype", torch.float32)), **gen_kwargs)
@@ -306,18 +309,30 @@ def transcribe(
 
     CTC bundles: greedy CTC decoding of logits trimmed to each clip's valid frames. Whisper bundles:
     greedy `generate`, English, no timestamps, at most `max_new_tokens` tokens per clip.
+    Under `torch.distributed` (several ranks, `sq_plugin.parallel`) each rank runs every world-th batch and the
+    texts are gathered: the same batches, so the same texts, as one process.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     audios = [np.asarray(a, dtype=np.float32).reshape(-1) for a in audios]
     if any(len(a) == 0 for a in audios):
         raise ValueError("transcribe(): got an empty audio clip")
-    with torch.inference_mode(), _progress(len(audios), progress, desc or f"transcribe {bundle.name}") as bar:
+    if bundle.kind not in ("ctc", "whisper"):
+        raise ValueError(f"unknown model kind {bundle.kind!r}; expected 'ctc' or 'whisper'")
+    batches = length_batches(audios, batch_size)
+    rank, world = parallel.rank_and_world()
+    if world > 1:
+        parallel.batch_shard(len(audios), batch_size, what="clips")  # refuses a world larger than the batches
+        batches = batches[rank::world]
+    mine = sum(len(b) for b in batches)
+    with torch.inference_mode(), _progress(mine, progress, desc or f"transcribe {bundle.name}") as bar:
         if bundle.kind == "ctc":
-            return _transcribe_ctc(bundle, audios, batch_size, bar, pad_to_multiple)
-        if bundle.kind == "whisper":
-            return _transcribe_whisper(bundle, audios, batch_size, bar, max_new_tokens)
-    raise ValueError(f"unknown model kind {bundle.kind!r}; expected 'ctc' or 'whisper'")
+            results = _transcribe_ctc(bundle, audios, batches, bar, pad_to_multiple)
+        else:
+            results = _transcribe_whisper(bundle, audios, batches, bar, max_new_tokens)
+    if world > 1:
+        results = {i: text for part in parallel.gather(results) for i, text in part.items()}
+    return [results[i] for i in range(len(audios))]
 
 
 # ---------------------------------------------------------------------------------------------------
