@@ -243,6 +243,7 @@ def main() -> None:
                          "refine_passes": run.recipe.method_options.stablequant.refine_passes,
                          "calibration": args.calib_dataset, "base_rule": s.get("base_rule"),
                          "rule_metrics": s.get("rule_metrics", {}), "float_mac_share": s.get("float_mac_share", 0.0),
+                         "referee_metrics": s.get("referee_metrics", {}), "referee_choice": s.get("referee_choice"),
                          "layers": [{"name": d["name"], "flagged": d["flagged"], "percentile": d["percentile"],
                                      "choice": d.get("choice", "percentile"), "keep_float": d["keep_float"],
                                      "screen_delta": d["screen_delta"]} for d in s["layers"]]}

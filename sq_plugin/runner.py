@@ -273,6 +273,7 @@ def _search(bundle: Any, calibration: Sequence[Any], recipe: Recipe, w_bits: int
         from sq_plugin.families.whisper import search_whisper
 
         return search_whisper(bundle, calibration, config, metric=opts.metric, progress=progress,
+                              referee=None if opts.referee == "none" else opts.referee,
                               cache_budget_mb=opts.cache_budget_mb)
     return search_ctc(bundle, calibration, config, metric=opts.metric, progress=progress,
                       cache_budget_mb=opts.cache_budget_mb)
@@ -721,6 +722,15 @@ def _resolution_md(run: RunResult) -> list[str]:
     return lines
 
 
+def _referee_md(search: dict[str, Any]) -> str:
+    if not search.get("referee_metrics"):
+        return ""
+    choice = search["referee_choice"]
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in search["referee_metrics"].items())
+    return (f" Referee (decoding the calibration set): {scores}; the decision is "
+            f"{'the search' if choice == 'search' else 'every layer on ' + choice}.")
+
+
 def _report_md(run: RunResult, plots: Sequence[str]) -> str:
     r = run.recipe
     n_eval = ", ".join(str(v["n"]) for v in run.fp.values())
@@ -805,6 +815,7 @@ def _report_md(run: RunResult, plots: Sequence[str]) -> str:
             + (f" (started from the best built-in rule, {search['base_rule']})"
                if len(search.get("rule_metrics", {})) > 1 else "")
             + f". Flagged layers: {', '.join(search['flagged']) or 'none'}."
+            + _referee_md(search)
             + (f" Kept float: {', '.join(search['float_layers'])} ({100 * search.get('float_mac_share', 0):.2f} % of "
                "the MACs)." if search.get("float_layers") else ""),
             "",

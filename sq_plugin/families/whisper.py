@@ -152,10 +152,14 @@ def whisper_score(bundle: SpeechModel, utterances: Sequence[Any], metric: str, *
 
 def search_whisper(bundle: SpeechModel, calibration: Sequence[Any], config: SearchConfig | None = None, *,
                    metric: str = "tf_loss", batch_size: int = 8, progress: bool = True, prefix_cache: bool = True,
-                   cache_budget_mb: float = DEFAULT_BUDGET_MB) -> SearchResult:
+                   cache_budget_mb: float = DEFAULT_BUDGET_MB, referee: str | None = "auto") -> SearchResult:
     """StableQuant's search on Whisper (encoder convs and Linears, decoder Linears, proj_out).
 
-    metric: see the module docstring; the threshold of `config` is in the metric's units."""
+    metric: see the module docstring; the threshold of `config` is in the metric's units.
+    referee: "wer" or "cer" decodes the calibration set to pick between the searched model and each built-in rule
+    applied everywhere (`stablequant_search(referee=)`): the teacher-forced proxy ranks one layer at a time well
+    enough but can mislead on free-running decoding (BENCHMARKS.md, Whisper W6A6). "auto": "wer" when the metric is
+    a teacher-forced proxy, none otherwise; None: no referee."""
     _require_whisper(bundle)
     if metric not in WHISPER_METRICS:
         raise ValueError(f"unknown Whisper search metric {metric!r}; choose one of {', '.join(WHISPER_METRICS)}")
@@ -169,8 +173,13 @@ def search_whisper(bundle: SpeechModel, calibration: Sequence[Any], config: Sear
 
     score, replay = whisper_score(bundle, calibration, metric, batch_size=batch_size)
     replay = replay if prefix_cache else None
+    if referee == "auto":
+        referee = "wer" if metric in TEACHER_FORCED_METRICS else None
+    if referee not in (None, "wer", "cer"):
+        raise ValueError(f"unknown Whisper search referee {referee!r}; use 'wer', 'cer', 'auto' or None")
+    judge = None if referee is None else whisper_score(bundle, calibration, referee, batch_size=batch_size)[0]
     return stablequant_search(model, run_calibration, score, config, progress=progress, replay_blocks=replay,
-                              cache_budget_mb=cache_budget_mb)
+                              cache_budget_mb=cache_budget_mb, referee=judge, referee_name=referee or "referee")
 
 
 def whisper_statistics(bundle: SpeechModel, calibration: Sequence[Any], *, bins: int = DEFAULT_BINS

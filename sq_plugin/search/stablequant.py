@@ -149,6 +149,9 @@ class SearchResult:
     # Whole-model metric of each built-in rule applied to every layer (builtin_candidates), and the one it started from.
     rule_metrics: dict[str, float] = field(default_factory=dict)
     base_rule: str = "mse"
+    # The referee's scores (search vs each built-in rule everywhere) and what it chose ("search" or a rule).
+    referee_metrics: dict[str, float] = field(default_factory=dict)
+    referee_choice: str = "search"
 
     @property
     def flagged(self) -> list[str]:
@@ -200,13 +203,15 @@ class SearchResult:
         return QuantPlan(layers, {**(provenance or {}), "method": "stablequant", "w_bits": self.config.w_bits,
                                   "a_bits": self.config.a_bits, "int8_grid": self.config.int8_grid,
                                   "fp_metric": self.fp_metric, "final_metric": self.final_metric,
-                                  "base_rule": self.base_rule, "float_mac_share": self.float_mac_share})
+                                  "base_rule": self.base_rule, "float_mac_share": self.float_mac_share,
+                                  "referee_choice": self.referee_choice})
 
     def to_dict(self) -> dict:
         return {
             "config": self.config.to_dict(), "fp_metric": self.fp_metric, "max_metric": self.max_metric,
             "final_metric": self.final_metric, "flagged": self.flagged, "float_layers": self.float_layers,
             "float_mac_share": self.float_mac_share, "base_rule": self.base_rule, "rule_metrics": self.rule_metrics,
+            "referee_metrics": self.referee_metrics, "referee_choice": self.referee_choice,
             "seconds": self.seconds,
             "evaluations": self.evaluations, "cache": self.cache,
             "layers": [{**asdict(d), "candidates": {str(k): v for k, v in d.candidates.items()}} for d in self.layers],
@@ -297,7 +302,8 @@ def _matching(names: Sequence[str], patterns: Sequence[str]) -> set[str]:
 def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], None], metric: Callable[[], float],
                        config: SearchConfig | None = None, *, layers: Sequence[str] | None = None,
                        progress: bool = True, replay_blocks: Sequence[str] | str | None = None,
-                       cache_budget_mb: float = DEFAULT_BUDGET_MB, sharded: bool = False) -> SearchResult:
+                       cache_budget_mb: float = DEFAULT_BUDGET_MB, sharded: bool = False,
+                       referee: Callable[[], float] | None = None, referee_name: str = "referee") -> SearchResult:
     """Run screen -> clip -> MSE on `model` (modified only inside the calls; restored after).
 
     layers: module names to quantize (default: every Linear and Conv1d). Weight-norm
@@ -310,6 +316,10 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
     of the calibration batches, dealt round-robin (as `transcribe` does), and `metric` returns the value over all
     utterances (gathered): the statistics are then combined across ranks exactly, so every rank decides what one
     process would (`search_ctc` sets it).
+    referee: not in the paper. A second, truer metric (lower is better) for a proxy-driven search: Whisper's
+    teacher-forced loss ranks ranges one layer at a time, but free-running decoding is what the user gets. Once the
+    search is done, the referee scores its result and every built-in rule applied to every layer (with
+    builtin_candidates), and the best of them is the decision (`SearchResult.referee_metrics`, `referee_choice`).
     """
     config = config or SearchConfig()
     strip_weight_norm(model)
@@ -475,6 +485,26 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
     final_metric = evaluate(whole_model(), "the final model")
     seconds["clip"] = time.perf_counter() - start
 
+    # 3. Referee (optional): the searched model against each whole-model built-in rule, on the truer metric.
+    referee_metrics: dict[str, float] = {}
+    referee_choice = "search"
+    if referee is not None:
+        start = time.perf_counter()
+        contenders = {"search": whole_model(), **{rule: {n: quant(base_ranges[rule][n]) for n in quantized}
+                                                  for rule in base_ranges}}
+        for label, plan in tqdm(contenders.items(), desc=f"referee ({referee_name})", disable=not progress):
+            with simulate(model, plan), torch.inference_mode():  # no replay: a referee may decode (KV cache)
+                referee_metrics[label] = _checked(referee(), f"{referee_name} of {label}")
+            evaluations += 1
+        referee_choice = min(referee_metrics, key=lambda k: (referee_metrics[k], k != "search"))  # ties: the search
+        if referee_choice != "search":  # a built-in rule everywhere won: that is the decision
+            rule = referee_choice
+            ranges.update(base_ranges[rule])
+            chosen.update(dict.fromkeys(names, ("percentile", 100.0) if rule == "mse" else (rule, 100.0)))
+            float_layers.intersection_update(kept)
+            final_metric = rule_metrics[rule]
+        seconds["referee"] = time.perf_counter() - start
+
     leader_of = {member: leader for leader, unit in units.items() for member in unit}
     decisions = [
         LayerDecision(name=n, kind=type(modules[n]).__name__, screen_metric=screen[n],
@@ -492,4 +522,5 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
         "replayed_calls": cache.replayed_calls, "computed_calls": cache.computed_calls}
     return SearchResult(config=config, fp_metric=fp_metric, max_metric=max_metric, final_metric=final_metric,
                         layers=decisions, seconds=seconds, evaluations=evaluations, cache=cache_stats,
-                        histograms=hists, rule_metrics=rule_metrics, base_rule=base_rule)
+                        histograms=hists, rule_metrics=rule_metrics, base_rule=base_rule,
+                        referee_metrics=referee_metrics, referee_choice=referee_choice)

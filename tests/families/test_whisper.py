@@ -90,8 +90,13 @@ def test_search_on_whisper_with_prefix_replay_equals_without(tiny_whisper, utter
     assert cached.flagged == plain.flagged and cached.to_plan().layers == plain.to_plan().layers
     assert cached.final_metric == plain.final_metric and cached.cache["replayed_calls"] > 0
     assert cached.fp_metric < cached.max_metric  # W4A4 with MAX ranges hurts even this random model
+    # the teacher-forced search is refereed by decoding WER ("auto"): the search against each built-in rule
+    assert set(cached.referee_metrics) == {"search", "mse", "max", "moving_average", "l2_histogram"}
+    assert cached.referee_choice in cached.referee_metrics
     with pytest.raises(ValueError, match="unknown Whisper search metric 'bleu'"):
         search_whisper(tiny_whisper, utterances, config, metric="bleu")
+    with pytest.raises(ValueError, match="unknown Whisper search referee 'bleu'"):
+        search_whisper(tiny_whisper, utterances, config, referee="bleu")
 
 
 def test_simulated_whisper_quantizes_every_layer_and_leaves_the_original_alone(tiny_whisper, utterances):

@@ -280,3 +280,22 @@ def test_layers_that_share_an_input_are_one_decision():
     assert result.evaluations <= 1 + 2 + 1 + 1 + flagged_units * len(config.percentiles) + 1
     plan = result.to_plan()
     assert plan.layers["q"].act_range == plan.layers["k"].act_range == plan.layers["v"].act_range
+
+
+def test_a_referee_picks_between_the_search_and_each_builtin_rule():
+    model, run_calibration, metric = make_problem()
+    plain = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0), progress=False)
+    # A referee that disagrees with the metric entirely (it prefers the worst model): it must overrule the search.
+    result = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0), progress=False,
+                                referee=lambda: -metric(), referee_name="contrarian")
+    assert set(result.referee_metrics) == {"search", "mse", "max", "moving_average", "l2_histogram"}
+    assert result.referee_metrics["search"] == pytest.approx(-plain.final_metric)
+    worst = max(result.rule_metrics, key=result.rule_metrics.get)
+    assert result.referee_choice == min(result.referee_metrics, key=result.referee_metrics.get)
+    assert result.referee_choice == worst and result.final_metric == result.rule_metrics[worst]
+    assert {d.choice for d in result.layers} == {"percentile" if worst == "mse" else worst}
+    assert result.evaluations == plain.evaluations + 5 and result.to_plan().provenance["referee_choice"] == worst
+    # A referee that agrees keeps the search's decision (ties go to the search).
+    agreeing = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0), progress=False,
+                                  referee=metric)
+    assert agreeing.referee_choice == "search" and agreeing.final_metric == plain.final_metric
