@@ -192,6 +192,8 @@ def main() -> None:
     parser.add_argument("--out", default="accuracy", help="results name; use another for ablations (e.g. "
                         "accuracy_ablation) so that accuracy.json keeps the default method's rows")
     parser.add_argument("--table-only", action="store_true", help="only rewrite OUT.md from OUT.json")
+    parser.add_argument("--merge-from", default=None, help="comma list of result names whose rows, searches and runs "
+                        "are merged into OUT (later ones win per row key); no run")
     parser.add_argument("--compare", default=None, help="comma list of result names: print their W8A8 rows as one "
                         "table (and write it to OUT.md)")
     args = parser.parse_args()
@@ -199,6 +201,17 @@ def main() -> None:
         text = compare(args.compare.split(","))
         atomic_write(RESULTS / f"{args.out}.md", text)
         print(text)
+        return
+    if args.merge_from:
+        path = RESULTS / f"{args.out}.json"
+        payload = json.loads(path.read_text()) if path.exists() else {"rows": [], "searches": {}, "runs": []}
+        for name in args.merge_from.split(","):
+            other = json.loads((RESULTS / f"{name}.json").read_text())
+            payload = {"rows": merge(payload["rows"], other["rows"]),
+                       "searches": {**payload["searches"], **other.get("searches", {})},
+                       "runs": [*payload["runs"], *other.get("runs", [])]}
+        atomic_write(path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+        atomic_write(RESULTS / f"{args.out}.md", table(payload["rows"], payload["searches"]))
         return
     if args.table_only:
         payload = json.loads((RESULTS / f"{args.out}.json").read_text())
