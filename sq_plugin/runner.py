@@ -767,8 +767,8 @@ def _report_md(run: RunResult, plots: Sequence[str]) -> str:
     lines += ["Size: float32 for FP; INT8 rows as INT8 storage holds them (1 byte per quantized weight, float32 "
               "per-channel scales, the rest float32; `-` where a framework's observers chose the layers, or the row "
               "is simulated); mixed rows: packed bytes on disk. compile s: the calls that compiled a new input shape "
-              "(lowering included); eval s: the evaluation without them (CTC at batch size 1); RTF = eval s / seconds of "
-              "evaluation audio.", ""]
+              "(lowering included); eval s: the evaluation without them (CTC at batch size 1); RTF = eval s / "
+              "seconds of evaluation audio.", ""]
     lines += _resolution_md(run)
     planned = [r for r in run.rows if r.get("plan")]
     if planned:
