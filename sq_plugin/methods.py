@@ -101,12 +101,14 @@ class Method:
 
 
 def _rule(name: str, options: Any) -> Any:
+    from sq_plugin.core.defaults import DEFAULT_BASELINE_PERCENTILE
     from sq_plugin.core.ranges import RangeRule
 
     if name == "max":
         return RangeRule("max")
     if name == "percentile":
-        return RangeRule("percentile", percentile=options.percentile.percentile if options else 99.99)
+        return RangeRule("percentile", percentile=options.percentile.percentile if options else
+                         DEFAULT_BASELINE_PERCENTILE)
     return RangeRule("mse", mse_grid=options.mse.mse_grid if options else 100)
 
 

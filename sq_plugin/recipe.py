@@ -34,7 +34,12 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Torch-free: the registry, the grids and the search defaults are imported, not copied.
-from sq_plugin.core.defaults import DEFAULT_MSE_GRID, DEFAULT_PERCENTILES, DEFAULT_THRESHOLD
+from sq_plugin.core.defaults import (
+    DEFAULT_BASELINE_PERCENTILE,
+    DEFAULT_MSE_GRID,
+    DEFAULT_PERCENTILES,
+    DEFAULT_THRESHOLD,
+)
 from sq_plugin.core.grid import GRID_CHOICES, PTQ_WIDTHS, WEIGHT_WIDTHS, check_budget, check_widths
 from sq_plugin.methods import METHOD_NAMES as METHODS
 from sq_plugin.methods import MIXED_ONLY_METHODS
@@ -286,7 +291,7 @@ class StableQuantOptions(_Strict):
 
 
 class PercentileOptions(_Strict):
-    percentile: Percentile = 99.99
+    percentile: Percentile = DEFAULT_BASELINE_PERCENTILE
 
 
 class MseOptions(_Strict):

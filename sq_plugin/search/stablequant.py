@@ -40,7 +40,12 @@ from tqdm.auto import tqdm
 from sq_plugin import parallel
 from sq_plugin.backends.simulate import LayerQuant, observe_inputs, quantizable_layers, simulate, strip_weight_norm
 from sq_plugin.backends.x86_isa import resolve_int8_grid
-from sq_plugin.core.defaults import DEFAULT_MSE_GRID, DEFAULT_PERCENTILES, DEFAULT_THRESHOLD
+from sq_plugin.core.defaults import (
+    DEFAULT_BASELINE_PERCENTILE,
+    DEFAULT_MSE_GRID,
+    DEFAULT_PERCENTILES,
+    DEFAULT_THRESHOLD,
+)
 from sq_plugin.core.plan import LayerPlan, QuantPlan, x86_grids
 from sq_plugin.core.quant import check_bits, grid_bits
 from sq_plugin.core.ranges import RangeRule, check_percentile, compute_range, l2_histogram_range
@@ -65,9 +70,10 @@ class SearchConfig:
         at construction to this CPU's x86 policy: "narrow_weights", 7-bit weights, on x86 without VNNI,
         else "full"), "full", "narrow_weights" or "narrow_activations". `grid_bits` gives their widths.
     builtin_candidates: not in the paper (on by default). The search starts from the best whole-model built-in
-        rule (`BUILTIN_RULES`: MSE, MAX, moving-average MAX, L2 histogram) on its metric, and those rules' ranges
-        join every flagged layer's cut-offs as candidates; so it never ends worse, on the metric it scores, than
-        a built-in rule applied to every layer. False: the paper's search alone (MSE base, cut-offs only).
+        rule (`BUILTIN_RULES`: MSE, MAX, one 99.99 cut-off, moving-average MAX, L2 histogram) on its metric, and
+        those rules' ranges join every flagged layer's cut-offs as candidates; so it never ends worse, on the
+        metric it scores, than a built-in rule applied to every layer. False: the paper's search alone (MSE base,
+        cut-offs only).
     refine_passes: not in the paper (0 by default). Extra sweeps over the flagged layers once all are set, each
         layer re-choosing among its candidates with the others at their new choices (never worse: the current
         choice is a candidate).
@@ -126,7 +132,7 @@ class LayerDecision:
     keep_float: bool = False  # stays float: listed in keep_float, or chosen by float_fallback
     float_metric: float | None = None  # the whole-model metric with this layer float (float_fallback)
     # How the range was decided: "percentile" (cut-off `percentile`, then MSE) or a built-in rule of BUILTIN_RULES
-    # ("max", "moving_average", "l2_histogram"; "mse" is percentile 100).
+    # ("max", "percentile_clip", "moving_average", "l2_histogram"; "mse" is percentile 100).
     choice: str = "percentile"
     rule_candidates: dict[str, float] = field(default_factory=dict)  # built-in rule -> metric (flagged layers)
     macs: int = 0  # multiply-accumulates over the calibration set (the share kept float is reported)
@@ -177,6 +183,8 @@ class SearchResult:
                 rules[d.name] = None
             elif d.choice == "max":
                 rules[d.name] = RangeRule("max")
+            elif d.choice == "percentile_clip":
+                rules[d.name] = RangeRule("percentile", percentile=DEFAULT_BASELINE_PERCENTILE)
             elif d.choice == "percentile":
                 rules[d.name] = RangeRule("percentile_then_mse", percentile=d.percentile, mse_grid=self.config.mse_grid)
             else:
@@ -238,10 +246,11 @@ def merge_across_ranks(hists: dict[str, Histogram]) -> dict[str, Histogram]:
     return merged
 
 
-# The built-in observers' rules the search also tries (builtin_candidates), in tie-break order: "mse" is the
-# paper's base (percentile 100, then MSE), "max" MinMax, "moving_average" the moving-average MinMax observer,
-# "l2_histogram" the histogram observer's L2 criterion.
-BUILTIN_RULES: tuple[str, ...] = ("mse", "max", "moving_average", "l2_histogram")
+# The built-in baselines' rules the search also tries (builtin_candidates), in tie-break order: "mse" is the
+# paper's base (percentile 100, then MSE), "max" MinMax, "percentile_clip" the percentile baseline (clip |x| at
+# DEFAULT_BASELINE_PERCENTILE, no MSE), "moving_average" the moving-average MinMax observer, "l2_histogram" the
+# histogram observer's L2 criterion.
+BUILTIN_RULES: tuple[str, ...] = ("mse", "max", "percentile_clip", "moving_average", "l2_histogram")
 
 
 def _row(bounds: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
@@ -392,6 +401,9 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
         if rule == "max":
             return _row(compute_range(hists[name], RangeRule("max"), bits=a_grid_bits, symmetric=False, signed=False,
                                       name=label))
+        if rule == "percentile_clip":
+            return _row(compute_range(hists[name], RangeRule("percentile", DEFAULT_BASELINE_PERCENTILE),
+                                      bits=a_grid_bits, symmetric=False, signed=False, name=label))
         if rule == "moving_average":
             return averages[name].range(name=label)
         return _row(l2_histogram_range(hists[name], bits=a_grid_bits, symmetric=False, signed=False, name=label))

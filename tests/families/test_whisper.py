@@ -91,7 +91,7 @@ def test_search_on_whisper_with_prefix_replay_equals_without(tiny_whisper, utter
     assert cached.final_metric == plain.final_metric and cached.cache["replayed_calls"] > 0
     assert cached.fp_metric < cached.max_metric  # W4A4 with MAX ranges hurts even this random model
     # the teacher-forced search is refereed by decoding WER ("auto"): the search against each built-in rule
-    assert set(cached.referee_metrics) == {"search", "mse", "max", "moving_average", "l2_histogram"}
+    assert set(cached.referee_metrics) == {"search", "mse", "max", "percentile_clip", "moving_average", "l2_histogram"}
     assert cached.referee_choice in cached.referee_metrics
     with pytest.raises(ValueError, match="unknown Whisper search metric 'bleu'"):
         search_whisper(tiny_whisper, utterances, config, metric="bleu")

@@ -184,22 +184,22 @@ def test_builtin_candidates_never_lose_to_a_builtin_rule_on_the_metric():
     paper = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0, builtin_candidates=False),
                                progress=False)
     result = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0), progress=False)
-    assert set(result.rule_metrics) == {"mse", "max", "moving_average", "l2_histogram"}
+    assert set(result.rule_metrics) == {"mse", "max", "percentile_clip", "moving_average", "l2_histogram"}
     assert result.rule_metrics["max"] == result.max_metric
     # The base is the best whole-model built-in rule, and the search ends at or below it and below the paper's.
     assert result.rule_metrics[result.base_rule] == min(result.rule_metrics.values())
     assert result.final_metric <= min(result.rule_metrics.values())
     assert result.final_metric <= paper.final_metric
     fc2 = next(d for d in result.layers if d.name == "fc2")
-    assert set(fc2.rule_candidates) == {"max", "moving_average", "l2_histogram"}
+    assert set(fc2.rule_candidates) == {"max", "percentile_clip", "moving_average", "l2_histogram"}
     best = min([*fc2.candidates.values(), *fc2.rule_candidates.values()])
     assert result.final_metric == pytest.approx(best)
     # Unflagged layers sit on the base rule: its range, exactly.
     fc1 = next(d for d in result.layers if d.name == "fc1")
     assert fc1.choice == ("percentile" if result.base_rule == "mse" else result.base_rule)
-    # One evaluation per distinct range: float, screen (3), MAX, 3 more base rules, fc2's candidates, final.
+    # One evaluation per distinct range: float, screen (3), MAX, 4 more base rules, fc2's candidates, final.
     distinct = len({*fc2.candidates.values(), *fc2.rule_candidates.values()})
-    assert 1 + 3 + 1 + 3 + distinct - 1 + 1 <= result.evaluations <= 1 + 3 + 1 + 3 + 6 + 2 + 1
+    assert 1 + 3 + 1 + 4 + distinct - 1 + 1 <= result.evaluations <= 1 + 3 + 1 + 4 + 6 + 3 + 1
 
 
 def test_a_range_no_rule_expresses_is_refused_by_per_layer_rules_and_kept_by_the_plan():
@@ -222,7 +222,7 @@ def test_refine_pass_never_ends_worse_and_re_scores_each_flagged_layer():
                                progress=False)
     assert twice.final_metric <= once.final_metric
     # With one flagged layer, the second sweep sees the same model: every range is scored already, or once more.
-    assert once.evaluations <= twice.evaluations <= once.evaluations + 8
+    assert once.evaluations <= twice.evaluations <= once.evaluations + 9
     with pytest.raises(ValueError, match="refine_passes must be an integer >= 0"):
         SearchConfig(refine_passes=-1)
 
@@ -288,13 +288,13 @@ def test_a_referee_picks_between_the_search_and_each_builtin_rule():
     # A referee that disagrees with the metric entirely (it prefers the worst model): it must overrule the search.
     result = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0), progress=False,
                                 referee=lambda: -metric(), referee_name="contrarian")
-    assert set(result.referee_metrics) == {"search", "mse", "max", "moving_average", "l2_histogram"}
+    assert set(result.referee_metrics) == {"search", "mse", "max", "percentile_clip", "moving_average", "l2_histogram"}
     assert result.referee_metrics["search"] == pytest.approx(-plain.final_metric)
     worst = max(result.rule_metrics, key=result.rule_metrics.get)
     assert result.referee_choice == min(result.referee_metrics, key=result.referee_metrics.get)
     assert result.referee_choice == worst and result.final_metric == result.rule_metrics[worst]
     assert {d.choice for d in result.layers} == {"percentile" if worst == "mse" else worst}
-    assert result.evaluations == plain.evaluations + 5 and result.to_plan().provenance["referee_choice"] == worst
+    assert result.evaluations == plain.evaluations + 6 and result.to_plan().provenance["referee_choice"] == worst
     # A referee that agrees keeps the search's decision (ties go to the search).
     agreeing = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0), progress=False,
                                   referee=metric)
