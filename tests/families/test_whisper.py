@@ -82,15 +82,15 @@ def test_teacher_forced_scores_match_a_direct_cross_entropy(tiny_whisper, uttera
 
 def test_search_on_whisper_with_prefix_replay_equals_without(tiny_whisper, utterances):
     config = SearchConfig(w_bits=4, a_bits=4, threshold=0.001, percentiles=(100.0, 99.0))
-    cached = search_whisper(tiny_whisper, utterances, config, progress=False)
-    plain = search_whisper(tiny_whisper, utterances, config, progress=False, prefix_cache=False)
+    cached = search_whisper(tiny_whisper, utterances, config, progress=False, referee="auto")
+    plain = search_whisper(tiny_whisper, utterances, config, progress=False, prefix_cache=False, referee="auto")
     layers = quantizable_layers(tiny_whisper.model)
     assert [d.name for d in cached.layers] == list(layers)
     assert {"model.encoder.conv1", "model.encoder.conv2", "proj_out"} <= set(layers)
     assert cached.flagged == plain.flagged and cached.to_plan().layers == plain.to_plan().layers
     assert cached.final_metric == plain.final_metric and cached.cache["replayed_calls"] > 0
     assert cached.fp_metric < cached.max_metric  # W4A4 with MAX ranges hurts even this random model
-    # the teacher-forced search is refereed by decoding WER ("auto"): the search against each built-in rule
+    # with referee "auto" the teacher-forced search is refereed by decoding WER: the search against each built-in rule
     assert set(cached.referee_metrics) == {"search", "mse", "max", "percentile_clip", "moving_average", "l2_histogram"}
     assert cached.referee_choice in cached.referee_metrics
     with pytest.raises(ValueError, match="unknown Whisper search metric 'bleu'"):
