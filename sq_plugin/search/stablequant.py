@@ -274,16 +274,19 @@ def shared_input_units(names: Sequence[str], inputs_seen: dict[str, list[tuple[i
     means the same storage and shape in each of the first calls, and bit-identical statistics (a freed buffer
     reused by another tensor cannot pass both)."""
     units: dict[str, tuple[str, ...]] = {}
-    by_input: dict[tuple, str] = {}
+    # storage key -> every leader seen with it: the allocator reuses addresses, so an unrelated earlier layer may hold
+    # the same key with other data (keeping only the first leader split q/k/v then, differently in each process)
+    by_input: dict[tuple, list[str]] = {}
     for name in names:
         key = tuple(inputs_seen.get(name, ()))
-        leader = by_input.get(key) if key else None
-        if leader is not None and hists[leader].equals(hists[name]):
+        leaders = by_input.get(key, []) if key else []
+        leader = next((lead for lead in leaders if hists[lead].equals(hists[name])), None)
+        if leader is not None:
             units[leader] += (name,)
         else:
             units[name] = (name,)
             if key:
-                by_input.setdefault(key, name)
+                by_input.setdefault(key, []).append(name)
     return units
 
 

@@ -36,8 +36,9 @@ def test_stablequant_w8a8_on_real_int8_kernels_keeps_wer(hubert, conv1d_counts):
 
     quantized = quantize_ctc_pt2e(hubert, dev, plan=plan)
     assert not quantized.simulated and "onednn-int8" in quantized.backend
-    # the graph runs the searched range of every layer (shared inputs included); only the ISA policy may differ
-    assert all("ISA policy" in why for why in quantized.plan_deviations.values()), quantized.plan_deviations
+    # q/k/v are one decision, so the graph, which quantizes their shared input once, runs their searched range
+    qkv = {n: why for n, why in quantized.plan_deviations.items() if n.endswith(("q_proj", "k_proj", "v_proj"))}
+    assert not qkv, qkv
     # hubert-ref's positional conv (16 groups of 10 channels) computes in float on AMX (oneDNN defect) and
     # without VNNI (no INT8 kernel for groups of 10)
     convs = conv1d_counts(8, groups=16, channels_per_group=hubert.model.config.hidden_size // 16)

@@ -299,3 +299,14 @@ def test_a_referee_picks_between_the_search_and_each_builtin_rule():
     agreeing = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0), progress=False,
                                   referee=metric)
     assert agreeing.referee_choice == "search" and agreeing.final_metric == plain.final_metric
+
+
+def test_an_unrelated_layer_on_a_reused_address_does_not_split_a_shared_input():
+    from sq_plugin.core.stats import Histogram
+    from sq_plugin.search.stablequant import shared_input_units
+
+    same, other = Histogram.of(torch.arange(10.0)), Histogram.of(torch.arange(5.0))
+    # "fc" ran earlier on a buffer at the address q/k/v later read (freed and reused), with other data
+    seen = {"fc": [(7, (2, 3))], "q": [(7, (2, 3))], "k": [(7, (2, 3))], "v": [(7, (2, 3))]}
+    hists = {"fc": other, "q": same, "k": same.copy(), "v": same.copy()}
+    assert shared_input_units(["fc", "q", "k", "v"], seen, hists) == {"fc": ("fc",), "q": ("q", "k", "v")}
