@@ -85,8 +85,8 @@ def batch_shard(n: int, batch_size: int, *, what: str = "utterances") -> list[in
 
 def _gather_objects(local: Any) -> list[Any]:
     """Every rank's `local`, in rank order. If a rank does not arrive (it died: the collective fails; it hangs:
-    the process group's timeout), the error names it, found by a short `monitored_barrier` (gloo) afterwards.
-    Only afterwards: beside other collectives monitored_barrier has been seen to mix up messages."""
+    the process group's timeout), the error names it, found by a short `monitored_barrier` (gloo) afterwards:
+    only then, because a barrier before every gather would cost a round trip each time for nothing."""
     rank, world = rank_and_world()
     gathered: list[Any] = [None] * world
     try:
