@@ -401,8 +401,8 @@ def test_a_searched_plan_reaches_the_int8_graph_as_each_layers_scale(tiny_hubert
     def metric():
         return float(sum(rel_err(model(x).logits, r) for x, r in zip(xs, refs, strict=True)))
 
-    result = stablequant_search(model, lambda: [model(x) for x in xs], metric, SearchConfig(threshold=0.0),
-                                progress=False)
+    result = stablequant_search(model, lambda: [model(x) for x in xs], metric,
+                                SearchConfig(threshold=0.0, builtin_candidates=False), progress=False)
     clipped = [d.name for d in result.layers if d.percentile < 100]
     assert clipped, "threshold 0 flags every layer; some cut-off below 100 must win"
     plan = result.to_plan()
@@ -415,10 +415,13 @@ def test_a_searched_plan_reaches_the_int8_graph_as_each_layers_scale(tiny_hubert
         layer = plan.layers[name]
         scale, zero = qparams_from_range(*layer.act_range, layer.activation.qmin, layer.activation.qmax,
                                          symmetric=False)
-        matches = graph[name]["input"]["scale"] == pytest.approx(float(scale), rel=1e-6)
+        got = graph[name]["input"]
+        matches = got["scale"] == pytest.approx(float(scale), rel=1e-6) and got["zero_point"] == int(zero)
         assert matches == (name not in deviations), name
-    # only q/k/v projections share their input with another layer
-    assert all(n.rsplit(".", 1)[-1] in ("k_proj", "v_proj") for n in deviations)
+    # only q/k/v projections share their input with another layer. The search gives them one range now; what can
+    # still differ is the zero point of an exactly symmetric range (127.5: a rounding tie between our qparams and
+    # the observer's float32 ones), seen under ONEDNN_MAX_CPU_ISA=AVX2
+    assert all(n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj") for n in deviations), deviations
     assert any(n in clipped and n not in deviations for n in plan.quantized)
     compiled, report = lower_x86(converted, (xs[0],))
     assert report.int8_kernels == len(plan.quantized)
