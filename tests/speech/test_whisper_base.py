@@ -24,12 +24,8 @@ requires_base = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # As in test_whisper_ct2: one intra-op thread makes generate() several times faster on the 2-core CI box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # tests/speech/conftest.py: generate() is several times faster on one thread
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,8 @@ SENTENCES = [
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # On the shared 2-core CI box, 2 intra-op threads make torch.isin (HF's suppress-tokens processor)
-    # take ~0.9 s per decoding step; one thread makes generate() 5-7x faster here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # tests/speech/conftest.py: generate() is several times faster on one thread
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
