@@ -20,8 +20,8 @@ candidate too.
 
 The search is framework-free: it drives a plain `nn.Module` through `sq_plugin.backends.simulate` and asks
 two callables for the data: `run_calibration()` (pushes the calibration set through the model) and
-`metric()` (evaluates the model as it currently is; lower is better). The result is a per-layer
-`RangeRule` map that the PT2E quantizer (`stablequant_x86_quantizer(per_layer=...)`) consumes.
+`metric()` (evaluates the model as it currently is; lower is better). The result becomes a `QuantPlan`
+(`SearchResult.to_plan()`: every layer's range on the grids that were scored), which every backend applies.
 """
 
 from __future__ import annotations
