@@ -183,37 +183,79 @@ def greedy_decode(encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Ten
     """Greedy tokens (prompt and <|endoftext|> excluded) for one utterance's features [1, 80, 3000].
 
     `encode` and `step` are `WhisperEncoderKV` / `WhisperDecoderStep` or anything that computes the same
-    (their INT8 lowerings). `cache` is zeroed here and reused across calls (no allocation per utterance).
+    (their INT8 lowerings). `cache` (`empty_cache(whisper)`) is zeroed here and reused across calls (no
+    allocation per utterance). `greedy_decode_batch` decodes several utterances at once.
     """
     if features.shape[0] != 1:
-        raise ValueError(f"greedy_decode takes one utterance (features [1, 80, 3000]), got batch {features.shape[0]}")
+        raise ValueError(f"greedy_decode takes one utterance (features [1, 80, 3000]), got batch {features.shape[0]}; "
+                         "greedy_decode_batch takes several")
+    return greedy_decode_batch(encode, step, features, cache, settings)[0]
+
+
+def greedy_decode_batch(encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], step: Step,
+                        features: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor],
+                        settings: GreedySettings) -> list[list[int]]:
+    """Greedy tokens of each utterance of a batch of features [B, 80, 3000], all decoded in the same steps.
+
+    Every row has the same prompt, so all rows are at the same position at every step and one step call
+    serves the batch; a row that has emitted <|endoftext|> is fed it again until the longest one ends (its
+    tokens are not kept), so each row's tokens are those it would get alone. `cache` is `empty_cache(whisper,
+    batch=B)`, zeroed here.
+    """
+    batch = features.shape[0]
+    self_keys, self_values = cache
+    if self_keys.shape[1] != batch:
+        raise ValueError(f"the cache is for batch {self_keys.shape[1]}, the features for batch {batch}: pass "
+                         f"empty_cache(whisper, batch={batch})")
     with torch.no_grad():
         cross_keys, cross_values = encode(features)
-        self_keys, self_values = cache
         self_keys.zero_()
         self_values.zero_()
         suppress = torch.tensor(settings.suppress, dtype=torch.long)
         begin_suppress = torch.tensor(settings.begin_suppress, dtype=torch.long)
-        tokens = list(settings.prompt)
-        token = torch.empty(1, 1, dtype=torch.long)
+        prompt = list(settings.prompt)
+        rows: list[list[int]] = [[] for _ in range(batch)]
+        done = [False] * batch
+        token = torch.empty(batch, 1, dtype=torch.long)
         position = torch.empty(1, dtype=torch.long)
-        for pos in range(len(tokens) - 1 + settings.max_new_tokens):
-            token[0, 0] = tokens[pos]
+        for pos in range(len(prompt) - 1 + settings.max_new_tokens):
+            for i in range(batch):
+                token[i, 0] = prompt[pos] if pos < len(prompt) else (settings.eos if done[i] else rows[i][-1])
             position[0] = pos
             logits, keys, values = step(token, position, self_keys, self_values, cross_keys, cross_values)
             self_keys[:, :, :, pos] = keys[:, :, :, 0]
             self_values[:, :, :, pos] = values[:, :, :, 0]
-            if pos + 1 < len(tokens):  # still reading the prompt
+            if pos + 1 < len(prompt):  # still reading the prompt
                 continue
-            scores = logits[0, -1].float().clone()
-            scores[suppress] = float("-inf")
-            if len(tokens) == len(settings.prompt):
-                scores[begin_suppress] = float("-inf")
-            nxt = int(scores.argmax())
-            if nxt == settings.eos:
+            scores = logits[:, -1].float().clone()
+            scores[:, suppress] = float("-inf")
+            if pos + 1 == len(prompt):
+                scores[:, begin_suppress] = float("-inf")
+            for i, nxt in enumerate(scores.argmax(dim=-1).tolist()):
+                if done[i]:
+                    continue
+                if nxt == settings.eos:
+                    done[i] = True
+                else:
+                    rows[i].append(nxt)
+            if all(done):
                 break
-            tokens.append(nxt)
-    return tokens[len(settings.prompt):]
+    return rows
+
+
+# The batch dimension of each graph input (encoder: features; step: token, position, self keys, self values,
+# cross keys, cross values; the position has none): the graphs are exported with it dynamic.
+BATCH_DIMS: dict[str, dict[int, int]] = {"encoder": {0: 0}, "decoder_step": {0: 0, 2: 1, 3: 1, 4: 1, 5: 1}}
+
+
+def batch_examples(whisper: nn.Module, encode: Callable[..., Any],
+                   features: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Example inputs of both graphs at batch 2 (export specializes a dimension of size 1, so batch 1 examples
+    would fix the batch), from one utterance's features."""
+    pair = torch.cat([features[:1], features[:1]])
+    with torch.no_grad():
+        cross = encode(pair)
+    return {"encoder": (pair,), "decoder_step": decoder_step_inputs(whisper, cross)}
 
 
 def decoder_step_inputs(whisper: nn.Module, cross: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -225,7 +267,10 @@ def decoder_step_inputs(whisper: nn.Module, cross: tuple[torch.Tensor, torch.Ten
 
 @dataclass
 class QuantizedWhisper:
-    """Whisper as two INT8 graphs (see the module docstring). `encode`/`step` are the lowered modules."""
+    """Whisper as two INT8 graphs (see the module docstring). `encode`/`step` are the lowered modules.
+
+    Both graphs take any batch: each new batch size compiles once (about as long as the first), and the
+    decoder's static cache is kept per batch size."""
 
     model_name: str
     whisper: nn.Module
@@ -234,27 +279,37 @@ class QuantizedWhisper:
     settings: GreedySettings
     converted: dict[str, torch.fx.GraphModule]
     report: dict[str, Any] = field(default_factory=dict)
-    _cache: tuple[torch.Tensor, torch.Tensor] | None = None
+    _caches: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def transcribe(self, features: torch.Tensor, *, settings: GreedySettings | None = None) -> list[int]:
-        """Greedy tokens for one utterance's log-mel features (the processor's feature extractor output).
+        """Greedy tokens for one utterance's log-mel features [1, 80, 3000] (the processor's feature extractor
+        output). settings: see `transcribe_batch`."""
+        if features.dim() == 3 and features.shape[0] != 1:
+            raise ValueError(f"transcribe takes one utterance, features [1, 80, 3000]; got batch {features.shape[0]}: "
+                             "call transcribe_batch for several")
+        return self.transcribe_batch(features, settings=settings)[0]
+
+    def transcribe_batch(self, features: torch.Tensor, *, settings: GreedySettings | None = None) -> list[list[int]]:
+        """Greedy tokens of each utterance of log-mel features [B, 80, 3000], decoded together (one encoder call
+        and one decoder step per token for the whole batch).
 
         settings: other greedy settings for this call (e.g. another `max_new_tokens` or suppress list), default
         the ones the graphs were quantized with; the decoder step's static cache bounds `max_new_tokens`."""
-        expected = encoder_input_shape(self.whisper)
-        if tuple(features.shape) != expected:
-            raise ValueError(f"features of shape {tuple(features.shape)}; the INT8 encoder was compiled for "
-                             f"{expected}: one utterance's log-mel features from the model's feature extractor, "
-                             "which pads or cuts 16 kHz audio to 30 s (call it on one clip at a time)")
+        window = encoder_input_shape(self.whisper)[1:]
+        if features.dim() != 3 or tuple(features.shape[1:]) != window or features.shape[0] == 0:
+            raise ValueError(f"features of shape {tuple(features.shape)}; the INT8 encoder takes [batch, {window[0]}, "
+                             f"{window[1]}] with batch >= 1: log-mel features from the model's feature extractor, "
+                             "which pads or cuts 16 kHz audio to 30 s")
         settings = settings or self.settings
         limit = max_new_tokens_limit(self.whisper, settings.prompt)
         if settings.max_new_tokens > limit:
             raise ValueError(f"max_new_tokens={settings.max_new_tokens}: the INT8 decoder step's static cache holds "
                              f"{self.whisper.config.max_target_positions} positions, so at most {limit} new tokens "
                              f"follow the {len(settings.prompt)}-token prompt; ask for {limit} or fewer")
-        if self._cache is None:
-            self._cache = empty_cache(self.whisper)
-        return greedy_decode(self.encode, self.step, features, self._cache, settings)
+        batch = features.shape[0]
+        if batch not in self._caches:
+            self._caches[batch] = empty_cache(self.whisper, batch=batch)
+        return greedy_decode_batch(self.encode, self.step, features, self._caches[batch], settings)
 
     @property
     def generation_config(self) -> Any:
@@ -263,18 +318,15 @@ class QuantizedWhisper:
     def generate(self, input_features: torch.Tensor, *, max_length: int | None = None, num_beams: int = 1,
                  do_sample: bool = False, return_timestamps: bool = False) -> torch.Tensor:
         """What `sq_plugin.speech.evaluate` calls on a Whisper model: greedy tokens for a batch of features
-        [B, 80, 3000], one utterance at a time through the INT8 graphs, as HF's token rows (prompt first,
-        padded with <|endoftext|>). `max_length` counts new tokens, as in HF Whisper."""
+        [B, 80, 3000], the batch decoded together on the INT8 graphs, as HF's token rows (prompt first, padded
+        with <|endoftext|>). `max_length` counts new tokens, as in HF Whisper."""
         if num_beams != 1 or do_sample or return_timestamps:
             raise ValueError("the INT8 Whisper decodes greedily without timestamps: num_beams=1, do_sample=False, "
                              "return_timestamps=False")
         settings = self.settings
         if max_length is not None and max_length < settings.max_new_tokens:
             settings = dataclasses.replace(settings, max_new_tokens=max_length)
-        if self._cache is None:
-            self._cache = empty_cache(self.whisper)
-        rows = [list(settings.prompt) + greedy_decode(self.encode, self.step, features[None], self._cache, settings)
-                for features in input_features]
+        rows = [list(settings.prompt) + r for r in self.transcribe_batch(input_features, settings=settings)]
         width = max(len(r) for r in rows) + 1
         out = torch.full((len(rows), width), settings.eos, dtype=torch.long)
         for i, row in enumerate(rows):
@@ -329,12 +381,9 @@ def quantize_whisper_int8(bundle: Any, calibration_features: Sequence[torch.Tens
         calibration_features = calibration_features[:1]  # weights only: the input ranges are the plan's
     else:
         quantizers = dict.fromkeys(graphs, quantizer or stablequant_x86_quantizer(int8_grid=int8_grid))
-    example = calibration_features[0]
-    with torch.no_grad():
-        cross = graphs["encoder"].eval()(example)
-    inputs = {"encoder": (example,), "decoder_step": decoder_step_inputs(whisper, cross)}
-    # Static shapes: Whisper always sees a 30 s window, and the step's cache has a fixed size.
-    prepared = {name: prepare_stablequant(module, inputs[name], quantizers[name], dynamic_dims={})
+    inputs = batch_examples(whisper, graphs["encoder"].eval(), calibration_features[0])
+    # Only the batch is dynamic: Whisper always sees a 30 s window, and the step's cache has a fixed size.
+    prepared = {name: prepare_stablequant(module, inputs[name], quantizers[name], dynamic_dims=BATCH_DIMS[name])
                 for name, module in graphs.items()}
     if not read_embedding_from_quantized_logits_weight(prepared["decoder_step"]):
         raise RuntimeError("the decoder step graph has no embedding lookup that shares its table with a quantized "
@@ -452,10 +501,7 @@ def save_whisper_int8(quantized: QuantizedWhisper, path: str | os.PathLike, *, m
 
     path = Path(path)
     whisper = quantized.whisper
-    features = torch.zeros(encoder_input_shape(whisper))
-    with torch.no_grad():
-        cross = quantized.converted["encoder"](features)
-    examples = {"encoder": (features,), "decoder_step": decoder_step_inputs(whisper, cross)}
+    examples = batch_examples(whisper, quantized.converted["encoder"], torch.zeros(encoder_input_shape(whisper)))
     with atomic_directory(path) as tmp:
         for sub, fp in _float_graphs(whisper).items():
             save(quantized.converted[sub], tmp / sub, example_inputs=examples[sub], fp_model=fp,

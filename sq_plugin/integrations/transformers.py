@@ -472,7 +472,7 @@ def _route_whisper(model: torch.nn.Module, quantized: Any) -> None:
                           + (" (longer audio is Whisper's long-form decoding)" if frames > window[1] else ""),
                           "cut the audio into clips of at most 30 s (pipeline(..., chunk_length_s=30) does), "
                           "and pad features to 30 s as the feature extractor does")
-        rows = [int8.transcribe(features[None].to(torch.float32), settings=settings) for features in input_features]
+        rows = int8.transcribe_batch(input_features.to(torch.float32), settings=settings)
         if return_dict:
             full = [[*settings.prompt, *r, *([settings.eos] if len(r) < settings.max_new_tokens else [])]
                     for r in rows]

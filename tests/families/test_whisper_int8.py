@@ -1,6 +1,7 @@
 """Whisper encoder + decoder step on INT8 kernels (sq_plugin.families.whisper_int8), on a tiny random Whisper with
 the real tiny.en processor."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -15,6 +16,7 @@ from sq_plugin.families.whisper_int8 import (
     WhisperEncoderKV,
     empty_cache,
     greedy_decode,
+    greedy_decode_batch,
     load_whisper_int8,
     quantize_whisper_int8,
     save_whisper_int8,
@@ -166,16 +168,54 @@ def int8_bundle(int8):
 
 
 def test_bad_input_is_refused_with_the_fix(bundle, features, int8):
-    with pytest.raises(ValueError, match=r"compiled for \(1, 80, 3000\).*one clip at a time"):
+    with pytest.raises(ValueError, match=r"one utterance.*got batch 2: call transcribe_batch"):
         int8.transcribe(torch.cat([features[0]] * 2))
-    with pytest.raises(ValueError, match="feature extractor"):
+    with pytest.raises(ValueError, match=r"\[batch, 80, 3000\].*feature extractor"):
         int8.transcribe(features[0][:, :, :1500])
+    with pytest.raises(ValueError, match="batch >= 1"):
+        int8.transcribe_batch(features[0][:0])
     with pytest.raises(ValueError, match="at least one calibration utterance"):
         quantize_whisper_int8(bundle, [])
     encode, step = WhisperEncoderKV(bundle.model).eval(), WhisperDecoderStep(bundle.model).eval()
-    with pytest.raises(ValueError, match="one utterance"):
-        greedy_decode(encode, step, torch.cat([features[0]] * 2), empty_cache(bundle.model),
-                      GreedySettings.from_model(bundle.model))
+    settings = GreedySettings.from_model(bundle.model)
+    with pytest.raises(ValueError, match="one utterance.*greedy_decode_batch"):
+        greedy_decode(encode, step, torch.cat([features[0]] * 2), empty_cache(bundle.model), settings)
+    with pytest.raises(ValueError, match=r"cache is for batch 1.*empty_cache\(whisper, batch=2\)"):
+        greedy_decode_batch(encode, step, torch.cat([features[0]] * 2), empty_cache(bundle.model), settings)
+
+
+def test_a_batch_decodes_each_row_as_it_would_alone(bundle, int8, features, tmp_path):
+    """Float step graphs and the INT8 graphs (exported with a dynamic batch): decoding a batch together gives
+    every row the tokens it gets alone, rows that end early included; the saved artifact keeps the batch dynamic."""
+    batch = torch.cat(features)
+    settings = GreedySettings.from_model(bundle.model)
+    encode, step = WhisperEncoderKV(bundle.model).eval(), WhisperDecoderStep(bundle.model).eval()
+    alone = [greedy_decode(encode, step, f, empty_cache(bundle.model), settings) for f in features]
+    assert greedy_decode_batch(encode, step, batch, empty_cache(bundle.model, batch=3), settings) == alone
+    short = dataclasses.replace(settings, max_new_tokens=3)
+    assert greedy_decode_batch(encode, step, batch, empty_cache(bundle.model, batch=3), short) == [
+        r[:3] for r in alone]
+    # rows that end early: row i is made to emit <|endoftext|> after i + 1 tokens (not as the first token, which
+    # begin_suppress forbids); the others go on unchanged
+    prompt = len(settings.prompt)
+
+    def ending_step(token, position, *rest):
+        logits, keys, values = step(token, position, *rest)
+        logits = logits.clone()
+        for i in range(logits.shape[0]):
+            if int(position) == prompt + i:
+                logits[i, -1, settings.eos] = float("inf")
+        return logits, keys, values
+
+    rows = greedy_decode_batch(encode, ending_step, batch, empty_cache(bundle.model, batch=3), settings)
+    assert rows == [r[:i + 1] for i, r in enumerate(alone)] and all(len(r) >= 3 for r in alone)
+
+    int8_alone = [int8.transcribe(f) for f in features]
+    assert int8.transcribe_batch(batch) == int8_alone
+    assert {k[0][0] for k in int8.step.shapes} == {(1, 1), (3, 1)}  # one compilation per batch size, on INT8
+    assert all(e < 0.1 for e in int8.step.errors.values())
+    loaded = load_whisper_int8(save_whisper_int8(int8, tmp_path / "w.sqa", metadata={}), bundle)
+    assert loaded.transcribe_batch(batch[:2]) == int8_alone[:2]
 
 
 def test_gathering_int8_rows_equals_looking_up_the_dequantized_table():
