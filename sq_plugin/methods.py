@@ -40,6 +40,8 @@ class QuantizeJob:
     mixed: a recipe's mixed-precision bits item (`recipe.MixedBits`: budget_bits, widths), or None (uniform bits).
     sensitivity: returns the layers' measured sensitivity (`SensitivityResult`, computed once per model).
     train: returns the training utterances (mixed_one_stage / mixed_two_stage).
+    int8_attention: also run attention's Q·Kᵀ and P·V on INT8 GEMMs where the build lowers to oneDNN (the PT2E
+    x86 graphs; `sq_plugin.backends.int8_attention`).
     """
 
     w_bits: int
@@ -53,6 +55,7 @@ class QuantizeJob:
     mixed: Any = None
     sensitivity: Callable[[], Any] | None = None
     train: Callable[[], Any] | None = None
+    int8_attention: bool = False
 
     @property
     def runs_int8(self) -> bool:
@@ -130,11 +133,11 @@ def apply_plan(bundle: Any, calibration: Any, plan: Any, job: QuantizeJob) -> An
         from sq_plugin.families.whisper import quantize_whisper_simulated, quantize_whisper_x86
 
         if job.runs_int8:
-            return quantize_whisper_x86(bundle, calibration, plan)
+            return quantize_whisper_x86(bundle, calibration, plan, int8_attention=job.int8_attention)
         return quantize_whisper_simulated(bundle, calibration, plan=plan)
     from sq_plugin.families.ctc import quantize_ctc_pt2e
 
-    return quantize_ctc_pt2e(bundle, calibration, plan=plan, lower=job.lower)
+    return quantize_ctc_pt2e(bundle, calibration, plan=plan, lower=job.lower, int8_attention=job.int8_attention)
 
 
 def _build_stablequant(bundle: Any, calibration: Any, job: QuantizeJob) -> Any:
@@ -226,13 +229,14 @@ def _build_torchao_observer(name: str) -> Builder:
                 from sq_plugin.backends.pt2e import observer_x86_quantizer
 
                 return quantize_whisper_x86(bundle, calibration, quantizer=observer_x86_quantizer(
-                    observer, a_bits=job.a_bits, w_bits=job.w_bits, int8_grid=job.int8_grid))
+                    observer, a_bits=job.a_bits, w_bits=job.w_bits, int8_grid=job.int8_grid),
+                    int8_attention=job.int8_attention)
             return quantize_whisper_simulated(bundle, calibration, observer=observer, a_bits=job.a_bits,
                                               w_bits=job.w_bits, int8_grid=job.int8_grid)
         from sq_plugin.families.ctc import quantize_ctc_pt2e
 
         return quantize_ctc_pt2e(bundle, calibration, observer=observer, a_bits=job.a_bits, w_bits=job.w_bits,
-                                 lower=job.lower, int8_grid=job.int8_grid)
+                                 lower=job.lower, int8_grid=job.int8_grid, int8_attention=job.int8_attention)
 
     return build
 

@@ -14,6 +14,7 @@
     backend: x86                       # x86: real INT8 kernels for W8A8, fake-quant below; simulate: fake-quant always
     int8_grid: auto                    # auto: 7-bit weights on x86 without VNNI, else full; full;
                                        # narrow_weights; narrow_activations (sq_plugin.backends.x86_isa)
+    int8_attention: false              # x86: attention's Q·Kᵀ and P·V on INT8 GEMMs too (VNNI/AMX CPUs only)
     output_dir: runs/recipes
     threads: 2                         # optional; torch intra-op threads
 
@@ -326,6 +327,8 @@ class Recipe(_Strict):
     backend: Annotated[str, BeforeValidator(lambda v: _choice(v, BACKENDS, "backend"))] = "x86"
     # The INT8 grids every method is calibrated, searched and run on (sq_plugin.backends.x86_isa).
     int8_grid: Annotated[str, BeforeValidator(lambda v: _choice(v, INT8_GRIDS, "int8_grid"))] = "auto"
+    # Attention's two matmuls on INT8 GEMMs as well (sq_plugin.backends.int8_attention): x86 backend only.
+    int8_attention: bool = False
     output_dir: str = "runs/recipes"
     threads: int | None = Field(default=None, ge=1)
 
@@ -379,6 +382,13 @@ class Recipe(_Strict):
         if dup:
             raise ValueError(f"bits lists {dup} more than once")
         return v
+
+    @model_validator(mode="after")
+    def _int8_attention_needs_x86(self) -> Recipe:
+        if self.int8_attention and self.backend != "x86":
+            raise ValueError(f"int8_attention: true runs attention on oneDNN INT8 GEMMs, which backend: "
+                             f"{self.backend} does not use. Fix: backend: x86, or drop int8_attention")
+        return self
 
     @model_validator(mode="after")
     def _ptq_budget_fits_its_widths(self) -> Recipe:

@@ -120,14 +120,17 @@ def check_runnable(recipe: Recipe) -> None:
 
 
 def _isa_errors(recipe: Recipe) -> list[str]:
-    """What the x86 backend cannot run on this machine: no x86 CPU, or the full grid without VNNI."""
+    """What the x86 backend cannot run on this machine: no x86 CPU, the full grid or INT8 attention without VNNI."""
     if recipe.backend != "x86":
         return []
-    from sq_plugin.backends.x86_isa import IsaError, is_x86, x86_policy
+    from sq_plugin.backends.x86_isa import INT_MM_SATURATES, IsaError, is_x86, x86_policy
 
     if not is_x86():
         return ["backend: 'x86' runs oneDNN INT8 kernels on an x86-64 CPU; this machine is not one: use "
                 "backend: simulate (fake-quant, labelled as such)"]
+    if recipe.int8_attention and not x86_policy().int32_accumulation:
+        return [f"int8_attention: true: {INT_MM_SATURATES}, and this CPU is {x86_policy().kind}. Fix: "
+                "int8_attention: false (attention stays float), or run on a CPU with VNNI or AMX"]
     if recipe.int8_grid != "full":
         return []
     try:
@@ -424,7 +427,8 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
                 # mixed precision keeps the ranges of the W8A8 search (8-bit activations): one search serves all
                 _, searched_plan, search_seconds = run_search(8 if bits.is_mixed else bits.w, bits.a, label)
             job = QuantizeJob(w_bits=bits.w, a_bits=bits.a, lower=lower, int8_grid=_int8_grid(recipe),
-                              options=recipe.method_options, statistics=statistics, plan=searched_plan,
+                              int8_attention=recipe.int8_attention, options=recipe.method_options,
+                              statistics=statistics, plan=searched_plan,
                               provenance=provenance, mixed=bits if bits.is_mixed else None,
                               sensitivity=lambda plan=searched_plan, item=bits: sensitivity(
                                   plan, item.widths_for("stablequant")), train=train)
@@ -743,7 +747,9 @@ def _report_md(run: RunResult, plots: Sequence[str]) -> str:
         "",
         f"CPU: x86 kind `{_isa_record(r)['kind']}`; INT8 grid `{_int8_grid(r)}` (recipe: `{r.int8_grid}`; "
         "`narrow_weights` / `narrow_activations` = 7-bit weights / activations at W8A8, what oneDNN computes "
-        "exactly without VNNI).",
+        "exactly without VNNI). Attention's matmuls: "
+        + ("INT8 GEMMs (`int8_attention: true`; each row's backend says in how many blocks)." if r.int8_attention
+           else "float (`int8_attention: false`)."),
         "",
         "ΔWER/ΔCER are in percentage points vs FP32 on the same utterances (batch size 1). "
         "**simulated** = fake-quant q/dq run in float (below 8 bits, or backend `simulate`); "

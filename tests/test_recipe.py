@@ -170,6 +170,14 @@ def test_corpus_sizes_match_the_corpus_config():
                             "corpus-test": config.test_size}
 
 
+def test_int8_attention_is_an_x86_option(tmp_path):
+    assert load_recipe(write(tmp_path, MINIMAL)).int8_attention is False
+    assert load_recipe(write(tmp_path, MINIMAL + "int8_attention: true\n")).int8_attention is True
+    with pytest.raises(RecipeError, match="int8_attention: true runs attention on oneDNN INT8 GEMMs, which backend: "
+                                          "simulate does not use. Fix: backend: x86"):
+        load_recipe(write(tmp_path, MINIMAL + "int8_attention: true\nbackend: simulate\n"))
+
+
 def test_int8_grid_choices_match_the_x86_policy_and_bad_ones_are_refused(tmp_path):
     from sq_plugin.backends.x86_isa import GRID_CHOICES
     from sq_plugin.recipe import INT8_GRIDS

@@ -75,16 +75,17 @@ def install_fakes(monkeypatch, *, wer_of=lambda bundle: 0.1 if not bundle.quanti
         return EvalResult(wer=wer, cer=wer / 2, n=len(us), utterances=us, seconds=0.01)
 
     def fake_quantize(bundle, calibration, *, act_rule=None, per_layer=None, observer=None, a_bits=8, w_bits=8,
-                      lower=None, int8_grid="auto", plan=None):
+                      lower=None, int8_grid="auto", plan=None, int8_attention=False):
         assert act_rule is None and per_layer is None  # every rule method hands over a plan
         assert plan is not None or int8_grid in ("full", "narrow_weights", "narrow_activations")  # "auto" resolved
         assert (plan is None) == (observer is not None)  # a plan, or a framework's observer
         if plan is not None:
             w_bits, a_bits = plan.provenance["w_bits"], plan.provenance["a_bits"]
         real = lower if lower is not None else (a_bits == 8 and w_bits == 8)
-        return pipeline.QuantizedModel(FakeBundle(bundle.name, quantized="yes"), "x86-onednn-int8" if real else
-                                       "pt2e fake-quant simulation", not real, {"linear": 4}, 4 if real else 0,
-                                       0.5, 0.1, plan=plan)
+        backend = ("x86-onednn-int8" + (" (INT8 attention)" if int8_attention else "")) if real else \
+            "pt2e fake-quant simulation"
+        return pipeline.QuantizedModel(FakeBundle(bundle.name, quantized="yes"), backend, not real, {"linear": 4},
+                                       4 if real else 0, 0.5, 0.1, plan=plan)
 
     def fake_search(bundle, calibration, config=None, *, metric="wer", batch_size=8, progress=True,
                     cache_budget_mb=1024.0):
@@ -255,6 +256,22 @@ def test_full_grid_recipe_is_refused_before_loading_anything_without_vnni(tmp_pa
     runner.check_runnable(recipe.model_copy(update={"backend": "simulate"}))  # a simulation may use it
 
 
+def test_int8_attention_is_refused_before_loading_anything_without_vnni(tmp_path, monkeypatch):
+    fake_cpu(monkeypatch, "avx2")
+    recipe = make_recipe(tmp_path, methods=["fp", "max"]).model_copy(update={"int8_attention": True})
+    with pytest.raises(RecipeError, match="int8_attention: true: CPU torch._int_mm .* saturates.*this CPU is avx2. "
+                                          "Fix: int8_attention: false"):
+        runner.check_runnable(recipe)
+    fake_cpu(monkeypatch, "vnni")
+    runner.check_runnable(recipe)
+    install_fakes(monkeypatch)
+    result = runner.run_recipe(recipe, progress=False)
+    backends = {(r["method"], r["w_bits"]): r["backend"] for r in result.rows}
+    assert backends[("max", 8)] == "x86-onednn-int8 (INT8 attention)"  # the option reaches every INT8 build
+    assert backends[("max", 4)] == "pt2e fake-quant simulation"
+    assert "Attention's matmuls: INT8 GEMMs" in (result.output_dir / "report.md").read_text()
+
+
 def test_framework_baselines_run_at_w8a8_and_are_listed_as_skipped_below(tmp_path, monkeypatch):
     install_fakes(monkeypatch)
     fake_cpu(monkeypatch, "vnni")
@@ -298,7 +315,8 @@ def test_whisper_runs_every_method_on_int8_kernels_at_w8a8_and_simulates_on_back
 
     seen = []
 
-    def fake_x86(bundle, calibration, plan=None, *, quantizer=None):
+    def fake_x86(bundle, calibration, plan=None, *, quantizer=None, int8_attention=False):
+        assert int8_attention is False  # the recipe leaves it off
         seen.append(("x86", plan.provenance["method"] if plan is not None else type(quantizer).__name__))
         return pipeline.QuantizedModel(FakeBundle(bundle.name, quantized="yes"), "x86-onednn-int8 (vnni: ...)", False,
                                        {"encoder_qlinear": 3, "decoder_step_qlinear": 2}, 5, 0.5, 0.2, plan=plan)

@@ -953,10 +953,14 @@ class LoweringReport:
         return self.qlinear + self.qconv
 
     isa: str = ""  # the ISA policy and grids it was lowered under, e.g. "avx2: 7-bit weights, 8-bit activations"
+    int8_attention: int = 0  # attention blocks whose Q·Kᵀ and P·V run on INT8 GEMMs (torch._int_mm)
 
     @property
     def backend(self) -> str:
-        return f"x86-onednn-int8 ({self.isa})" if self.isa else "x86-onednn-int8"
+        parts = [self.isa] if self.isa else []
+        if self.int8_attention:
+            parts.append(f"INT8 attention in {self.int8_attention} blocks")
+        return f"x86-onednn-int8 ({', '.join(parts)})" if parts else "x86-onednn-int8"
 
 
 def graph_grid_bits(converted: torch.fx.GraphModule) -> tuple[int | None, int | None]:
@@ -1103,14 +1107,17 @@ class Int8Module:
     """
 
     def __init__(self, converted: torch.fx.GraphModule, quantized_ops: int, *,
-                 max_error: float | None = MAX_KERNEL_ERROR, cpp_wrapper: bool = False) -> None:
+                 max_error: float | None = MAX_KERNEL_ERROR, cpp_wrapper: bool = False,
+                 runs: torch.fx.GraphModule | None = None) -> None:
         self.converted = converted
         self.cpp_wrapper = cpp_wrapper
         self.quantized_ops = quantized_ops
         self.max_error = max_error
         self.errors: dict[tuple, float] = {}  # input shapes -> relative error against the fake-quant graph
         self.refused: dict[tuple, str] = {}  # input shapes whose compilation failed the check -> why
-        self.compiled = torch.compile(converted, dynamic=False)
+        # runs: the graph compiled, if not `converted` itself (its attention rewritten to INT8): the check still
+        # compares against `converted`, so the error it reports includes what INT8 attention changes.
+        self.compiled = torch.compile(converted if runs is None else runs, dynamic=False)
         self.shapes: set[tuple] = set()
         # Seconds spent in calls that compiled a new input shape (compilation and that first run): reports keep
         # them apart from steady-state time.
@@ -1183,7 +1190,8 @@ def int8_modules(obj: Any) -> list[Int8Module]:
 
 
 def lower_x86(converted: torch.fx.GraphModule, example_inputs: tuple, *,
-              require_int8: bool = True, cpp_wrapper: bool = False) -> tuple[Int8Module, LoweringReport]:
+              require_int8: bool = True, cpp_wrapper: bool = False,
+              int8_attention: bool = False) -> tuple[Int8Module, LoweringReport]:
     """Compile a converted model with Inductor freezing so q/dq patterns become oneDNN INT8 kernels.
 
     Runs `example_inputs` once (that is when compilation happens) and returns an `Int8Module` and a
@@ -1194,17 +1202,31 @@ def lower_x86(converted: torch.fx.GraphModule, example_inputs: tuple, *,
     decoder step).
     Before compiling, `check_runs_right_here` refuses a graph whose INT8 ops this CPU's oneDNN would
     compute wrong (`sq_plugin.backends.x86_isa`), naming each layer and the fix.
+    int8_attention=True also runs attention's Q·Kᵀ and P·V on INT8 GEMMs (`sq_plugin.backends.int8_attention`;
+    refused on CPUs without VNNI, where they would saturate); `converted` itself is left as it is.
     """
+    if int8_attention and not x86_policy().int32_accumulation:
+        from sq_plugin.backends.x86_isa import INT_MM_SATURATES, IsaError
+
+        raise IsaError(f"int8_attention: {INT_MM_SATURATES}; this CPU is {x86_policy().kind}. Fix: leave "
+                       "int8_attention off here (attention stays float), or run on a CPU with VNNI or AMX")
     policy = check_runs_right_here(converted)
     install_conv1d_meta_fix()
     quantized = sum(v for k, v in count_quantized_ops(converted).items() if k in _QUANT_OPS.values())
+    runs, attention_blocks = None, 0
+    if int8_attention:
+        from sq_plugin.backends.int8_attention import use_int8_attention
+
+        # A second graph over the same weights (no copy of them), its attention nodes rewritten.
+        runs = torch.fx.GraphModule(converted, copy.deepcopy(converted.graph))
+        attention_blocks = use_int8_attention(runs)
     from torch._dynamo.utils import counters
 
     counters.clear()
-    module = Int8Module(converted, quantized if require_int8 else 0, cpp_wrapper=cpp_wrapper)
+    module = Int8Module(converted, quantized if require_int8 else 0, cpp_wrapper=cpp_wrapper, runs=runs)
     module(*example_inputs)
     report = LoweringReport({k: int(v) for k, v in counters["inductor"].items() if k.startswith(("qlinear", "qconv"))},
-                            isa=policy.describe(*graph_grid_bits(converted)))
+                            isa=policy.describe(*graph_grid_bits(converted)), int8_attention=attention_blocks)
     widths = graph_weight_widths(converted)
     if len(widths) > 1:  # a mixed-precision plan: say so, not just the widest grid
         report.isa = report.isa.replace(f"{widths[-1]}-bit weights",

@@ -195,9 +195,10 @@ class QuantizedModel:
 
 
 def finish_converted(bundle: SpeechModel, converted: Any, example: tuple, calib_seconds: float, *, lower: bool,
-                     label: str = "") -> QuantizedModel:
+                     label: str = "", int8_attention: bool = False) -> QuantizedModel:
     """A `convert_pt2e` graph of `bundle.model` as a `QuantizedModel`: lowered to oneDNN INT8 kernels
-    (`lower_x86`), or run as the q/dq fake-quant simulation. `label` prefixes the backend (a baseline's name)."""
+    (`lower_x86`, with attention's matmuls on INT8 GEMMs too if `int8_attention`), or run as the q/dq fake-quant
+    simulation. `label` prefixes the backend (a baseline's name)."""
     from sq_plugin.backends.pt2e import count_quantized_ops, lower_x86
 
     counts = count_quantized_ops(converted)
@@ -213,7 +214,7 @@ def finish_converted(bundle: SpeechModel, converted: Any, example: tuple, calib_
         return QuantizedModel(quantized, backend, True, counts, 0, calib_seconds, 0.0, converted,
                               example_inputs=example, float_model=bundle.model)
     start = time.perf_counter()
-    compiled, report = lower_x86(converted, example)
+    compiled, report = lower_x86(converted, example, int8_attention=int8_attention)
     lower_seconds = time.perf_counter() - start
     quantized = dataclasses.replace(bundle, model=compiled, info=info)
     backend = f"{label}: {report.backend}" if label else report.backend
@@ -225,7 +226,8 @@ def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_ru
                       per_layer: dict[str, RangeRule] | None = None, observer: Any = None, a_bits: int = 8,
                       w_bits: int = 8, lower: bool | None = None, int8_grid: str = "auto",
                       strict: bool = False, plan: QuantPlan | None = None,
-                      weights: Mapping[str, StoredWeight] | None = None) -> QuantizedModel:
+                      weights: Mapping[str, StoredWeight] | None = None,
+                      int8_attention: bool = False) -> QuantizedModel:
     """PT2E quantize a CTC model: export, prepare (StableQuant observers, or `observer` for a
     baseline), calibrate one utterance at a time, convert, and (8-bit) lower to oneDNN INT8 kernels.
 
@@ -282,7 +284,7 @@ def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_ru
     calibrate(prepared, (ctc_inputs(bundle, u.audio) for u in calibration))
     converted = convert_pt2e(prepared)
     calib_seconds = time.perf_counter() - start
-    quantized = finish_converted(bundle, converted, example, calib_seconds, lower=lower)
+    quantized = finish_converted(bundle, converted, example, calib_seconds, lower=lower, int8_attention=int8_attention)
     if plan is not None:
         quantized.plan_deviations = plan_deviations(converted, plan)
         quantized.plan = plan

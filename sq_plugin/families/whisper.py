@@ -279,7 +279,8 @@ def quantize_whisper_simulated(bundle: SpeechModel, calibration: Sequence[Any], 
 
 
 def quantize_whisper_x86(bundle: SpeechModel, calibration: Sequence[Any], plan: Any = None, *,
-                         quantizer: Any = None, weights: Mapping[str, StoredWeight] | None = None) -> QuantizedModel:
+                         quantizer: Any = None, weights: Mapping[str, StoredWeight] | None = None,
+                         int8_attention: bool = False) -> QuantizedModel:
     """Whisper on oneDNN INT8 kernels: the encoder and the static-cache decoder step of
     `sq_plugin.families.whisper_int8`, decoded greedily by `evaluate` through `QuantizedWhisper.generate`.
 
@@ -288,7 +289,8 @@ def quantize_whisper_x86(bundle: SpeechModel, calibration: Sequence[Any], plan: 
     quantizer: instead of a plan, a PT2E quantizer whose observers decide the ranges (a framework baseline,
     e.g. `observer_x86_quantizer(HistogramObserver)`), calibrated by greedy-decoding every utterance.
     weights: the `StoredWeight`s of the plan's "stored" layers (mixed precision): installed on a copy of the
-    model (the tied embedding follows proj_out's) and quantized with exactly their scales."""
+    model (the tied embedding follows proj_out's) and quantized with exactly their scales.
+    int8_attention: the encoder's attention matmuls on INT8 GEMMs too (`sq_plugin.backends.int8_attention`)."""
     from sq_plugin.families.whisper_int8 import quantize_whisper_int8
 
     _require_whisper(bundle)
@@ -306,7 +308,8 @@ def quantize_whisper_x86(bundle: SpeechModel, calibration: Sequence[Any], plan: 
     if weights:
         model = install_stored_weights(strip_weight_norm(copy.deepcopy(bundle.model)), weights).eval()
         source = dataclasses.replace(bundle, model=model)
-    quantized = quantize_whisper_int8(source, features, plan=plan, quantizer=quantizer, weights=weights)
+    quantized = quantize_whisper_int8(source, features, plan=plan, quantizer=quantizer, weights=weights,
+                                      int8_attention=int8_attention)
     lowering = quantized.report["lowering"]
     counts = {f"{graph}_{op}": n for graph, ops in lowering.items() for op, n in ops.items()}
     return QuantizedModel(dataclasses.replace(bundle, model=quantized), quantized.report["backend"], False, counts,

@@ -348,7 +348,8 @@ def graph_layer_names(whisper: nn.Module, graphs: dict[str, nn.Module] | None = 
 
 def quantize_whisper_int8(bundle: Any, calibration_features: Sequence[torch.Tensor], *, quantizer: Any = None,
                           lower: bool = True, max_new_tokens: int | None = None,
-                          int8_grid: str = "auto", plan: Any = None, weights: Any = None) -> QuantizedWhisper:
+                          int8_grid: str = "auto", plan: Any = None, weights: Any = None,
+                          int8_attention: bool = False) -> QuantizedWhisper:
     """PT2E-quantize Whisper's encoder(+cross K/V) and decoder step, calibrate them by greedy-decoding
     `calibration_features` (each [1, 80, 3000]) through the observed graphs, convert, and (lower=True)
     compile both to oneDNN INT8 kernels with `lower_x86` (which refuses to run them in float).
@@ -359,6 +360,8 @@ def quantize_whisper_int8(bundle: Any, calibration_features: Sequence[torch.Tens
     plan: a `QuantPlan` on the HF module names (`search_whisper(...).to_plan()`), applied to both graphs
     through `graph_layer_names`: every input range is the plan's, so only the first calibration
     utterance is decoded (to observe the weights). `report["plan_deviations"]` lists what ran otherwise.
+    int8_attention: the encoder's self-attention matmuls on INT8 GEMMs too (`lower_x86`); the decoder step's
+    one-query attention stays float (a 1 x d GEMM per head gains nothing).
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
@@ -402,7 +405,7 @@ def quantize_whisper_int8(bundle: Any, calibration_features: Sequence[torch.Tens
         report["plan"] = dict(plan.provenance)
         report["plan_deviations"] = {name: why for g, graph in converted.items()
                                      for name, why in plan_deviations(graph, plan, names[g]).items()}
-    return _assemble(bundle, converted, settings, report, lower)
+    return _assemble(bundle, converted, settings, report, lower, int8_attention)
 
 
 def read_embedding_from_quantized_logits_weight(prepared: torch.fx.GraphModule) -> bool:
@@ -461,7 +464,7 @@ def gather_int8_embedding_rows(converted: torch.fx.GraphModule) -> None:
 
 
 def _assemble(bundle: Any, converted: dict[str, torch.fx.GraphModule], settings: GreedySettings,
-              report: dict[str, Any], lower: bool) -> QuantizedWhisper:
+              report: dict[str, Any], lower: bool, int8_attention: bool = False) -> QuantizedWhisper:
     """A QuantizedWhisper running the converted graphs as they are (lower=False: float q/dq, for checks)
     or compiled to oneDNN INT8 kernels by `lower_x86`, which raises rather than run them in float."""
     from sq_plugin.backends.pt2e import lower_x86
@@ -472,12 +475,12 @@ def _assemble(bundle: Any, converted: dict[str, torch.fx.GraphModule], settings:
                                 converted, report)
     # Each graph compiles once, for its only shapes: a 30 s window and the fixed-size cache.
     features = torch.zeros(encoder_input_shape(whisper))
-    encode, encoder_report = lower_x86(converted["encoder"], (features,))
+    encode, encoder_report = lower_x86(converted["encoder"], (features,), int8_attention=int8_attention)
     with torch.no_grad():
         cross = encode(features)
     # A decode step runs ~100 small kernels: the C++ wrapper saves ~1 ms of Python per step (8.2 -> 7.3 ms).
     step, step_report = lower_x86(converted["decoder_step"], decoder_step_inputs(whisper, cross), cpp_wrapper=True)
-    report = {**report, "backend": step_report.backend, "lowering": {
+    report = {**report, "backend": encoder_report.backend if int8_attention else step_report.backend, "lowering": {
         "encoder": {"qlinear": encoder_report.qlinear, "qconv": encoder_report.qconv},
         "decoder_step": {"qlinear": step_report.qlinear, "qconv": step_report.qconv}}}
     return QuantizedWhisper(bundle.name, whisper, encode, step, settings, converted, report)
@@ -511,7 +514,8 @@ def save_whisper_int8(quantized: QuantizedWhisper, path: str | os.PathLike, *, m
     return path
 
 
-def load_whisper_int8(path: str | os.PathLike, bundle: Any, *, lower: bool = True) -> QuantizedWhisper:
+def load_whisper_int8(path: str | os.PathLike, bundle: Any, *, lower: bool = True,
+                      int8_attention: bool = False) -> QuantizedWhisper:
     """Load `save_whisper_int8`'s directory for `bundle` (the same Whisper checkpoint: its config and
     tokenizer drive decoding) and, with lower=True, compile both graphs to oneDNN INT8 kernels.
     Raises `ArtifactError` if a part is missing, damaged, or was made for another model."""
@@ -536,6 +540,6 @@ def load_whisper_int8(path: str | os.PathLike, bundle: Any, *, lower: bool = Tru
             raise ArtifactError(f"{path / sub} was made for {meta[sub]['model']!r}, not {bundle.name}:{sub}: "
                                 f"load the artifact saved for {bundle.name}, or quantize it and save a new one")
     report = {k: v for k, v in meta["encoder"]["user"].get("report", {}).items() if k not in ("lowering", "backend")}
-    return _assemble(bundle, converted, settings, report, lower)
+    return _assemble(bundle, converted, settings, report, lower, int8_attention)
 
 
