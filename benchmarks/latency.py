@@ -57,6 +57,8 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         "feat_extract_norm": "layer", "do_stable_layer_norm": True, "conv_bias": True}},
 }
 ARCH_LABEL = "architecture only, random weights"
+INT8_BACKENDS = {"int8": "pt2e-x86 int8 (inductor freezing, oneDNN)",
+                 "int8-attn": "pt2e-x86 int8 + INT8 attention (oneDNN, attention on torch._int_mm)"}
 WHISPER = "openai/whisper-tiny.en"
 WHISPER_MODELS = (WHISPER, "openai/whisper-base")
 SR = 16000
@@ -285,7 +287,7 @@ def time_ctc(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     from sq_plugin.backends.pt2e import lower_x86, strip_weight_norm
 
     backend, rows = cfg["backend"], []
-    bundle = None if backend == "int8" else load_ctc(cfg["model"])
+    bundle = None if backend.startswith("int8") else load_ctc(cfg["model"])
     fe = ctc_feature_extractor(cfg["model"]) if bundle is None else bundle.processor.feature_extractor
     clip = load_clip(cfg)
     fn: Any = None
@@ -307,12 +309,12 @@ def time_ctc(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 
                 if fn is None:
                     module, _ = load(cfg["artifact"], expect_model=cfg["model"])
-                    fn, report = lower_x86(module, (x,))
+                    fn, report = lower_x86(module, (x,), int8_attention=backend == "int8-attn")
                     extra["_lowering"] = {"qlinear": report.qlinear, "qconv": report.qconv,
-                                          "counters": report.counters}
+                                          "int8_attention": report.int8_attention, "counters": report.counters}
                 else:
                     fn(x)  # compiles this shape (Int8Module checks it against the fake-quant graph)
-                name, precision = "pt2e-x86 int8 (inductor freezing, oneDNN)", "int8"
+                name, precision = INT8_BACKENDS[backend], "int8"
             extra["_setup_s"] = round(time.perf_counter() - start, 1)
             median, p90 = time_fn(lambda f=fn, x=x: f(x), cfg["warmup"], cfg["runs"])
         rows.append(row(cfg["model"], name, precision, seconds, median, p90, cfg["threads"], batch=batch, **extra))
@@ -448,11 +450,12 @@ def time_whisper(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             load_whisper_int8,
         )
 
-        if backend == "int8":
-            quantized = load_whisper_int8(cfg["artifact"], bundle)
+        if backend.startswith("int8"):
+            quantized = load_whisper_int8(cfg["artifact"], bundle, int8_attention=backend == "int8-attn")
             encode, step, settings = quantized.encode, quantized.step, quantized.settings
             extra["_lowering"] = quantized.report["lowering"]
-            name, precision = "sq_plugin greedy, PT2E int8 encoder + decoder step (oneDNN)", "int8"
+            name, precision = ("sq_plugin greedy, PT2E int8 encoder + decoder step (oneDNN)" + (
+                ", encoder attention on torch._int_mm" if backend == "int8-attn" else "")), "int8"
         else:
             encode = torch.compile(WhisperEncoderKV(bundle.model).eval(), dynamic=False)
             step = torch.compile(WhisperDecoderStep(bundle.model).eval(), dynamic=False)
@@ -467,8 +470,7 @@ def time_whisper(cfg: dict[str, Any]) -> list[dict[str, Any]]:
         transcribe_batch(feats)  # compiles both graphs
         with torch.no_grad():
             median, p90 = time_fn(lambda: encode(feats), cfg["warmup"], cfg["encoder_runs"])
-        encoder_backend = ("pt2e-x86 int8 (inductor freezing, oneDNN)" if backend == "int8"
-                           else "torch.compile (inductor)")
+        encoder_backend = INT8_BACKENDS.get(backend, "torch.compile (inductor)")
         rows.append(row(model_name + " (encoder + cross K/V, 30 s window)", encoder_backend, precision, seconds,
                         median, p90, threads))
 
@@ -659,7 +661,8 @@ def write_markdown(args: argparse.Namespace, rows: list[dict[str, Any]], sizes: 
             kernels = {k: v for k, v in r["_lowering"].items() if k != "counters"}
             lines.append(f"* {r['model']} ({r['threads']} threads): oneDNN INT8 kernels lowered by Inductor: {kernels}")
     lines += ["", "Float: LayerNorm/GroupNorm, GELU, softmax, the attention matmuls (q·kᵀ, attn·v: "
-              "the x86 quantizer annotates linear/conv only) and residual adds; Inductor fuses the "
+              "the x86 quantizer annotates linear/conv only; rows labelled INT8 attention run them on "
+              "torch._int_mm, `int8_attention: true`) and residual adds; Inductor fuses the "
               "quantize/dequantize around them. On AMX CPUs the positional (grouped) conv of the CTC models "
               "computes in float too, from its INT8 weight (oneDNN's INT8 grouped conv is wrong there in torch "
               "2.13).", ""]
@@ -671,6 +674,12 @@ def write_markdown(args: argparse.Namespace, rows: list[dict[str, Any]], sizes: 
     if failures:
         lines += ["## Failed configurations", ""] + [f"* {f}" for f in failures] + [""]
     return "\n".join(lines)
+
+
+def backend_shapes(backend: str, shapes: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The shapes a CTC backend is timed at: INT8 attention at batch 1 only (its GEMMs are one call per batch row
+    and head, so a batch-8 graph of a 24-layer model holds thousands of them and takes long to compile)."""
+    return [(b, s) for b, s in shapes if backend != "int8-attn" or b == 1]
 
 
 def main() -> None:
@@ -688,6 +697,7 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=None, help="calibration utterances (default 32)")
     parser.add_argument("--models", nargs="+", default=[*CTC_MODELS, *ARCHITECTURES, WHISPER],
                         choices=[*CTC_MODELS, *ARCHITECTURES, *WHISPER_MODELS])
+    parser.add_argument("--no-int8-attention", action="store_true", help="leave out the INT8-attention rows")
     parser.add_argument("--whisper-batches", type=int, nargs="+", default=[8],
                         help="Whisper end-to-end batch sizes besides 1 (first thread count; different clips)")
     parser.add_argument("--arch-batches", type=int, nargs="+", default=[1, 8],
@@ -738,6 +748,11 @@ def main() -> None:
             failures.append(" ".join(f"{k}={cfg[k]}" for k in ("kind", "model", "backend", "threads") if k in cfg))
         return result
 
+    # INT8 attention needs int32 accumulation (VNNI/AMX); elsewhere its rows are left out, and the table says so.
+    from sq_plugin.backends.x86_isa import x86_policy
+
+    int8_backends = ("int8", "int8-attn") if x86_policy().int32_accumulation and not args.no_int8_attention \
+        else ("int8",)
     if add({"kind": "clip", "clip": clip, "seconds": clip_seconds}) is None:
         sys.exit("could not build the benchmark clip from the test split")
     for model in [m for m in args.models if m in CTC_MODELS]:
@@ -752,11 +767,11 @@ def main() -> None:
                        "fp32_bytes": build["fp32_bytes"]}]
         for threads in args.threads:
             shapes = grid if threads == args.threads[0] else [(1, args.seconds)]
-            for backend in ("eager", "compile", "int8"):
-                if backend == "int8" and not build:
+            for backend in ("eager", "compile", *int8_backends):
+                if backend.startswith("int8") and not build:
                     continue
                 rows += add({"kind": "time_ctc", "model": model, "backend": backend, "threads": threads,
-                             "artifact": art, "shapes": shapes, **common}) or []
+                             "artifact": art, "shapes": backend_shapes(backend, shapes), **common}) or []
 
     for model in [m for m in args.models if m in ARCHITECTURES]:
         art = str(artifact_dir(args, model))
@@ -767,12 +782,12 @@ def main() -> None:
             sizes += [{"model": model, "precision": p, "bytes": b, "fp32_bytes": build["fp32_bytes"]}
                       for p, b in (("fp32", build["fp32_bytes"]), ("int8", build["artifact_bytes"]))]
         shapes = [(b, args.seconds) for b in sorted(args.arch_batches)]
-        for backend in ("eager", "compile", "int8"):
-            if backend == "int8" and not build:
+        for backend in ("eager", "compile", *int8_backends):
+            if backend.startswith("int8") and not build:
                 continue
             rows += add({"kind": "time_ctc", "model": model, "backend": backend, "threads": args.threads[0],
-                         "artifact": art, "shapes": shapes, **common, "warmup": args.arch_warmup,
-                         "runs": args.arch_runs}) or []
+                         "artifact": art, "shapes": backend_shapes(backend, shapes), **common,
+                         "warmup": args.arch_warmup, "runs": args.arch_runs}) or []
 
     for model in [m for m in args.models if m in WHISPER_MODELS]:
         art = str(artifact_dir(args, model))
@@ -783,8 +798,8 @@ def main() -> None:
             sizes.append({"model": model, "precision": "int8", "bytes": build["artifact_bytes"],
                           "fp32_bytes": build["fp32_param_bytes"]})
         for threads in args.threads:
-            for backend in ("hf", "compile", "int8", "ct2-float32", "ct2-int8"):
-                if backend == "int8" and not build:
+            for backend in ("hf", "compile", *int8_backends, "ct2-float32", "ct2-int8"):
+                if backend.startswith("int8") and not build:
                     continue
                 rows += add({"kind": "time_whisper", "model": model, "backend": backend, "threads": threads,
                              "artifact": art, **common, "runs": args.e2e_runs, "encoder_runs": max(3, args.runs // 4),
