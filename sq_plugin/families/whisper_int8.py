@@ -10,9 +10,10 @@ Python objects every step), which PT2E cannot export. So the decoder is rewritte
     WhisperDecoderStep   (token [B, 1], position [1], self keys/values [L, B, H, S, D], cross keys/values)
                          -> (logits [B, 1, V], this token's keys and values [L, B, H, 1, D])
 
-Both have fixed shapes, so each compiles once. The step reads the self-attention cache and returns the
-new token's keys/values instead of writing into its input (graphs stay functional, which export and
-Inductor freezing need); `greedy_decode` writes them into the cache between steps. Every Linear layer
+Both have fixed shapes but the batch (exported dynamic), so each compiles once per batch size. The step
+reads the self-attention cache and returns the new token's keys/values instead of writing into its input
+(graphs stay functional, which export and Inductor freezing need); `greedy_decode` / `greedy_decode_batch`
+write them into the cache between steps. Every Linear layer
 is quantized, including the 384x51864 logits projection, which is most of a step's MACs.
 
     from sq_plugin.families.whisper_int8 import quantize_whisper_int8
@@ -166,7 +167,8 @@ def max_new_tokens_limit(whisper: nn.Module, prompt: Sequence[int]) -> int:
 
 
 def encoder_input_shape(whisper: nn.Module) -> tuple[int, int, int]:
-    """The one input shape the encoder graph takes: one utterance, Whisper's 30 s log-mel window."""
+    """The encoder graph's input shape for one utterance: Whisper's 30 s log-mel window (the graph takes any
+    batch of them)."""
     return 1, whisper.config.num_mel_bins, 2 * whisper.config.max_source_positions
 
 
