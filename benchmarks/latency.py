@@ -425,18 +425,18 @@ def time_whisper(cfg: dict[str, Any]) -> list[dict[str, Any]]:
         model = ctranslate2.models.Whisper(str(ct2_model_dir(model_name, Path(cfg["artifact"]).parent)),
                                            device="cpu", compute_type=compute_type, intra_threads=threads)
 
-        def transcribe_batch(features: Any) -> list[str]:
+        def transcribe_batch(features: Any, beams: int = 1) -> list[str]:
             storage = ctranslate2.StorageView.from_array(np.ascontiguousarray(features.numpy(), dtype=np.float32))
-            results = model.generate(storage, [prompt] * features.shape[0], beam_size=1, max_length=448)
+            results = model.generate(storage, [prompt] * features.shape[0], beam_size=beams, max_length=448)
             return texts(r.sequences_ids[0] for r in results)
 
         name, precision = "ctranslate2", compute_type
     elif backend == "hf":
         gen = {"max_length": 448, "return_timestamps": False, "num_beams": 1, "do_sample": False}
 
-        def transcribe_batch(features: Any) -> list[str]:
+        def transcribe_batch(features: Any, beams: int = 1) -> list[str]:
             with torch.no_grad():
-                tokens = bundle.model.generate(features, **gen)
+                tokens = bundle.model.generate(features, **{**gen, "num_beams": beams})
             return [t.strip() for t in tok.batch_decode(tokens, skip_special_tokens=True)]
 
         name, precision = "HF generate (eager)", "fp32"
@@ -445,6 +445,7 @@ def time_whisper(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             GreedySettings,
             WhisperDecoderStep,
             WhisperEncoderKV,
+            beam_decode,
             empty_cache,
             greedy_decode_batch,
             load_whisper_int8,
@@ -463,9 +464,12 @@ def time_whisper(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             name, precision = "sq_plugin greedy, torch.compile encoder + decoder step", "fp32"
         caches: dict[int, Any] = {}
 
-        def transcribe_batch(features: Any) -> list[str]:
-            cache = caches.setdefault(features.shape[0], empty_cache(bundle.model, batch=features.shape[0]))
-            return texts(greedy_decode_batch(encode, step, features, cache, settings))
+        def transcribe_batch(features: Any, beams: int = 1) -> list[str]:
+            rows = features.shape[0] if beams == 1 else beams
+            cache = caches.setdefault(rows, empty_cache(bundle.model, batch=rows))
+            if beams == 1:
+                return texts(greedy_decode_batch(encode, step, features, cache, settings))
+            return texts([beam_decode(encode, step, f[None], cache, settings, beams) for f in features])
 
         transcribe_batch(feats)  # compiles both graphs
         with torch.no_grad():
@@ -491,6 +495,12 @@ def time_whisper(cfg: dict[str, Any]) -> list[dict[str, Any]]:
         median, p90 = time_fn(lambda m=many: transcribe_batch(m), min(cfg["warmup"], 1), cfg["runs"])
         rows.append(row(model_name + " (end-to-end greedy)", name, precision, seconds, median, p90, threads,
                         batch=batch, **batch_extra))
+    for beams in cfg.get("beams", []):
+        setup = time.perf_counter()
+        beam_text = transcribe_batch(feats, beams)[0]  # compiles the beam-width batch (graph backends)
+        median, p90 = time_fn(lambda b=beams: transcribe_batch(feats, b), min(cfg["warmup"], 1), cfg["runs"])
+        rows.append(row(f"{model_name} (end-to-end beam {beams})", name, precision, seconds, median, p90, threads,
+                        _setup_s=round(time.perf_counter() - setup, 1), _text=beam_text))
     return rows
 
 
@@ -583,13 +593,13 @@ def targets(rows: list[dict[str, Any]], sizes: list[dict[str, Any]], seconds: fl
     for r in rows:
         if r["precision"] != "int8" or r["audio_seconds"] != seconds or r["backend"] == "ctranslate2":
             continue
-        if r["batch"] != 1 and r["model"].endswith(" (end-to-end greedy)"):
+        if r["batch"] != 1 and " (end-to-end " in r["model"]:
             ct2 = [c for c in rows if c["model"] == r["model"] and c["threads"] == r["threads"]
                    and c["batch"] == r["batch"] and c["backend"] == "ctranslate2" and c["precision"] == "int8"]
             if ct2:
                 ours, theirs = (1000.0 * r["batch"] / x["median_ms"] for x in (r, ct2[0]))
                 lines.append(f"| Whisper batch-{r['batch']} throughput vs ctranslate2 int8 batch {r['batch']} | "
-                             f"{r['model'].removesuffix(' (end-to-end greedy)')} | {r['threads']} | "
+                             f"{r['model']} | {r['threads']} | "
                              f"{ours:.2f} vs {theirs:.2f} utterances/s | {'yes' if ours >= theirs else 'no'} |")
         if r["batch"] != 1:
             fp = fp32_compiled(r)
@@ -598,7 +608,7 @@ def targets(rows: list[dict[str, Any]], sizes: list[dict[str, Any]], seconds: fl
                              f"| {r['threads']} | {r['peak_rss_mb']:.0f} vs {fp[0]['peak_rss_mb']:.0f} MB "
                              f"({r['peak_rss_mb'] / fp[0]['peak_rss_mb']:.2f}x) | reported |")
             continue
-        if r["model"].endswith(" (end-to-end greedy)"):
+        if " (end-to-end " in r["model"]:
             ct2 = [c for c in rows if c["model"] == r["model"] and c["threads"] == r["threads"]
                    and c["backend"] == "ctranslate2" and c["precision"] == "int8"]
             if ct2:
@@ -606,15 +616,15 @@ def targets(rows: list[dict[str, Any]], sizes: list[dict[str, Any]], seconds: fl
                 faster = r["median_ms"] <= c["median_ms"]
                 wer_ok = "wer" not in r or "wer" not in c or r["wer"] <= c["wer"]
                 wer_txt = f"; WER {r['wer']:.4f} vs {c['wer']:.4f}" if "wer" in r and "wer" in c else ""
-                lines.append(f"| Whisper INT8 as fast as ctranslate2 int8, WER no worse | "
-                             f"{r['model'].removesuffix(' (end-to-end greedy)')} | {r['threads']} "
-                             f"| {r['median_ms']:.0f} vs {c['median_ms']:.0f} ms{wer_txt} | "
+                lines.append(f"| Whisper INT8 as fast as ctranslate2 int8, WER no worse | {r['model']} | "
+                             f"{r['threads']} | {r['median_ms']:.0f} vs {c['median_ms']:.0f} ms{wer_txt} | "
                              f"{'yes' if faster and wer_ok else 'no'} |")
             continue
         fp = fp32_compiled(r)
         if fp:
             ratio = r["median_ms"] / fp[0]["median_ms"]
-            lines.append(f"| INT8 <= 0.5x FP32 compiled latency ({seconds:g} s, batch 1) | {r['model']} | "
+            attention = ", INT8 attention" if "INT8 attention" in r["backend"] else ""
+            lines.append(f"| INT8 <= 0.5x FP32 compiled latency ({seconds:g} s, batch 1{attention}) | {r['model']} | "
                          f"{r['threads']} | {ratio:.2f}x | {'yes' if ratio <= 0.5 else 'no'} |")
     for s in sizes:
         if s["precision"] == "int8":
@@ -698,6 +708,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=[*CTC_MODELS, *ARCHITECTURES, WHISPER],
                         choices=[*CTC_MODELS, *ARCHITECTURES, *WHISPER_MODELS])
     parser.add_argument("--no-int8-attention", action="store_true", help="leave out the INT8-attention rows")
+    parser.add_argument("--whisper-beams", type=int, nargs="*", default=[5],
+                        help="beam widths timed for Whisper end to end (batch 1, first thread count)")
     parser.add_argument("--whisper-batches", type=int, nargs="+", default=[8],
                         help="Whisper end-to-end batch sizes besides 1 (first thread count; different clips)")
     parser.add_argument("--arch-batches", type=int, nargs="+", default=[1, 8],
@@ -804,7 +816,8 @@ def main() -> None:
                 rows += add({"kind": "time_whisper", "model": model, "backend": backend, "threads": threads,
                              "artifact": art, **common, "runs": args.e2e_runs, "encoder_runs": max(3, args.runs // 4),
                              "wer_utts": args.wer_utts if threads == args.threads[0] else 0,
-                             "batches": args.whisper_batches if threads == args.threads[0] else []}) or []
+                             "batches": args.whisper_batches if threads == args.threads[0] else [],
+                             "beams": args.whisper_beams if threads == args.threads[0] else []}) or []
 
     wall = time.perf_counter() - t0
     state_end = machine_state()
