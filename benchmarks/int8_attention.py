@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from common import atomic_write, device_name
+from latency import speech_clip, time_fn
 
 from sq_plugin.backends.int8_attention import int8_sdpa
 
@@ -73,32 +72,14 @@ def gemms_only(qi: torch.Tensor, kt: torch.Tensor, p: torch.Tensor, vi: torch.Te
             torch._int_mm(p[b, h], vi[b, h])
 
 
-def median_ms(fn: Any, warmup: int, runs: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return sorted(times)[len(times) // 2]
-
-
 def reference_qkv(model_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The first encoder layer's Q, K, V (batch, heads, T, d) of a shipped reference on 10 s of test speech."""
     import numpy as np
 
-    from sq_plugin.speech.corpus import load_split
     from sq_plugin.speech.models import load_model
 
     bundle = load_model(model_name)
-    parts, total = [], 0
-    for u in load_split("test", progress=False):
-        parts.append(u.audio)
-        total += len(u.audio)
-        if total >= 160000:
-            break
-    audio = np.concatenate(parts)[:160000].astype(np.float32)
+    audio = speech_clip(10.0)
     x = torch.from_numpy(np.asarray(bundle.processor.feature_extractor(audio, sampling_rate=16000).input_values[0],
                                     dtype=np.float32))[None]
     attn = bundle.model.base_model.encoder.layers[0].attention
@@ -146,7 +127,7 @@ def time_shape(heads: int, dim: int, frames: int, warmup: int, runs: int) -> dic
              "int8_sdpa, P per row (compiled)": lambda: per_row(q, k, v),
              "int8 GEMMs only": lambda: gemms_only(qi, kt, p, vi)}
     with torch.no_grad():
-        return {name: round(median_ms(fn, warmup, runs), 3) for name, fn in cases.items()}
+        return {name: round(time_fn(fn, warmup, runs)[0], 3) for name, fn in cases.items()}
 
 
 def main() -> None:
