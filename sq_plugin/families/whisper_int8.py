@@ -245,6 +245,97 @@ def greedy_decode_batch(encode: Callable[[torch.Tensor], tuple[torch.Tensor, tor
     return rows
 
 
+# HF's beam search pushes a candidate out of contention by adding this (not -inf: sums stay finite and ordered).
+_OUT_OF_CONTENTION = -1.0e9
+
+
+def beam_decode(encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], step: Step,
+                features: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], settings: GreedySettings,
+                num_beams: int, *, length_penalty: float = 1.0) -> list[int]:
+    """Beam search of width `num_beams` for one utterance's features [1, 80, 3000], as HF `generate(num_beams=k)`
+    does it (its defaults: early_stopping=False, `length_penalty` on the finished hypotheses' summed log-probs):
+    each step scores the 2k best continuations of the k running beams; those that end (<|endoftext|>, or the
+    length limit) among the first k join the k best finished hypotheses; the k best that go on keep running. It
+    stops when no running beam can beat the worst finished one. The k beams are the rows of one batch: the step
+    runs once per token for all of them, and the self-attention cache is reordered to follow each beam's origin.
+    `cache` is `empty_cache(whisper, batch=num_beams)`. Returns the best hypothesis' tokens (no prompt, no
+    <|endoftext|>); num_beams=1 is greedy decoding."""
+    if features.shape[0] != 1:
+        raise ValueError(f"beam_decode takes one utterance (features [1, 80, 3000]), got batch {features.shape[0]}")
+    if not 1 <= num_beams <= 16:
+        raise ValueError(f"num_beams must be 1 to 16 (got {num_beams})")
+    self_keys, self_values = cache
+    if self_keys.shape[1] != num_beams:
+        raise ValueError(f"the cache is for batch {self_keys.shape[1]}; beam search of width {num_beams} needs "
+                         f"empty_cache(whisper, batch={num_beams})")
+    prompt = list(settings.prompt)
+    max_length = len(prompt) + settings.max_new_tokens  # HF's max_length, prompt included
+    keep = 2 * num_beams  # candidates scored per step: k that may end and k that go on
+    with torch.no_grad():
+        cross_keys, cross_values = (x.expand(-1, num_beams, *x.shape[2:]).contiguous() for x in encode(features))
+        self_keys.zero_()
+        self_values.zero_()
+        suppress = torch.tensor(settings.suppress, dtype=torch.long)
+        begin_suppress = torch.tensor(settings.begin_suppress, dtype=torch.long)
+        running = [list(prompt) for _ in range(num_beams)]
+        running_scores = torch.full((num_beams,), _OUT_OF_CONTENTION)
+        running_scores[0] = 0.0  # all beams start equal: only the first may expand at the first step
+        finished: list[tuple[float, list[int]]] = [(_OUT_OF_CONTENTION, [])] * num_beams
+        finished_real = [False] * num_beams
+        improvable = True
+        token = torch.empty(num_beams, 1, dtype=torch.long)
+        position = torch.empty(1, dtype=torch.long)
+        cur_len = len(prompt)
+        for pos in range(len(prompt) - 1):  # read the prompt
+            token.fill_(prompt[pos])
+            position[0] = pos
+            _, keys, values = step(token, position, self_keys, self_values, cross_keys, cross_values)
+            self_keys[:, :, :, pos], self_values[:, :, :, pos] = keys[:, :, :, 0], values[:, :, :, 0]
+        while True:
+            pos = cur_len - 1
+            for i, seq in enumerate(running):
+                token[i, 0] = seq[-1]
+            position[0] = pos
+            logits, keys, values = step(token, position, self_keys, self_values, cross_keys, cross_values)
+            self_keys[:, :, :, pos], self_values[:, :, :, pos] = keys[:, :, :, 0], values[:, :, :, 0]
+            log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1)  # normalized before suppression, as HF
+            log_probs[:, suppress] = float("-inf")
+            if cur_len == len(prompt):
+                log_probs[:, begin_suppress] = float("-inf")
+            vocab = log_probs.shape[-1]
+            top_scores, top_index = torch.topk((log_probs + running_scores[:, None]).reshape(-1), keep)
+            origins, tokens = (top_index // vocab).tolist(), (top_index % vocab).tolist()
+            ends = torch.tensor([t == settings.eos or cur_len + 1 >= max_length for t in tokens])
+            candidates = [running[o] + [t] for o, t in zip(origins, tokens, strict=True)]
+            # the k best that do not end run on
+            going = top_scores + ends.float() * _OUT_OF_CONTENTION
+            order = torch.topk(going, num_beams).indices.tolist()
+            running = [candidates[j] for j in order]
+            running_scores = going[order]
+            reorder = torch.tensor([origins[j] for j in order])
+            # the first k candidates that end compete with the finished hypotheses, length-normalized
+            ended = top_scores / ((cur_len + 1 - len(prompt)) ** length_penalty)
+            ended = ended + (0.0 if improvable else _OUT_OF_CONTENTION)
+            first_k = torch.arange(keep) < num_beams
+            ended = ended + (~(ends & first_k)).float() * _OUT_OF_CONTENTION
+            merged = [*finished, *zip(ended.tolist(), candidates, strict=True)]
+            merged_real = [*finished_real, *(ends & first_k).tolist()]
+            best = torch.topk(torch.tensor([score for score, _ in merged]), num_beams).indices.tolist()
+            finished = [merged[j] for j in best]
+            finished_real = [merged_real[j] for j in best]
+            self_keys.copy_(self_keys.index_select(1, reorder))
+            self_values.copy_(self_values.index_select(1, reorder))
+            cur_len += 1
+            worst_finished = min(score for score, _ in finished)
+            best_possible = float(running_scores[0]) / ((cur_len - len(prompt)) ** length_penalty)
+            improvable = improvable and any(best_possible > (worst_finished if real else _OUT_OF_CONTENTION)
+                                            for real in finished_real)
+            if not improvable or bool(ends.all()):
+                break
+    tokens = finished[0][1][len(prompt):]
+    return tokens[:-1] if tokens and tokens[-1] == settings.eos else tokens
+
+
 # The batch dimension of each graph input (encoder: features; step: token, position, self keys, self values,
 # cross keys, cross values; the position has none): the graphs are exported with it dynamic.
 BATCH_DIMS: dict[str, dict[int, int]] = {"encoder": {0: 0}, "decoder_step": {0: 0, 2: 1, 3: 1, 4: 1, 5: 1}}
@@ -302,16 +393,34 @@ class QuantizedWhisper:
             raise ValueError(f"features of shape {tuple(features.shape)}; the INT8 encoder takes [batch, {window[0]}, "
                              f"{window[1]}] with batch >= 1: log-mel features from the model's feature extractor, "
                              "which pads or cuts 16 kHz audio to 30 s")
+        settings = self._checked(settings)
+        batch = features.shape[0]
+        if batch not in self._caches:
+            self._caches[batch] = empty_cache(self.whisper, batch=batch)
+        return greedy_decode_batch(self.encode, self.step, features, self._caches[batch], settings)
+
+    def _checked(self, settings: GreedySettings | None) -> GreedySettings:
+        """`settings` (default: the quantized ones), refused if they ask for more tokens than the cache holds."""
         settings = settings or self.settings
         limit = max_new_tokens_limit(self.whisper, settings.prompt)
         if settings.max_new_tokens > limit:
             raise ValueError(f"max_new_tokens={settings.max_new_tokens}: the INT8 decoder step's static cache holds "
                              f"{self.whisper.config.max_target_positions} positions, so at most {limit} new tokens "
                              f"follow the {len(settings.prompt)}-token prompt; ask for {limit} or fewer")
-        batch = features.shape[0]
-        if batch not in self._caches:
-            self._caches[batch] = empty_cache(self.whisper, batch=batch)
-        return greedy_decode_batch(self.encode, self.step, features, self._caches[batch], settings)
+        return settings
+
+    def beam_search(self, features: torch.Tensor, num_beams: int, *, settings: GreedySettings | None = None
+                    ) -> list[int]:
+        """Beam search of width `num_beams` (`beam_decode`, as HF `generate(num_beams=k)`) for one utterance's
+        features [1, 80, 3000]: the beams are one batch of the INT8 graphs (each width compiles once)."""
+        window = encoder_input_shape(self.whisper)
+        if tuple(features.shape) != window:
+            raise ValueError(f"features of shape {tuple(features.shape)}; beam search takes one utterance, "
+                             f"{list(window)}, from the model's feature extractor")
+        settings = self._checked(settings)
+        if num_beams not in self._caches:
+            self._caches[num_beams] = empty_cache(self.whisper, batch=num_beams)
+        return beam_decode(self.encode, self.step, features, self._caches[num_beams], settings, num_beams)
 
     @property
     def generation_config(self) -> Any:
@@ -319,16 +428,20 @@ class QuantizedWhisper:
 
     def generate(self, input_features: torch.Tensor, *, max_length: int | None = None, num_beams: int = 1,
                  do_sample: bool = False, return_timestamps: bool = False) -> torch.Tensor:
-        """What `sq_plugin.speech.evaluate` calls on a Whisper model: greedy tokens for a batch of features
-        [B, 80, 3000], the batch decoded together on the INT8 graphs, as HF's token rows (prompt first, padded
-        with <|endoftext|>). `max_length` counts new tokens, as in HF Whisper."""
-        if num_beams != 1 or do_sample or return_timestamps:
-            raise ValueError("the INT8 Whisper decodes greedily without timestamps: num_beams=1, do_sample=False, "
+        """What `sq_plugin.speech.evaluate` calls on a Whisper model: tokens for a batch of features [B, 80, 3000]
+        as HF's token rows (prompt first, padded with <|endoftext|>): greedy with the batch decoded together, or
+        with num_beams > 1 a beam search per utterance. `max_length` counts new tokens, as in HF Whisper."""
+        if do_sample or return_timestamps:
+            raise ValueError("the INT8 Whisper decodes without sampling or timestamps: do_sample=False, "
                              "return_timestamps=False")
         settings = self.settings
         if max_length is not None and max_length < settings.max_new_tokens:
             settings = dataclasses.replace(settings, max_new_tokens=max_length)
-        rows = [list(settings.prompt) + r for r in self.transcribe_batch(input_features, settings=settings)]
+        if num_beams == 1:
+            decoded = self.transcribe_batch(input_features, settings=settings)
+        else:
+            decoded = [self.beam_search(f[None], num_beams, settings=settings) for f in input_features]
+        rows = [list(settings.prompt) + r for r in decoded]
         width = max(len(r) for r in rows) + 1
         out = torch.full((len(rows), width), settings.eos, dtype=torch.long)
         for i, row in enumerate(rows):

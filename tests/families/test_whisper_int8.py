@@ -14,6 +14,7 @@ from sq_plugin.families.whisper_int8 import (
     GreedySettings,
     WhisperDecoderStep,
     WhisperEncoderKV,
+    beam_decode,
     empty_cache,
     greedy_decode,
     greedy_decode_batch,
@@ -299,8 +300,14 @@ def test_generate_is_transcribe_per_row_so_evaluate_runs_the_int8_graphs(bundle,
         assert row[:2] == [SOT, NO_TIMESTAMPS] and row[2:2 + len(tokens)] == tokens
         assert set(row[2 + len(tokens):]) <= {EOT}
     assert len(int8.generate(batch[:1], max_length=2)[0]) <= 2 + 2 + 1  # max_length counts new tokens
-    with pytest.raises(ValueError, match="decodes greedily"):
-        int8.generate(batch, num_beams=4)
+    with pytest.raises(ValueError, match="without sampling or timestamps"):
+        int8.generate(batch, do_sample=True)
+    beams = int8.generate(batch, num_beams=3)  # a beam search per row, the 3 beams one batch of the INT8 graphs
+    for row, feats in zip(beams.tolist(), features, strict=True):
+        tokens = int8.beam_search(feats, 3)
+        assert row[:2 + len(tokens)] == [SOT, NO_TIMESTAMPS, *tokens]
+    with pytest.raises(ValueError, match="num_beams must be 1 to 16"):
+        int8.generate(batch, num_beams=17)
 
     @dataclasses.dataclass
     class Utt:
@@ -355,3 +362,40 @@ def test_mixed_widths_reach_both_graphs_and_the_tied_embedding_with_the_stored_c
     assert torch.equal(_get_attr(step, lookup.args[0].target), weights["proj_out"].codes)
     assert torch.equal(bundle.model.proj_out.weight, whisper.model.decoder.embed_tokens.weight)  # caller untouched
     assert not torch.equal(bundle.model.proj_out.weight, weights["proj_out"].dequantize())
+
+
+@pytest.mark.parametrize("num_beams", [1, 2, 5])
+def test_beam_search_is_hf_generate_with_num_beams(bundle, features, num_beams):
+    encode, step = WhisperEncoderKV(bundle.model).eval(), WhisperDecoderStep(bundle.model).eval()
+    settings = GreedySettings.from_model(bundle.model)
+    for feats in features:
+        with torch.no_grad():
+            hf = bundle.model.generate(feats, num_beams=num_beams, do_sample=False, return_timestamps=False,
+                                       return_dict_in_generate=True).sequences[0].tolist()
+        want = [t for t in hf[2:] if t != EOT]
+        assert beam_decode(encode, step, feats, empty_cache(bundle.model, batch=num_beams), settings,
+                           num_beams) == want
+    if num_beams == 1:
+        assert beam_decode(encode, step, features[0], empty_cache(bundle.model), settings, 1) == greedy_decode(
+            encode, step, features[0], empty_cache(bundle.model), settings)
+
+
+def test_beam_search_matches_hf_on_the_real_tiny_en_where_beams_end_and_change_the_transcript():
+    """The tiny random model never ends a beam; the real one does, and at width 4 picks another transcript for
+    this utterance than greedy decoding (so ending, ranking by length-normalized score and reordering the cache
+    are all exercised)."""
+    from sq_plugin.speech.corpus import load_split
+    from sq_plugin.speech.models import load_model
+
+    whisper = load_model("openai/whisper-tiny.en")
+    utterance = load_split("test", limit=3, progress=False)[2]
+    feats = whisper.processor.feature_extractor([utterance.audio], sampling_rate=16000,
+                                                return_tensors="pt").input_features
+    encode, step = WhisperEncoderKV(whisper.model).eval(), WhisperDecoderStep(whisper.model).eval()
+    settings = GreedySettings.from_model(whisper.model)
+    with torch.no_grad():
+        hf = whisper.model.generate(feats, num_beams=4, do_sample=False, return_timestamps=False,
+                                    return_dict_in_generate=True).sequences[0].tolist()
+    ours = beam_decode(encode, step, feats, empty_cache(whisper.model, batch=4), settings, 4)
+    assert ours == [t for t in hf[len(settings.prompt):] if t != settings.eos]
+    assert ours != greedy_decode(encode, step, feats, empty_cache(whisper.model), settings)
