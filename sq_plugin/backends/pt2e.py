@@ -1217,8 +1217,11 @@ def lower_x86(converted: torch.fx.GraphModule, example_inputs: tuple, *,
     if int8_attention:
         from sq_plugin.backends.int8_attention import use_int8_attention
 
-        # A second graph over the same weights (no copy of them), its attention nodes rewritten.
-        runs = torch.fx.GraphModule(converted, copy.deepcopy(converted.graph))
+        # A second graph over the same weights (no copy of them), its attention nodes rewritten. Copying the graph
+        # copies torch's pytree specs, which warn about their own deprecated LeafSpec check (not ours to fix).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            runs = torch.fx.GraphModule(converted, copy.deepcopy(converted.graph))
         attention_blocks = use_int8_attention(runs)
     from torch._dynamo.utils import counters
 
