@@ -138,12 +138,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "int8_attention"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from sq_plugin.backends.x86_isa import INT_MM_SATURATES, x86_policy
+    from sq_plugin.backends.x86_isa import int8_attention_problem, x86_policy
 
     policy = x86_policy()
-    if not policy.int32_accumulation:
-        raise SystemExit(f"{INT_MM_SATURATES} (this CPU: {policy.kind}), so INT8 attention on it would be wrong. "
-                         "Fix: run on a CPU with VNNI or AMX")
+    problem = int8_attention_problem(policy)
+    if problem:
+        raise SystemExit(f"{problem}, so INT8 attention on it would be wrong. Fix: run on a CPU with VNNI or AMX")
     rows = []
     for name, hidden, heads, frames in SHAPES:
         ms = time_shape(heads, hidden // heads, frames, args.warmup, args.runs)

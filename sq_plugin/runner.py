@@ -123,14 +123,15 @@ def _isa_errors(recipe: Recipe) -> list[str]:
     """What the x86 backend cannot run on this machine: no x86 CPU, the full grid or INT8 attention without VNNI."""
     if recipe.backend != "x86":
         return []
-    from sq_plugin.backends.x86_isa import INT_MM_SATURATES, IsaError, is_x86, x86_policy
+    from sq_plugin.backends.x86_isa import IsaError, int8_attention_problem, is_x86, x86_policy
 
     if not is_x86():
         return ["backend: 'x86' runs oneDNN INT8 kernels on an x86-64 CPU; this machine is not one: use "
                 "backend: simulate (fake-quant, labelled as such)"]
-    if recipe.int8_attention and not x86_policy().int32_accumulation:
-        return [f"int8_attention: true: {INT_MM_SATURATES}, and this CPU is {x86_policy().kind}. Fix: "
-                "int8_attention: false (attention stays float), or run on a CPU with VNNI or AMX"]
+    problem = int8_attention_problem(x86_policy()) if recipe.int8_attention else None
+    if problem:
+        return [f"int8_attention: true: {problem}. Fix: int8_attention: false (attention stays float), or run on "
+                "a CPU with VNNI or AMX"]
     if recipe.int8_grid != "full":
         return []
     try:

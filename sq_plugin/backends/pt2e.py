@@ -1205,11 +1205,13 @@ def lower_x86(converted: torch.fx.GraphModule, example_inputs: tuple, *,
     int8_attention=True also runs attention's Q·Kᵀ and P·V on INT8 GEMMs (`sq_plugin.backends.int8_attention`;
     refused on CPUs without VNNI, where they would saturate); `converted` itself is left as it is.
     """
-    if int8_attention and not x86_policy().int32_accumulation:
-        from sq_plugin.backends.x86_isa import INT_MM_SATURATES, IsaError
+    if int8_attention:
+        from sq_plugin.backends.x86_isa import IsaError, int8_attention_problem
 
-        raise IsaError(f"int8_attention: {INT_MM_SATURATES}; this CPU is {x86_policy().kind}. Fix: leave "
-                       "int8_attention off here (attention stays float), or run on a CPU with VNNI or AMX")
+        problem = int8_attention_problem(x86_policy())
+        if problem:
+            raise IsaError(f"int8_attention: {problem}. Fix: leave int8_attention off here (attention stays float), "
+                           "or run on a CPU with VNNI or AMX")
     policy = check_runs_right_here(converted)
     install_conv1d_meta_fix()
     quantized = sum(v for k, v in count_quantized_ops(converted).items() if k in _QUANT_OPS.values())

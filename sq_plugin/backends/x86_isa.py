@@ -218,3 +218,8 @@ def x86_policy(int8_grid: str = "auto") -> X86IsaPolicy:
         raise ValueError(f"int8_grid must be one of {', '.join(GRID_CHOICES)} (got {int8_grid!r})")
     cap = onednn_cap()
     return _policy(detect_kind(cap=cap), int8_grid, cap)
+
+
+def int8_attention_problem(policy: X86IsaPolicy) -> str | None:
+    """Why INT8 attention (activation x activation `torch._int_mm`) would be wrong on this policy's CPU, or None."""
+    return None if policy.int32_accumulation else f"{INT_MM_SATURATES}; this CPU is {policy.kind}"
