@@ -12,7 +12,8 @@ softmax, quantization):
     P·V       P quantized with one scale per row (the row's max / 127), which the GEMM undoes exactly (a row scale
               multiplies that output row). One scale for all of P, as a calibrated range would give, is wrong
               here: attention over 500 frames is diffuse (median weight 0.0016), below one step of a tensor-wide
-              grid, and the output error is 12-66 % against 3 % per row (`benchmarks/int8_attention.py`).
+              grid: on the references' real activations the output error is 12-13 % against 1.0-1.4 % per
+              row (`benchmarks/int8_attention.py`).
 
 `_int_mm` is exact only where oneDNN sums int8 products in int32 (VNNI, AMX); without VNNI it saturates, so the
 option is refused there (`x86_isa.INT_MM_SATURATES`).
