@@ -394,10 +394,13 @@ class QuantizedWhisper:
                              f"{window[1]}] with batch >= 1: log-mel features from the model's feature extractor, "
                              "which pads or cuts 16 kHz audio to 30 s")
         settings = self._checked(settings)
-        batch = features.shape[0]
-        if batch not in self._caches:
-            self._caches[batch] = empty_cache(self.whisper, batch=batch)
-        return greedy_decode_batch(self.encode, self.step, features, self._caches[batch], settings)
+        return greedy_decode_batch(self.encode, self.step, features, self._cache_for(features.shape[0]), settings)
+
+    def _cache_for(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's static cache for `rows` rows (a batch, or the beams), made once per size."""
+        if rows not in self._caches:
+            self._caches[rows] = empty_cache(self.whisper, batch=rows)
+        return self._caches[rows]
 
     def _checked(self, settings: GreedySettings | None) -> GreedySettings:
         """`settings` (default: the quantized ones), refused if they ask for more tokens than the cache holds."""
@@ -417,10 +420,8 @@ class QuantizedWhisper:
         if tuple(features.shape) != window:
             raise ValueError(f"features of shape {tuple(features.shape)}; beam search takes one utterance, "
                              f"{list(window)}, from the model's feature extractor")
-        settings = self._checked(settings)
-        if num_beams not in self._caches:
-            self._caches[num_beams] = empty_cache(self.whisper, batch=num_beams)
-        return beam_decode(self.encode, self.step, features, self._caches[num_beams], settings, num_beams)
+        return beam_decode(self.encode, self.step, features, self._cache_for(num_beams), self._checked(settings),
+                           num_beams)
 
     @property
     def generation_config(self) -> Any:
