@@ -466,7 +466,9 @@ def time_whisper(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 
         def transcribe_batch(features: Any, beams: int = 1) -> list[str]:
             rows = features.shape[0] if beams == 1 else beams
-            cache = caches.setdefault(rows, empty_cache(bundle.model, batch=rows))
+            if rows not in caches:  # not setdefault: that would allocate a zeroed cache on every timed call
+                caches[rows] = empty_cache(bundle.model, batch=rows)
+            cache = caches[rows]
             if beams == 1:
                 return texts(greedy_decode_batch(encode, step, features, cache, settings))
             return texts([beam_decode(encode, step, f[None], cache, settings, beams) for f in features])
