@@ -315,6 +315,30 @@ def test_int8_module_raises_when_the_kernels_disagree_with_fake_quant(tiny_huber
         compiled(audio(12000, 2))
 
 
+def test_past_the_limit_the_float_model_tells_amplified_rounding_from_a_wrong_kernel(tiny_hubert):
+    """A deep model can amplify rounding ties past MAX_KERNEL_ERROR (Whisper base's encoder: 0.109); then INT8
+    passes only if it is as close to the float model as the fake-quant graph is."""
+    import sq_plugin.backends.pt2e as pt2e
+
+    x = audio(8000, 0)
+    prepared = prepare_stablequant(tiny_hubert, (x,))
+    calibrate(prepared, [x])
+    converted = convert_pt2e(prepared)
+    compiled = pt2e.Int8Module(converted, 1, max_error=0.0, reference=tiny_hubert)  # any difference: float decides
+    compiled(x)
+    key = next(iter(compiled.errors))
+    assert compiled.errors[key] > 0  # INT8 rounds a few ties otherwise than the q/dq graph ...
+    measured = compiled.float_errors[key]
+    assert 0 < measured["int8"] <= measured["fake_quant"] * (1 + pt2e.MAX_KERNEL_FLOAT_EXCESS)  # ... no worse
+    # a kernel that computes something else is further from float than the q/dq graph: refused, with both figures
+    real = compiled.compiled
+    compiled.compiled = lambda *args: type(out := real(*args))(logits=out.logits * 1.5)
+    with pytest.raises(RuntimeError, match=r"disagree with the fake-quant graph.*against the float model the INT8 "
+                                           r"output is [\d.]+ off, the fake-quant graph [\d.]+ \(allowed: 1.25x\)"):
+        compiled(audio(12000, 1))
+    assert compiled.float_errors[next(k for k in compiled.errors if k != key)]["int8"] > 0.3
+
+
 @pytest.mark.skipif(not cpu_has_amx(), reason="the oneDNN grouped-conv defect needs an AMX CPU")
 def test_the_amx_grouped_conv_defect_is_caught_not_run_silently():
     converted, x, _ = _grouped_conv_converted(True)
