@@ -412,8 +412,8 @@ class QuantizedWhisper:
                              f"follow the {len(settings.prompt)}-token prompt; ask for {limit} or fewer")
         return settings
 
-    def beam_search(self, features: torch.Tensor, num_beams: int, *, settings: GreedySettings | None = None
-                    ) -> list[int]:
+    def beam_search(self, features: torch.Tensor, num_beams: int, *, settings: GreedySettings | None = None,
+                    length_penalty: float = 1.0) -> list[int]:
         """Beam search of width `num_beams` (`beam_decode`, as HF `generate(num_beams=k)`) for one utterance's
         features [1, 80, 3000]: the beams are one batch of the INT8 graphs (each width compiles once)."""
         window = encoder_input_shape(self.whisper)
@@ -421,7 +421,7 @@ class QuantizedWhisper:
             raise ValueError(f"features of shape {tuple(features.shape)}; beam search takes one utterance, "
                              f"{list(window)}, from the model's feature extractor")
         return beam_decode(self.encode, self.step, features, self._cache_for(num_beams), self._checked(settings),
-                           num_beams)
+                           num_beams, length_penalty=length_penalty)
 
     @property
     def generation_config(self) -> Any:

@@ -18,10 +18,11 @@ on the configured backend, and routes the HF model through it (real INT8 kernels
 `model.stablequant.backend` says what runs):
 
 - CTC models (wav2vec2 / HuBERT): `forward` runs the INT8 graph.
-- Whisper (`WhisperForConditionalGeneration`, English-only checkpoints): `generate` decodes greedily on the two
-  static INT8 graphs of `sq_plugin.families.whisper_int8` (encoder + cross-attention K/V, one decoder step) and
-  returns what HF Whisper's `generate` returns, so the ASR pipeline transcribes through them. What those graphs
-  cannot do (beams, sampling, timestamps, language/task, long-form audio, ...) is refused naming the option;
+- Whisper (`WhisperForConditionalGeneration`, English-only checkpoints): `generate` decodes greedily (or with
+  `num_beams` 2 to 16, HF's beam search) on the two INT8 graphs of `sq_plugin.families.whisper_int8` (encoder +
+  cross-attention K/V, one decoder step) and returns what HF Whisper's `generate` returns, so the ASR pipeline
+  transcribes through them. What those graphs cannot do (sampling, beam groups, early stopping, timestamps,
+  language/task, long-form audio, ...) is refused naming the option;
   `forward` is refused (it would run the float modules). Below W8A8 or on backend "simulate", `generate` and
   `forward` run the fake-quant simulation through HF's own generation instead (it cannot be saved).
 
@@ -307,8 +308,14 @@ _WHISPER_NEUTRAL_ARGS: dict[str, tuple[Any, ...] | None] = {
 # GenerationConfig fields the INT8 decode honours per call; any other one that differs from the model's
 # generation_config is refused.
 _HONOURED = ("max_new_tokens", "max_length", "suppress_tokens", "begin_suppress_tokens", "pad_token_id",
-             "return_dict_in_generate", "use_cache", "num_beams", "do_sample", "num_return_sequences",
-             "return_timestamps")
+             "return_dict_in_generate", "use_cache", "num_beams", "length_penalty", "do_sample",
+             "num_return_sequences", "return_timestamps")
+# Beam search settings `beam_decode` does not implement (it is HF's default beam search), with their neutral values.
+_BEAM_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "early_stopping": (None, False), "num_beam_groups": (None, 1), "diversity_penalty": (None, 0.0),
+    "constraints": (None,),
+}
+MAX_BEAMS = 16  # beam_decode's widest beam (each width compiles the decoder step once more)
 # Fields that change greedy decoding, with their neutral values: refused otherwise, even from the checkpoint.
 _GREEDY_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
@@ -334,12 +341,22 @@ def _same(a: Any, b: Any) -> bool:
     return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
 
 
-def whisper_greedy_request(model: torch.nn.Module, int8: Any, generation_config: Any = None,
-                           **kwargs: Any) -> tuple[Any, int, bool]:
-    """What one `generate(...)` call asks of the INT8 greedy decoder: (its `GreedySettings`, the pad token,
-    whether to return a `GenerateEncoderDecoderOutput`). The call's `generation_config` and kwargs are merged
-    over `model.generation_config` as HF does; whatever the graphs cannot honour raises `WhisperGenerateError`
-    naming the option and the fix."""
+@dataclasses.dataclass(frozen=True)
+class WhisperGenerateRequest:
+    """What one `generate(...)` call asks of the INT8 Whisper decoder."""
+
+    settings: Any  # GreedySettings: prompt, eos, max_new_tokens, suppressed tokens
+    pad: int  # pads the rows of the returned tensor
+    return_dict: bool  # return a GenerateEncoderDecoderOutput (GenerateBeam... with beams)
+    num_beams: int = 1  # 1: greedy, the batch decoded together; k > 1: HF's beam search per utterance
+    length_penalty: float = 1.0  # beam search only: finished hypotheses' log-prob sum / length ** length_penalty
+
+
+def whisper_generate_request(model: torch.nn.Module, int8: Any, generation_config: Any = None,
+                             **kwargs: Any) -> WhisperGenerateRequest:
+    """What one `generate(...)` call asks of the INT8 decoder (`WhisperGenerateRequest`). The call's
+    `generation_config` and kwargs are merged over `model.generation_config` as HF does; whatever the graphs
+    cannot honour raises `WhisperGenerateError` naming the option and the fix."""
     from transformers import GenerationConfig
 
     base = model.generation_config
@@ -383,14 +400,21 @@ def whisper_greedy_request(model: torch.nn.Module, int8: Any, generation_config:
     if getattr(effective, "return_timestamps", False):
         raise _refuse("return_timestamps", effective.return_timestamps, "decodes without timestamps (its prompt "
                       "ends in <|notimestamps|>)", f"drop return_timestamps (pipeline(...) without it), {_FLOAT_FIX}")
-    if (effective.num_beams or 1) != 1:
-        raise _refuse("num_beams", effective.num_beams, "decodes greedily (one hypothesis)",
-                      "pass num_beams=1 (pipeline(..., num_beams=1), generate(..., num_beams=1))")
+    num_beams = effective.num_beams or 1
+    if not (isinstance(num_beams, int) and 1 <= num_beams <= MAX_BEAMS):
+        raise _refuse("num_beams", effective.num_beams, f"decodes greedily or with a beam of width 2 to {MAX_BEAMS}",
+                      f"pass num_beams between 1 and {MAX_BEAMS}")
     if effective.do_sample:
         raise _refuse("do_sample", effective.do_sample, "decodes greedily (argmax)", "pass do_sample=False")
     if (effective.num_return_sequences or 1) != 1:
-        raise _refuse("num_return_sequences", effective.num_return_sequences, "returns one greedy sequence per "
-                      "input", "pass num_return_sequences=1")
+        raise _refuse("num_return_sequences", effective.num_return_sequences, "returns one sequence per input "
+                      "(the best beam)", "pass num_return_sequences=1")
+    for key, neutral in _BEAM_NEUTRAL.items():
+        value = getattr(effective, key, None)
+        if not any(_same(value, n) for n in neutral):
+            raise _refuse(key, value, "runs HF's default beam search (early_stopping=False, one beam group, no "
+                          "constraints)", f"drop {key} from the call and the model's generation_config ({_FLOAT_FIX})")
+    length_penalty = 1.0 if effective.length_penalty is None else float(effective.length_penalty)
     if refused:
         raise refused[0]
     for key, neutral in _GREEDY_NEUTRAL.items():
@@ -400,11 +424,13 @@ def whisper_greedy_request(model: torch.nn.Module, int8: Any, generation_config:
                           f"drop {key} from the call and the model's generation_config ({_FLOAT_FIX})")
     ours, theirs = effective.to_dict(), base.to_dict()
     for key in sorted(set(ours) | set(theirs)):
-        if key.startswith("_") or key in _HONOURED or key == "transformers_version" or key in _GREEDY_NEUTRAL:
+        if (key.startswith("_") or key in _HONOURED or key == "transformers_version" or key in _GREEDY_NEUTRAL
+                or key in _BEAM_NEUTRAL):
             continue
         if not _same(ours.get(key), theirs.get(key)):
             raise _refuse(key, ours.get(key), "honours only max_new_tokens, max_length, suppress_tokens, "
-                          "begin_suppress_tokens, pad_token_id and return_dict_in_generate per call",
+                          "begin_suppress_tokens, pad_token_id, num_beams, length_penalty and "
+                          "return_dict_in_generate per call",
                           f"drop {key} ({_FLOAT_FIX})")
 
     from sq_plugin.families.whisper_int8 import max_new_tokens_limit
@@ -432,7 +458,7 @@ def whisper_greedy_request(model: torch.nn.Module, int8: Any, generation_config:
                                    suppress=tuple(effective.suppress_tokens or ()),
                                    begin_suppress=tuple(effective.begin_suppress_tokens or ()))
     pad = effective.pad_token_id if effective.pad_token_id is not None else settings.eos
-    return settings, pad, return_dict
+    return WhisperGenerateRequest(settings, pad, return_dict, num_beams, length_penalty)
 
 
 def _route_whisper(model: torch.nn.Module, quantized: Any) -> None:
@@ -446,21 +472,24 @@ def _route_whisper(model: torch.nn.Module, quantized: Any) -> None:
         model.forward = target.forward
         return
     int8 = target
-    # The INT8 model decodes greedily: say so in its generation_config, so that pipelines do not apply their
-    # default beam search (the ASR pipeline's num_beams=5 applies when the checkpoint leaves num_beams unset).
+    # Greedy by default, as the checkpoint's own generation_config: say so, so that pipelines do not apply their
+    # default beam search (the ASR pipeline's num_beams=5 applies when the checkpoint leaves num_beams unset);
+    # a call asks for beams with num_beams.
     model.generation_config.num_beams = 1
     model.generation_config.do_sample = False
 
     def generate(self: torch.nn.Module, input_features: torch.Tensor | None = None, generation_config: Any = None,
                  **kwargs: Any) -> Any:
-        """HF Whisper's short-form greedy `generate`, on the INT8 graphs: new tokens (no prompt, no
-        <|endoftext|>) right-padded with pad_token_id; with return_dict_in_generate, a
-        GenerateEncoderDecoderOutput whose sequences hold the prompt and <|endoftext|> too."""
-        from transformers.generation.utils import GenerateEncoderDecoderOutput
+        """HF Whisper's short-form `generate` (greedy, or beam search with num_beams > 1), on the INT8 graphs: new
+        tokens (no prompt, no <|endoftext|>) right-padded with pad_token_id; with return_dict_in_generate, a
+        GenerateEncoderDecoderOutput (GenerateBeamEncoderDecoderOutput with beams) whose sequences hold the prompt
+        and <|endoftext|> too."""
+        from transformers.generation.utils import GenerateBeamEncoderDecoderOutput, GenerateEncoderDecoderOutput
 
         from sq_plugin.families.whisper_int8 import encoder_input_shape
 
-        settings, pad, return_dict = whisper_greedy_request(self, int8, generation_config, **kwargs)
+        request = whisper_generate_request(self, int8, generation_config, **kwargs)
+        settings = request.settings
         if input_features is None:
             raise WhisperGenerateError("generate(): the stablequant INT8 Whisper needs input_features (the "
                                        "processor's log-mel features, [batch, 80, 3000])")
@@ -472,12 +501,18 @@ def _route_whisper(model: torch.nn.Module, quantized: Any) -> None:
                           + (" (longer audio is Whisper's long-form decoding)" if frames > window[1] else ""),
                           "cut the audio into clips of at most 30 s (pipeline(..., chunk_length_s=30) does), "
                           "and pad features to 30 s as the feature extractor does")
-        rows = int8.transcribe_batch(input_features.to(torch.float32), settings=settings)
-        if return_dict:
+        features = input_features.to(torch.float32)
+        if request.num_beams == 1:
+            rows = int8.transcribe_batch(features, settings=settings)
+        else:
+            rows = [int8.beam_search(f[None], request.num_beams, settings=settings,
+                                     length_penalty=request.length_penalty) for f in features]
+        if request.return_dict:
             full = [[*settings.prompt, *r, *([settings.eos] if len(r) < settings.max_new_tokens else [])]
                     for r in rows]
-            return GenerateEncoderDecoderOutput(sequences=_padded(full, pad))
-        return _padded(rows, pad)
+            output = GenerateEncoderDecoderOutput if request.num_beams == 1 else GenerateBeamEncoderDecoderOutput
+            return output(sequences=_padded(full, request.pad))
+        return _padded(rows, request.pad)
 
     def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("the stablequant INT8 Whisper runs model.generate(input_features) (greedy, what "
@@ -679,7 +714,7 @@ def quantize_hf(bundle: Any, config: StableQuantConfig) -> Any:
 
 __all__ = ["ARTIFACT_DIR", "QUANT_METHOD", "StableQuantConfig", "StableQuantConfigError", "StableQuantHfQuantizer",
            "WhisperGenerateError", "calibration_utterances", "quantize_hf",
-           "whisper_greedy_request"]
+           "whisper_generate_request", "WhisperGenerateRequest"]
 
 READY = True  # fully imported: the registration below (and the import hook's) may use this module
 _register_with_transformers()

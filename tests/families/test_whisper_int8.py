@@ -399,3 +399,11 @@ def test_beam_search_matches_hf_on_the_real_tiny_en_where_beams_end_and_change_t
     ours = beam_decode(encode, step, feats, empty_cache(whisper.model, batch=4), settings, 4)
     assert ours == [t for t in hf[len(settings.prompt):] if t != settings.eos]
     assert ours != greedy_decode(encode, step, feats, empty_cache(whisper.model), settings)
+    # a length penalty ranks the finished hypotheses as HF does (generate(length_penalty=...) passes it through)
+    for length_penalty in (0.0, 3.0):
+        with torch.no_grad():
+            hf = whisper.model.generate(feats, num_beams=4, do_sample=False, return_timestamps=False,
+                                        length_penalty=length_penalty, return_dict_in_generate=True)
+        want = [t for t in hf.sequences[0].tolist()[len(settings.prompt):] if t != settings.eos]
+        assert beam_decode(encode, step, feats, empty_cache(whisper.model, batch=4), settings, 4,
+                           length_penalty=length_penalty) == want

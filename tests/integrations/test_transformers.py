@@ -322,6 +322,28 @@ def test_pipeline_transcribes_a_corpus_utterance_on_the_int8_whisper(tiny_en_int
     assert cer([test_utterance.text], [text]) < 0.3
 
 
+def test_beam_search_through_generate_and_the_pipeline_runs_on_the_int8_graphs(tiny_en_int8, test_utterance):
+    """num_beams=k (and length_penalty) reach the INT8 beam search; it returns HF's beam output type."""
+    from transformers import pipeline
+    from transformers.generation.utils import GenerateBeamEncoderDecoderOutput
+
+    model = tiny_en_int8
+    int8 = model.stablequant.bundle.model
+    processor = model._stablequant_processor
+    x = features_of(model, test_utterance.audio)
+    want = int8.beam_search(x, 2)
+    assert model.generate(x, num_beams=2).tolist() == [want]
+    out = model.generate(x, num_beams=2, return_dict_in_generate=True)
+    assert isinstance(out, GenerateBeamEncoderDecoderOutput)
+    assert out.sequences[0].tolist() == [*int8.settings.prompt, *want, int8.settings.eos]
+    assert model.generate(x, num_beams=2, length_penalty=3.0).tolist() == [int8.beam_search(x, 2, length_penalty=3.0)]
+    asr = pipeline("automatic-speech-recognition", model=model, feature_extractor=processor.feature_extractor,
+                   tokenizer=processor.tokenizer)
+    assert asr(test_utterance.audio, generate_kwargs={"num_beams": 2})["text"] == processor.tokenizer.decode(
+        want, skip_special_tokens=True)
+    assert model.generation_config.num_beams == 1  # the call's beams do not change the default
+
+
 def test_options_the_int8_whisper_cannot_honour_are_refused_naming_them(tiny_en_int8, test_utterance):
     from transformers import pipeline
 
@@ -335,7 +357,9 @@ def test_options_the_int8_whisper_cannot_honour_are_refused_naming_them(tiny_en_
     for kwargs, message in [
         ({"return_timestamps": True}, r"return_timestamps=True\): .* without timestamps.*drop return_timestamps"),
         ({"return_timestamps": "word"}, r"return_timestamps=True\)"),
-        ({"num_beams": 4}, r"num_beams=4\): .* greedily.*pass num_beams=1"),
+        ({"num_beams": 17}, r"num_beams=17\): .* beam of width 2 to 16.*between 1 and 16"),
+        ({"generate_kwargs": {"num_beams": 2, "early_stopping": True}}, r"early_stopping=True\): .*default beam"),
+        ({"generate_kwargs": {"num_beams": 2, "num_beam_groups": 2}}, r"num_beam_groups=2\): .*one beam group"),
         ({"generate_kwargs": {"do_sample": True}}, r"do_sample=True\): .*pass do_sample=False"),
         ({"return_language": True}, r"return_segments=True\): .*return_language"),
         ({"language": "en"}, r"language='en'\): .*English-only.*drop language"),
