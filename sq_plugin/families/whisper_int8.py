@@ -133,6 +133,9 @@ class GreedySettings:
     suppress: tuple[int, ...]
     begin_suppress: tuple[int, ...]
     max_new_tokens: int
+    # HF's no_repeat_ngram_size (0: off, as Whisper's generation_config): a guard against runaway repetition,
+    # "I was in the game, and I was in the game, ..." to the token limit, which a quantized model can fall into.
+    no_repeat_ngram_size: int = 0
 
     @classmethod
     def from_model(cls, whisper: nn.Module, max_new_tokens: int | None = None) -> GreedySettings:
@@ -157,7 +160,19 @@ class GreedySettings:
         limit = max_new_tokens or gen.max_length or whisper.config.max_target_positions
         return cls(prompt=prompt, eos=gen.eos_token_id, suppress=tuple(gen.suppress_tokens or ()),
                    begin_suppress=tuple(gen.begin_suppress_tokens or ()),
-                   max_new_tokens=min(limit, max_new_tokens_limit(whisper, prompt)))
+                   max_new_tokens=min(limit, max_new_tokens_limit(whisper, prompt)),
+                   no_repeat_ngram_size=gen.no_repeat_ngram_size or 0)
+
+
+def repeated_ngram_tokens(sequence: Sequence[int], size: int) -> list[int]:
+    """The tokens that would end an n-gram of `size` already in `sequence` (prompt included), as HF's
+    `NoRepeatNGramLogitsProcessor` bans them: those that followed an earlier occurrence of the last size - 1
+    tokens. Empty when size is 0 or the sequence is shorter than size - 1."""
+    if size <= 0 or len(sequence) + 1 < size:
+        return []
+    start = len(sequence) - size + 1
+    last = tuple(sequence[start:])
+    return [sequence[i + size - 1] for i in range(start) if tuple(sequence[i:i + size - 1]) == last]
 
 
 def max_new_tokens_limit(whisper: nn.Module, prompt: Sequence[int]) -> int:
@@ -233,6 +248,9 @@ def greedy_decode_batch(encode: Callable[[torch.Tensor], tuple[torch.Tensor, tor
             scores[:, suppress] = float("-inf")
             if pos + 1 == len(prompt):
                 scores[:, begin_suppress] = float("-inf")
+            for i in range(batch) if settings.no_repeat_ngram_size else ():
+                if not done[i]:
+                    scores[i, repeated_ngram_tokens(prompt + rows[i], settings.no_repeat_ngram_size)] = float("-inf")
             for i, nxt in enumerate(scores.argmax(dim=-1).tolist()):
                 if done[i]:
                     continue
@@ -302,6 +320,8 @@ def beam_decode(encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tenso
             log_probs[:, suppress] = float("-inf")
             if cur_len == len(prompt):
                 log_probs[:, begin_suppress] = float("-inf")
+            for i, seq in enumerate(running if settings.no_repeat_ngram_size else ()):
+                log_probs[i, repeated_ngram_tokens(seq, settings.no_repeat_ngram_size)] = float("-inf")
             vocab = log_probs.shape[-1]
             top_scores, top_index = torch.topk((log_probs + running_scores[:, None]).reshape(-1), keep)
             origins, tokens = (top_index // vocab).tolist(), (top_index % vocab).tolist()

@@ -380,6 +380,39 @@ def test_beam_search_is_hf_generate_with_num_beams(bundle, features, num_beams):
             encode, step, features[0], empty_cache(bundle.model), settings)
 
 
+def test_repeated_ngram_tokens_are_hf_no_repeat_ngram_bans():
+    from sq_plugin.families.whisper_int8 import repeated_ngram_tokens
+
+    assert repeated_ngram_tokens([5, 6, 7, 5, 6], 3) == [7]  # "5 6" was followed by 7
+    assert repeated_ngram_tokens([5, 6, 7, 5, 6, 8, 5, 6], 3) == [7, 8]
+    assert repeated_ngram_tokens([5, 6, 5], 2) == [6]
+    assert repeated_ngram_tokens([5, 6, 7], 1) == [5, 6, 7]  # size 1: no token twice
+    assert repeated_ngram_tokens([5, 6], 4) == [] and repeated_ngram_tokens([5, 5, 5], 0) == []
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_no_repeat_ngram_size_decodes_as_hf_generate(bundle, features, num_beams):
+    """The random model repeats itself; with no_repeat_ngram_size=2 both decoders give HF's tokens, which differ
+    from the unguarded ones (so the guard fired)."""
+    encode, step = WhisperEncoderKV(bundle.model).eval(), WhisperDecoderStep(bundle.model).eval()
+    plain = GreedySettings.from_model(bundle.model)
+    guarded = dataclasses.replace(plain, no_repeat_ngram_size=2)
+    changed = 0
+    batched = greedy_decode_batch(encode, step, torch.cat(features), empty_cache(bundle.model, batch=3), guarded)
+    for row, feats in enumerate(features):
+        with torch.no_grad():
+            hf = bundle.model.generate(feats, num_beams=num_beams, do_sample=False, return_timestamps=False,
+                                       no_repeat_ngram_size=2, return_dict_in_generate=True).sequences[0].tolist()
+        want = [t for t in hf[2:] if t != EOT]
+        cache = empty_cache(bundle.model, batch=num_beams)
+        ours = beam_decode(encode, step, feats, cache, guarded, num_beams)
+        assert ours == want
+        if num_beams == 1:
+            assert batched[row] == want
+        changed += ours != beam_decode(encode, step, feats, cache, plain, num_beams)
+    assert changed
+
+
 def test_beam_search_matches_hf_on_the_real_tiny_en_where_beams_end_and_change_the_transcript():
     """The tiny random model never ends a beam; the real one does, and at width 4 picks another transcript for
     this utterance than greedy decoding (so ending, ranking by length-normalized score and reordering the cache
