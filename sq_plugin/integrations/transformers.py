@@ -308,8 +308,8 @@ _WHISPER_NEUTRAL_ARGS: dict[str, tuple[Any, ...] | None] = {
 # GenerationConfig fields the INT8 decode honours per call; any other one that differs from the model's
 # generation_config is refused.
 _HONOURED = ("max_new_tokens", "max_length", "suppress_tokens", "begin_suppress_tokens", "pad_token_id",
-             "return_dict_in_generate", "use_cache", "num_beams", "length_penalty", "do_sample",
-             "num_return_sequences", "return_timestamps")
+             "return_dict_in_generate", "use_cache", "num_beams", "length_penalty", "no_repeat_ngram_size",
+             "do_sample", "num_return_sequences", "return_timestamps")
 # Beam search settings `beam_decode` does not implement (it is HF's default beam search), with their neutral values.
 _BEAM_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "early_stopping": (None, False), "num_beam_groups": (None, 1), "diversity_penalty": (None, 0.0),
@@ -318,7 +318,7 @@ _BEAM_NEUTRAL: dict[str, tuple[Any, ...]] = {
 MAX_BEAMS = 16  # beam_decode's widest beam (each width compiles the decoder step once more)
 # Fields that change greedy decoding, with their neutral values: refused otherwise, even from the checkpoint.
 _GREEDY_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
+    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
     "encoder_no_repeat_ngram_size": (None, 0), "min_length": (None, 0), "min_new_tokens": (None, 0),
     "bad_words_ids": (None,), "force_words_ids": (None,), "forced_decoder_ids": (None,),
     "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "sequence_bias": (None,),
@@ -420,7 +420,8 @@ def whisper_generate_request(model: torch.nn.Module, int8: Any, generation_confi
     for key, neutral in _GREEDY_NEUTRAL.items():
         value = getattr(effective, key, None)
         if not any(_same(value, n) for n in neutral):
-            raise _refuse(key, value, "runs plain greedy decoding (suppress_tokens and begin_suppress_tokens only)",
+            raise _refuse(key, value, "runs plain greedy decoding (suppress_tokens, begin_suppress_tokens and "
+                          "no_repeat_ngram_size only)",
                           f"drop {key} from the call and the model's generation_config ({_FLOAT_FIX})")
     ours, theirs = effective.to_dict(), base.to_dict()
     for key in sorted(set(ours) | set(theirs)):
@@ -429,8 +430,8 @@ def whisper_generate_request(model: torch.nn.Module, int8: Any, generation_confi
             continue
         if not _same(ours.get(key), theirs.get(key)):
             raise _refuse(key, ours.get(key), "honours only max_new_tokens, max_length, suppress_tokens, "
-                          "begin_suppress_tokens, pad_token_id, num_beams, length_penalty and "
-                          "return_dict_in_generate per call",
+                          "begin_suppress_tokens, pad_token_id, num_beams, length_penalty, "
+                          "no_repeat_ngram_size and return_dict_in_generate per call",
                           f"drop {key} ({_FLOAT_FIX})")
 
     from sq_plugin.families.whisper_int8 import max_new_tokens_limit
@@ -456,7 +457,8 @@ def whisper_generate_request(model: torch.nn.Module, int8: Any, generation_confi
         new_tokens = settings.max_new_tokens
     settings = dataclasses.replace(settings, max_new_tokens=new_tokens,
                                    suppress=tuple(effective.suppress_tokens or ()),
-                                   begin_suppress=tuple(effective.begin_suppress_tokens or ()))
+                                   begin_suppress=tuple(effective.begin_suppress_tokens or ()),
+                                   no_repeat_ngram_size=effective.no_repeat_ngram_size or 0)
     pad = effective.pad_token_id if effective.pad_token_id is not None else settings.eos
     return WhisperGenerateRequest(settings, pad, return_dict, num_beams, length_penalty)
 

@@ -1,6 +1,7 @@
 """`quant_method: "stablequant"` through transformers: from_pretrained quantizes, save_pretrained writes the INT8
 artifact, from_pretrained reloads it pre-quantized, pipeline transcribes; bad configs name the key."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -342,6 +343,10 @@ def test_beam_search_through_generate_and_the_pipeline_runs_on_the_int8_graphs(t
     assert asr(test_utterance.audio, generate_kwargs={"num_beams": 2})["text"] == processor.tokenizer.decode(
         want, skip_special_tokens=True)
     assert model.generation_config.num_beams == 1  # the call's beams do not change the default
+    # HF's repetition guard reaches both decoders
+    guarded = dataclasses.replace(int8.settings, no_repeat_ngram_size=2)
+    assert model.generate(x, no_repeat_ngram_size=2).tolist() == int8.transcribe_batch(x, settings=guarded)
+    assert model.generate(x, num_beams=2, no_repeat_ngram_size=2).tolist() == [int8.beam_search(x, 2, settings=guarded)]
 
 
 def test_options_the_int8_whisper_cannot_honour_are_refused_naming_them(tiny_en_int8, test_utterance):
