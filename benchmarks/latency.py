@@ -35,6 +35,7 @@ utterance of the batch: batch x seconds of audio per call).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -61,6 +62,7 @@ INT8_BACKENDS = {"int8": "pt2e-x86 int8 (inductor freezing, oneDNN)",
                  "int8-attn": "pt2e-x86 int8 + INT8 attention (oneDNN, attention on torch._int_mm)"}
 WHISPER = "openai/whisper-tiny.en"
 WHISPER_MODELS = (WHISPER, "openai/whisper-base")
+WHISPER_BACKENDS = ("hf", "compile", "int8", "int8-attn", "ct2-float32", "ct2-int8")
 SR = 16000
 
 
@@ -411,6 +413,9 @@ def time_whisper(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     clip = load_clip(cfg)
     feats = _whisper_features(bundle, batch_audio(clip, 1, seconds))
     prompt = english_prompt_ids(bundle)
+    # HF's / ctranslate2's repetition guard, the same for every backend (0: off, their default)
+    no_repeat = cfg.get("no_repeat_ngram", 0)
+    guard = f", no_repeat_ngram_size {no_repeat}" if no_repeat else ""
     extra: dict[str, Any] = {}
     rows = []
     start = time.perf_counter()
@@ -427,12 +432,14 @@ def time_whisper(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 
         def transcribe_batch(features: Any, beams: int = 1) -> list[str]:
             storage = ctranslate2.StorageView.from_array(np.ascontiguousarray(features.numpy(), dtype=np.float32))
-            results = model.generate(storage, [prompt] * features.shape[0], beam_size=beams, max_length=448)
+            results = model.generate(storage, [prompt] * features.shape[0], beam_size=beams, max_length=448,
+                                     no_repeat_ngram_size=no_repeat)
             return texts(r.sequences_ids[0] for r in results)
 
         name, precision = "ctranslate2", compute_type
     elif backend == "hf":
-        gen = {"max_length": 448, "return_timestamps": False, "num_beams": 1, "do_sample": False}
+        gen = {"max_length": 448, "return_timestamps": False, "num_beams": 1, "do_sample": False,
+               "no_repeat_ngram_size": no_repeat}
 
         def transcribe_batch(features: Any, beams: int = 1) -> list[str]:
             with torch.no_grad():
@@ -462,6 +469,7 @@ def time_whisper(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             step = torch.compile(WhisperDecoderStep(bundle.model).eval(), dynamic=False)
             settings = GreedySettings.from_model(bundle.model)
             name, precision = "sq_plugin greedy, torch.compile encoder + decoder step", "fp32"
+        settings = dataclasses.replace(settings, no_repeat_ngram_size=no_repeat)
         caches: dict[int, Any] = {}
 
         def transcribe_batch(features: Any, beams: int = 1) -> list[str]:
@@ -488,21 +496,22 @@ def time_whisper(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     median, p90 = time_fn(lambda: transcribe(feats), cfg["warmup"], cfg["runs"])
     if cfg.get("wer_utts"):
         extra.update(_whisper_wer(transcribe, bundle, cfg["wer_utts"]))
-    rows.insert(0, row(model_name + " (end-to-end greedy)", name, precision, seconds, median, p90, threads, **extra))
+    rows.insert(0, row(f"{model_name} (end-to-end greedy{guard})", name, precision, seconds, median, p90, threads,
+                       **extra))
     for batch in [b for b in cfg.get("batches", []) if b > 1]:
         many = _whisper_features(bundle, batch_audio(clip, batch, seconds))
         setup = time.perf_counter()
         batch_texts = transcribe_batch(many)  # compiles this batch size (graph backends)
         batch_extra = {"_setup_s": round(time.perf_counter() - setup, 1), "_batch_texts": batch_texts}
         median, p90 = time_fn(lambda m=many: transcribe_batch(m), min(cfg["warmup"], 1), cfg["runs"])
-        rows.append(row(model_name + " (end-to-end greedy)", name, precision, seconds, median, p90, threads,
+        rows.append(row(f"{model_name} (end-to-end greedy{guard})", name, precision, seconds, median, p90, threads,
                         batch=batch, **batch_extra))
     for beams in cfg.get("beams", []):
         setup = time.perf_counter()
         beam_text = transcribe_batch(feats, beams)[0]  # compiles the beam-width batch (graph backends)
         median, p90 = time_fn(lambda b=beams: transcribe_batch(feats, b), min(cfg["warmup"], 1), cfg["runs"])
-        rows.append(row(f"{model_name} (end-to-end beam {beams})", name.replace(" greedy,", ""), precision, seconds,
-                        median, p90, threads,
+        rows.append(row(f"{model_name} (end-to-end beam {beams}{guard})", name.replace(" greedy,", ""), precision,
+                        seconds, median, p90, threads,
                         _setup_s=round(time.perf_counter() - setup, 1), _text=beam_text))
     return rows
 
@@ -711,6 +720,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=[*CTC_MODELS, *ARCHITECTURES, WHISPER],
                         choices=[*CTC_MODELS, *ARCHITECTURES, *WHISPER_MODELS])
     parser.add_argument("--no-int8-attention", action="store_true", help="leave out the INT8-attention rows")
+    parser.add_argument("--whisper-no-repeat-ngram", type=int, default=0,
+                        help="no_repeat_ngram_size for every Whisper backend (HF, ours, ctranslate2; default 0: off)")
+    parser.add_argument("--whisper-backends", nargs="+", default=list(WHISPER_BACKENDS), choices=WHISPER_BACKENDS,
+                        help="Whisper backends to time (default all)")
     parser.add_argument("--whisper-beams", type=int, nargs="*", default=[5],
                         help="beam widths timed for Whisper end to end (batch 1, first thread count)")
     parser.add_argument("--whisper-batches", type=int, nargs="+", default=[8],
@@ -814,13 +827,14 @@ def main() -> None:
                           "fp32_bytes": build["fp32_param_bytes"]})
         for threads in args.threads:
             for backend in ("hf", "compile", *int8_backends, "ct2-float32", "ct2-int8"):
-                if backend.startswith("int8") and not build:
+                if (backend.startswith("int8") and not build) or backend not in args.whisper_backends:
                     continue
                 rows += add({"kind": "time_whisper", "model": model, "backend": backend, "threads": threads,
                              "artifact": art, **common, "runs": args.e2e_runs, "encoder_runs": max(3, args.runs // 4),
                              "wer_utts": args.wer_utts if threads == args.threads[0] else 0,
                              "batches": args.whisper_batches if threads == args.threads[0] else [],
-                             "beams": args.whisper_beams if threads == args.threads[0] else []}) or []
+                             "beams": args.whisper_beams if threads == args.threads[0] else [],
+                             "no_repeat_ngram": args.whisper_no_repeat_ngram}) or []
 
     wall = time.perf_counter() - t0
     state_end = machine_state()
