@@ -409,7 +409,7 @@ def whisper_generate_request(model: torch.nn.Module, int8: Any, generation_confi
     if (effective.num_return_sequences or 1) != 1:
         raise _refuse("num_return_sequences", effective.num_return_sequences, "returns one sequence per input "
                       "(the best beam)", "pass num_return_sequences=1")
-    for key, neutral in _BEAM_NEUTRAL.items():
+    for key, neutral in _BEAM_NEUTRAL.items() if num_beams > 1 else ():  # greedy decoding ignores them, as HF's
         value = getattr(effective, key, None)
         if not any(_same(value, n) for n in neutral):
             raise _refuse(key, value, "runs HF's default beam search (early_stopping=False, one beam group, no "
