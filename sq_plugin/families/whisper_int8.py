@@ -447,14 +447,34 @@ class QuantizedWhisper:
     def generation_config(self) -> Any:
         return self.whisper.generation_config
 
+    def _check_language_and_task(self, language: str | None, task: str | None) -> None:
+        """The graphs were calibrated with one prompt, so a language / task is honoured only if it is that one."""
+        if language is None and task is None:
+            return
+        gen, prompt = self.whisper.generation_config, tuple(self.settings.prompt)
+        if not getattr(gen, "is_multilingual", False):
+            raise ValueError(f"language={language!r}, task={task!r}: {self.model_name} is an English-only checkpoint, "
+                             f"its graphs decode with the prompt {prompt}; drop language and task")
+        token = language if language is None or language.startswith("<|") else f"<|{language}|>"
+        asked = (prompt[1] if language is None else (getattr(gen, "lang_to_id", None) or {}).get(token),
+                 prompt[2] if task is None else (getattr(gen, "task_to_id", None) or {}).get(task))
+        if asked != prompt[1:3]:
+            raise ValueError(f"language={language!r}, task={task!r}: the INT8 graphs of {self.model_name} were "
+                             f"calibrated with the prompt {prompt} (language and task tokens {prompt[1:3]}); "
+                             "quantize again with generation_config.language / task set to what you need, or "
+                             "drop them")
+
     def generate(self, input_features: torch.Tensor, *, max_length: int | None = None, num_beams: int = 1,
-                 do_sample: bool = False, return_timestamps: bool = False) -> torch.Tensor:
+                 do_sample: bool = False, return_timestamps: bool = False, language: str | None = None,
+                 task: str | None = None) -> torch.Tensor:
         """What `sq_plugin.speech.evaluate` calls on a Whisper model: tokens for a batch of features [B, 80, 3000]
         as HF's token rows (prompt first, padded with <|endoftext|>): greedy with the batch decoded together, or
-        with num_beams > 1 a beam search per utterance. `max_length` counts new tokens, as in HF Whisper."""
+        with num_beams > 1 a beam search per utterance. `max_length` counts new tokens, as in HF Whisper.
+        language / task (multilingual checkpoints): accepted when they are the graphs' prompt, refused otherwise."""
         if do_sample or return_timestamps:
             raise ValueError("the INT8 Whisper decodes without sampling or timestamps: do_sample=False, "
                              "return_timestamps=False")
+        self._check_language_and_task(language, task)
         settings = self.settings
         if max_length is not None and max_length < settings.max_new_tokens:
             settings = dataclasses.replace(settings, max_new_tokens=max_length)

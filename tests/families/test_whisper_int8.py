@@ -64,6 +64,12 @@ def int8(bundle, features):
     return quantize_whisper_int8(bundle, features)
 
 
+def _corpus_utterances(n: int):
+    from sq_plugin.speech.corpus import load_split
+
+    return load_split("test", limit=n, progress=False)
+
+
 def hf_greedy(bundle, feats) -> list[int]:
     with torch.no_grad():
         out = bundle.model.generate(feats, num_beams=1, do_sample=False, return_timestamps=False,
@@ -378,6 +384,36 @@ def test_beam_search_is_hf_generate_with_num_beams(bundle, features, num_beams):
     if num_beams == 1:
         assert beam_decode(encode, step, features[0], empty_cache(bundle.model), settings, 1) == greedy_decode(
             encode, step, features[0], empty_cache(bundle.model), settings)
+
+
+def test_a_multilingual_models_graphs_take_their_own_language_and_task_and_refuse_others(features):
+    """evaluate() passes language="en", task="transcribe" to a multilingual model's generate (Whisper base)."""
+    bundle = tiny_whisper_bundle("tiny-multilingual")
+    gen = bundle.model.generation_config
+    gen.is_multilingual, gen.language, gen.task = True, "en", "transcribe"
+    gen.lang_to_id, gen.task_to_id = {"<|en|>": 50259, "<|de|>": 50261}, {"transcribe": 50359, "translate": 50358}
+    quantized = quantize_whisper_int8(bundle, features[:1], lower=False)
+    assert quantized.settings.prompt == (SOT, 50259, 50359, NO_TIMESTAMPS)
+    x = torch.cat(features[:2])
+    want = quantized.generate(x)
+    assert torch.equal(quantized.generate(x, language="en", task="transcribe"), want)
+    assert torch.equal(quantized.generate(x, language="<|en|>"), want)
+    with pytest.raises(ValueError, match=r"language='de'.*calibrated with the prompt.*quantize again"):
+        quantized.generate(x, language="de")
+    with pytest.raises(ValueError, match=r"task='translate'"):
+        quantized.generate(x, task="translate")
+    from sq_plugin.speech.evaluate import evaluate
+    from sq_plugin.speech.models import SpeechModel
+
+    utterances = _corpus_utterances(1)
+    result = evaluate(SpeechModel("tiny-multilingual", "whisper", quantized, bundle.processor), utterances,
+                      progress=False)
+    assert len(result.utterances) == 1
+
+
+def test_an_english_only_models_graphs_refuse_a_language(int8, features):
+    with pytest.raises(ValueError, match=r"English-only checkpoint.*drop language and task"):
+        int8.generate(features[0], language="en")
 
 
 def test_repeated_ngram_tokens_are_hf_no_repeat_ngram_bans():
