@@ -826,8 +826,9 @@ def main() -> None:
             sizes.append({"model": model, "precision": "int8", "bytes": build["artifact_bytes"],
                           "fp32_bytes": build["fp32_param_bytes"]})
         for threads in args.threads:
-            for backend in ("hf", "compile", *int8_backends, "ct2-float32", "ct2-int8"):
-                if (backend.startswith("int8") and not build) or backend not in args.whisper_backends:
+            for backend in WHISPER_BACKENDS:
+                if backend not in args.whisper_backends or (backend.startswith("int8") and
+                                                            (not build or backend not in int8_backends)):
                     continue
                 rows += add({"kind": "time_whisper", "model": model, "backend": backend, "threads": threads,
                              "artifact": art, **common, "runs": args.e2e_runs, "encoder_runs": max(3, args.runs // 4),

@@ -80,13 +80,14 @@ def main() -> None:
         texts = []
         for i in range(0, len(utterances), BATCH):
             batch = features[i:i + BATCH]
-            cache = caches.setdefault(batch.shape[0], empty_cache(bundle.model, batch=batch.shape[0]))
+            if batch.shape[0] not in caches:  # not setdefault: that would allocate a zeroed cache every batch
+                caches[batch.shape[0]] = empty_cache(bundle.model, batch=batch.shape[0])
+            cache = caches[batch.shape[0]]
             texts += [tok.decode(t, skip_special_tokens=True).strip()
                       for t in greedy_decode_batch(encode, step, batch, cache, use)]
         hypotheses[name] = texts
         print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
-    words = word_errors(references, hypotheses["float encoder + float step"])[1]
-    float_errors = word_errors(references, hypotheses["float encoder + float step"])[0]
+    float_errors, words = word_errors(references, hypotheses["float encoder + float step"])
     for name, texts in hypotheses.items():
         errors = word_errors(references, texts)[0]
         delta = paired_bootstrap(float_errors, errors, words)
