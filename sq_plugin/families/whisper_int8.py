@@ -147,13 +147,11 @@ class GreedySettings:
                              "without timestamps (prompt <|startoftranscript|>[<|en|><|transcribe|>]<|notimestamps|>)")
         if getattr(gen, "is_multilingual", False):
             # A multilingual model transcribes in the configured language (default English), as `generate` does.
-            language = gen.language or "en"
-            token = language if language.startswith("<|") else f"<|{language}|>"
-            lang_to_id, task_to_id = getattr(gen, "lang_to_id", None) or {}, getattr(gen, "task_to_id", None) or {}
-            if token not in lang_to_id or "transcribe" not in task_to_id:
-                raise ValueError(f"the multilingual model's generation_config lacks lang_to_id[{token!r}] or "
-                                 "task_to_id['transcribe']: set them (as openai's generation_config does)")
-            prompt = (gen.decoder_start_token_id, lang_to_id[token], task_to_id[gen.task or "transcribe"],
+            task = gen.task or "transcribe"
+            if task not in (getattr(gen, "task_to_id", None) or {}):
+                raise ValueError(f"the multilingual model's generation_config lacks task_to_id[{task!r}]: set it (as "
+                                 "openai's generation_config does)")
+            prompt = (gen.decoder_start_token_id, language_token_id(gen, gen.language or "en"), gen.task_to_id[task],
                       gen.no_timestamps_token_id)
         else:
             prompt = (gen.decoder_start_token_id, gen.no_timestamps_token_id)
@@ -162,6 +160,29 @@ class GreedySettings:
                    begin_suppress=tuple(gen.begin_suppress_tokens or ()),
                    max_new_tokens=min(limit, max_new_tokens_limit(whisper, prompt)),
                    no_repeat_ngram_size=gen.no_repeat_ngram_size or 0)
+
+
+def language_token_id(generation_config: Any, language: str) -> int:
+    """A multilingual checkpoint's token id for `language`, named as HF Whisper `generate` takes it: a code
+    ("en"), a name ("english") or a token ("<|en|>"). Raises ValueError naming what the checkpoint has."""
+    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+    lang_to_id = getattr(generation_config, "lang_to_id", None) or {}
+    name = str(language).lower()
+    token = name if name in lang_to_id else (
+        f"<|{TO_LANGUAGE_CODE[name]}|>" if name in TO_LANGUAGE_CODE else f"<|{name.strip('<|>')}|>")
+    if token not in lang_to_id:
+        some = ", e.g. " + ", ".join(list(lang_to_id)[:3]) if lang_to_id else ""
+        raise ValueError(f"language {language!r}: the model's generation_config.lang_to_id has no {token!r} ("
+                         f"{len(lang_to_id)} languages{some}); pass a language code such as 'en', or set lang_to_id as "
+                         "openai's generation_config does")
+    return int(lang_to_id[token])
+
+
+def language_name(generation_config: Any, token_id: int) -> str:
+    """The token ("<|en|>") of a language id, for messages."""
+    names = {v: k for k, v in (getattr(generation_config, "lang_to_id", None) or {}).items()}
+    return names.get(token_id, str(token_id))
 
 
 def repeated_ngram_tokens(sequence: Sequence[int], size: int) -> list[int]:
@@ -443,6 +464,30 @@ class QuantizedWhisper:
         return beam_decode(self.encode, self.step, features, self._cache_for(num_beams), self._checked(settings),
                            num_beams, length_penalty=length_penalty)
 
+    def detect_language(self, features: torch.Tensor) -> list[int]:
+        """HF's `detect_language` on the INT8 graphs, for a multilingual checkpoint: per utterance of features
+        [B, 80, 3000], the language token that <|startoftranscript|> predicts, every other token masked out."""
+        gen = self.whisper.generation_config
+        lang_ids = sorted((getattr(gen, "lang_to_id", None) or {}).values())
+        if not getattr(gen, "is_multilingual", False) or not lang_ids:
+            raise ValueError(f"{self.model_name} is not multilingual (no generation_config.lang_to_id): it has no "
+                             "language to detect")
+        window = encoder_input_shape(self.whisper)[1:]
+        if features.dim() != 3 or tuple(features.shape[1:]) != window or features.shape[0] == 0:
+            raise ValueError(f"features of shape {tuple(features.shape)}; language detection takes [batch, "
+                             f"{window[0]}, {window[1]}] from the model's feature extractor")
+        self_keys, self_values = self._cache_for(features.shape[0])
+        with torch.no_grad():
+            cross_keys, cross_values = self.encode(features)
+            self_keys.zero_()
+            self_values.zero_()
+            token = torch.full((features.shape[0], 1), gen.decoder_start_token_id, dtype=torch.long)
+            logits, _, _ = self.step(token, torch.zeros(1, dtype=torch.long), self_keys, self_values, cross_keys,
+                                     cross_values)
+        # argmax over the language ids in vocabulary order: HF's tie-break (the first of equal logits)
+        best = logits[:, -1].float()[:, lang_ids].argmax(dim=-1).tolist()
+        return [lang_ids[i] for i in best]
+
     @property
     def generation_config(self) -> Any:
         return self.whisper.generation_config
@@ -455,8 +500,7 @@ class QuantizedWhisper:
         if not getattr(gen, "is_multilingual", False):
             raise ValueError(f"language={language!r}, task={task!r}: {self.model_name} is an English-only checkpoint, "
                              f"its graphs decode with the prompt {prompt}; drop language and task")
-        token = language if language is None or language.startswith("<|") else f"<|{language}|>"
-        asked = (prompt[1] if language is None else (getattr(gen, "lang_to_id", None) or {}).get(token),
+        asked = (prompt[1] if language is None else language_token_id(gen, language),
                  prompt[2] if task is None else (getattr(gen, "task_to_id", None) or {}).get(task))
         if asked != prompt[1:3]:
             raise ValueError(f"language={language!r}, task={task!r}: the INT8 graphs of {self.model_name} were "

