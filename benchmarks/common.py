@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Where latency.py keeps the INT8 artifacts it builds, which other scripts load instead of re-quantizing.
+ARTIFACTS = Path(os.environ.get("SQ_PLUGIN_CACHE", Path.home() / ".cache" / "sq_plugin")) / "bench_artifacts"
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -42,3 +44,24 @@ def device_name() -> str:
     policy = x86_policy()
     cap = f", ONEDNN_MAX_CPU_ISA={policy.cap}" if policy.cap else ""
     return f"cpu: {model} ({os.cpu_count()} cores; oneDNN as {policy.kind}{cap})"
+
+
+def paired_wer(references: list[str], baseline: list[str], texts: list[str]) -> dict:
+    """WER of `texts`, and its ΔWER against `baseline` on the same references in percentage points, with the
+    95 % paired-bootstrap interval: {"wer", "delta_pp", "ci95_pp": [low, high]}."""
+    from sq_plugin.core.significance import paired_bootstrap
+    from sq_plugin.speech.evaluate import wer, word_errors
+
+    base_errors, words = word_errors(references, baseline)
+    delta = paired_bootstrap(base_errors, word_errors(references, texts)[0], words)
+    return {"wer": wer(references, texts), "delta_pp": 100 * delta.delta,
+            "ci95_pp": [100 * delta.low, 100 * delta.high]}
+
+
+def require_unsaturated_int_mm() -> None:
+    """Exit, saying why, where `torch._int_mm` would saturate (no VNNI: `sq_plugin.backends.x86_isa`)."""
+    from sq_plugin.backends.x86_isa import int8_attention_problem, x86_policy
+
+    problem = int8_attention_problem(x86_policy())
+    if problem:
+        raise SystemExit(f"torch._int_mm would saturate here: {problem}")

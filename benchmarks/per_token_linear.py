@@ -26,11 +26,10 @@ import json
 import time
 
 import torch
-from common import RESULTS, atomic_write, device_name
+from common import RESULTS, atomic_write, device_name, require_unsaturated_int_mm
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
 from sq_plugin.backends.pt2e import calibrate, lower_x86, prepare_stablequant
-from sq_plugin.backends.x86_isa import int8_attention_problem, x86_policy
 
 # (what, tokens, in, out): Whisper base's encoder layers over a 30-s window, and the decoder step at batch 1 and 8.
 SHAPES = [
@@ -54,7 +53,8 @@ class PerTokenInt8Linear(torch.nn.Module):
         self.register_buffer("weight_t", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).t()
                              .contiguous())
         self.register_buffer("weight_scale", scale)
-        self.register_buffer("bias", linear.bias.detach().clone())
+        self.register_buffer("bias", linear.bias.detach().clone() if linear.bias is not None
+                             else torch.zeros(w.shape[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -91,9 +91,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=50)
     args = parser.parse_args()
-    problem = int8_attention_problem(x86_policy())
-    if problem:
-        raise SystemExit(f"torch._int_mm would saturate here: {problem}")
+    require_unsaturated_int_mm()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []

@@ -13,12 +13,10 @@ Writes benchmarks/results/whisper_batch_rows.json and .md.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, atomic_write, device_name
+from common import ARTIFACTS, RESULTS, atomic_write, device_name
 from latency import time_fn
 
 from sq_plugin.families.whisper_int8 import (
@@ -31,8 +29,6 @@ from sq_plugin.families.whisper_int8 import (
     load_whisper_int8,
 )
 from sq_plugin.speech.models import load_model
-
-ARTIFACTS = Path(os.environ.get("SQ_PLUGIN_CACHE", Path.home() / ".cache" / "sq_plugin")) / "bench_artifacts"
 
 
 def main() -> None:

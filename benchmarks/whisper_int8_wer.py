@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS, atomic_write, device_name
+from common import ARTIFACTS, RESULTS, atomic_write, device_name
 
 from sq_plugin.core.significance import paired_bootstrap
 from sq_plugin.families.whisper_int8 import (
@@ -36,7 +34,6 @@ from sq_plugin.speech.corpus import load_split
 from sq_plugin.speech.evaluate import normalize_text, wer, word_errors
 from sq_plugin.speech.models import load_model
 
-ARTIFACTS = Path(os.environ.get("SQ_PLUGIN_CACHE", Path.home() / ".cache" / "sq_plugin")) / "bench_artifacts"
 BATCH = 8
 
 

@@ -25,15 +25,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from common import RESULTS, atomic_write, device_name
+from common import RESULTS, atomic_write, device_name, paired_wer
 
 from sq_plugin.backends.simulate import LayerQuant, plan_layer_quants, quantizable_layers, simulate
 from sq_plugin.core.plan import QuantPlan
 from sq_plugin.core.quant import quant_bounds
-from sq_plugin.core.significance import paired_bootstrap
 from sq_plugin.families.whisper import EVAL_BATCH, whisper_score
 from sq_plugin.speech.corpus import load_split
-from sq_plugin.speech.evaluate import evaluate, wer, word_errors
+from sq_plugin.speech.evaluate import evaluate
 from sq_plugin.speech.models import load_model
 
 # Groups of layers by module-name pattern: each is kept float in turn while the rest follow the plan.
@@ -100,13 +99,8 @@ def decode_rows(bundle: object, utterances: list, quants: dict[str, LayerQuant])
         hypotheses[what] = [r.hypothesis for r in result.utterances]
         references = [r.reference for r in result.utterances]  # the scored ones, the same in every run
         print(f"{what:55s} WER {result.wer:.4f}", flush=True)
-    float_errors, words = word_errors(references, hypotheses["float"])
-    rows = []
-    for what, texts in hypotheses.items():
-        delta = paired_bootstrap(float_errors, word_errors(references, texts)[0], words)
-        rows.append({"configuration": what, "wer": wer(references, texts), "delta_pp": 100 * delta.delta,
-                     "ci95_pp": [100 * delta.low, 100 * delta.high]})
-    return rows
+    return [{"configuration": what, **paired_wer(references, hypotheses["float"], texts)}
+            for what, texts in hypotheses.items()]
 
 
 def main() -> None:
