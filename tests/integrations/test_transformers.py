@@ -393,6 +393,8 @@ def test_options_the_int8_whisper_cannot_honour_are_refused_naming_them(tiny_en_
         asr(np.concatenate([audio, np.zeros(30 * 16000, dtype=np.float32)]))
     with pytest.raises(NotImplementedError, match=r"model\(...\) would run the float modules"):
         model(input_features=x, decoder_input_ids=torch.tensor([[SOT]]))
+    with pytest.raises(ValueError, match="not multilingual .*no language to detect"):
+        model.stablequant.bundle.model.detect_language(x)
 
 
 def test_a_multilingual_whisper_decodes_its_calibrated_language_and_refuses_others(tmp_path, test_utterance,
@@ -448,6 +450,10 @@ def test_a_multilingual_whisper_decodes_its_calibrated_language_and_refuses_othe
     with pytest.raises(WhisperGenerateError, match=r"utterance 1 is detected as <\|fr\|>.*pass language='en'"):
         model.generate(pair)
     assert torch.equal(model.generate(x, language="en"), want)  # a language set: nothing detected
+    # the runner's path (QuantizedWhisper.generate, which sq_plugin.speech.evaluate calls) resolves names the same way
+    assert int8.generate(x, language="english", task="transcribe").tolist() == int8.generate(x).tolist()
+    with pytest.raises(ValueError, match=r"calibrated with the prompt .*quantize again"):
+        int8.generate(x, language="de")
 
 
 @pytest.mark.slow
