@@ -44,23 +44,39 @@ SHAPES = [
 
 
 class PerTokenInt8Linear(torch.nn.Module):
-    """y = (x_q · W_qᵀ) * s_x[row] * s_w[col] + b: int8 weights per output channel, the input per row."""
+    """y = (x_q · W_qᵀ) * s_x[row] * s_w[col] + b: int8 weights per output channel, the input per row.
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+    symmetric: each row on int8 [-127, 127] around 0. asymmetric: each row on 256 levels over its own [min, max]
+    (as uint8 with a zero point), fed to `_int_mm` shifted to int8 (x_u - 128), the shift and the zero point put
+    back through the weight's column sums: (x_u - zp) · W = (x_u - 128) · W + (128 - zp) · sum(W)."""
+
+    def __init__(self, linear: torch.nn.Linear, *, symmetric: bool = True) -> None:
         super().__init__()
         w = linear.weight.detach()
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127
-        self.register_buffer("weight_t", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).t()
-                             .contiguous())
+        weight_q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.symmetric = symmetric
+        self.register_buffer("weight_t", weight_q.t().contiguous())
+        self.register_buffer("weight_sums", weight_q.to(torch.float32).sum(dim=1))
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", linear.bias.detach().clone() if linear.bias is not None
                              else torch.zeros(w.shape[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
-        q = torch.round(rows / scale).clamp(-127, 127).to(torch.int8)
-        out = torch.ops.aten._int_mm(q, self.weight_t).to(torch.float32) * scale * self.weight_scale + self.bias
+        if self.symmetric:
+            scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
+            q = torch.round(rows / scale).clamp(-127, 127).to(torch.int8)
+            acc = torch.ops.aten._int_mm(q, self.weight_t).to(torch.float32)
+        else:
+            lo = rows.amin(dim=1, keepdim=True).clamp(max=0.0)
+            hi = rows.amax(dim=1, keepdim=True).clamp(min=0.0)
+            scale = ((hi - lo) / 255).clamp(min=1e-8)
+            zero_point = torch.round(-lo / scale).clamp(0, 255)
+            q = (torch.round(rows / scale) + zero_point).clamp(0, 255) - 128
+            acc = torch.ops.aten._int_mm(q.to(torch.int8), self.weight_t).to(torch.float32)
+            acc = acc + (128 - zero_point) * self.weight_sums
+        out = acc * scale * self.weight_scale + self.bias
         return out.reshape(*x.shape[:-1], -1)
 
 

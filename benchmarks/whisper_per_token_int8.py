@@ -3,10 +3,11 @@
 `whisper_loss_groups.py` found, in the fake-quant simulation, that Whisper base's W8A8 loss is the static per-tensor
 activation grid, and that one range per token removes most of it. This checks it on real INT8 kernels: every Linear
 of the encoder(+cross K/V) and decoder-step graphs becomes `per_token_linear.PerTokenInt8Linear` (each input row
-quantized to int8 with its own symmetric scale, `torch._int_mm` against the per-channel int8 weight; the two convs
-stay float), both graphs compiled by Inductor, greedy decoding in batches of 8. Rows: float graphs, the static INT8
-artifact `latency.py` saved (the x86 backend), and the per-token graphs; WER with ΔWER against float and its 95 %
-paired-bootstrap interval, and the seconds each decode pass took after a warm-up (one pass: indicative).
+quantized with its own scale, symmetric or asymmetric, `torch._int_mm` against the per-channel int8 weight; the two
+convs stay float), both graphs compiled by Inductor, greedy decoding in batches of 8. Rows: float graphs, the static
+INT8 artifact `latency.py` saved (the x86 backend), and the per-token graphs on each grid; WER with ΔWER against
+float and its 95 % paired-bootstrap interval, and the seconds each decode pass took after a warm-up (one pass:
+indicative).
 
     python benchmarks/whisper_per_token_int8.py --model openai/whisper-base --utts 40   # after latency.py --models ...
 
@@ -39,14 +40,14 @@ from sq_plugin.speech.models import load_model
 BATCH = 8
 
 
-def per_token_copy(whisper: torch.nn.Module) -> tuple[torch.nn.Module, int]:
+def per_token_copy(whisper: torch.nn.Module, *, symmetric: bool) -> tuple[torch.nn.Module, int]:
     """A copy of the model with every Linear replaced by its per-token INT8 version; returns it and the count."""
     model = copy.deepcopy(whisper)
     swapped = 0
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear):
-                setattr(module, child_name, PerTokenInt8Linear(child))
+                setattr(module, child_name, PerTokenInt8Linear(child, symmetric=symmetric))
                 swapped += 1
     return model, swapped
 
@@ -64,7 +65,8 @@ def main() -> None:
     if not artifact.is_dir():
         raise SystemExit(f"{artifact} is missing: run python benchmarks/latency.py --models {args.model}")
     static = load_whisper_int8(artifact, bundle)
-    per_token, swapped = per_token_copy(bundle.model)
+    per_token, swapped = per_token_copy(bundle.model, symmetric=True)
+    asymmetric, _ = per_token_copy(bundle.model, symmetric=False)
     utterances = load_split("test", limit=args.utts, progress=False)
     fe, tok = bundle.processor.feature_extractor, bundle.processor.tokenizer
     features = fe([u.audio for u in utterances], sampling_rate=16000, return_tensors="pt").input_features
@@ -72,8 +74,10 @@ def main() -> None:
     systems = {
         "float graphs": (WhisperEncoderKV(bundle.model).eval(), WhisperDecoderStep(bundle.model).eval()),
         "static INT8 (x86 backend artifact)": (static.encode, static.step),
-        f"per-token INT8 ({swapped} Linears; convs float)": (torch.compile(WhisperEncoderKV(per_token).eval()),
-                                                              torch.compile(WhisperDecoderStep(per_token).eval())),
+        f"per-token INT8, symmetric ({swapped} Linears; convs float)": (
+            torch.compile(WhisperEncoderKV(per_token).eval()), torch.compile(WhisperDecoderStep(per_token).eval())),
+        f"per-token INT8, asymmetric ({swapped} Linears; convs float)": (
+            torch.compile(WhisperEncoderKV(asymmetric).eval()), torch.compile(WhisperDecoderStep(asymmetric).eval())),
     }
     references = [u.text for u in utterances]
     hypotheses, seconds = {}, {}
