@@ -487,8 +487,8 @@ def _check_prompt(base: Any, effective: Any, asked: dict[str, Any], prompt: tupl
     if head != (prompt[0], prompt[-1]):
         raise _refuse("decoder_start_token_id / no_timestamps_token_id", head, f"was compiled and calibrated with "
                       f"the prompt {prompt}", "keep the model's generation_config prompt")
-    if not multilingual:
-        for key, value in (("language", language), ("task", task)):
+    if not multilingual:  # the call's language / task are refused; its prompt has no token for them
+        for key, value in (("language", asked.get("language")), ("task", asked.get("task"))):
             if value is not None:
                 raise _refuse(key, value, f"decodes English-only checkpoints (prompt {prompt}, no language or task "
                               "token)", f"drop {key} ({_FLOAT_FIX})")
