@@ -7,6 +7,7 @@ import os
 import platform
 import tempfile
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Where latency.py keeps the INT8 artifacts it builds, which other scripts load instead of re-quantizing.
@@ -65,3 +66,21 @@ def require_unsaturated_int_mm() -> None:
     problem = int8_attention_problem(x86_policy())
     if problem:
         raise SystemExit(f"torch._int_mm would saturate here: {problem}")
+
+
+def decode_in_batches(whisper: Any, encode: Any, step: Any, features: Any, tokenizer: Any, settings: Any, *,
+                      batch: int = 8, caches: dict | None = None) -> list[str]:
+    """Greedy transcripts of log-mel `features` [N, 80, 3000] on a Whisper graph pair (`greedy_decode_batch`), `batch`
+    utterances at a time. caches: the decoder caches by batch size, kept across calls when given (one is allocated
+    per size, not per batch)."""
+    from sq_plugin.families.whisper_int8 import empty_cache, greedy_decode_batch
+
+    caches = {} if caches is None else caches
+    texts = []
+    for i in range(0, features.shape[0], batch):
+        chunk = features[i:i + batch]
+        if chunk.shape[0] not in caches:  # not setdefault: that would allocate a zeroed cache every batch
+            caches[chunk.shape[0]] = empty_cache(whisper, batch=chunk.shape[0])
+        texts += [tokenizer.decode(t, skip_special_tokens=True).strip()
+                  for t in greedy_decode_batch(encode, step, chunk, caches[chunk.shape[0]], settings)]
+    return texts

@@ -19,15 +19,13 @@ import time
 from typing import Any
 
 import torch
-from common import ARTIFACTS, RESULTS, atomic_write, device_name
+from common import ARTIFACTS, RESULTS, atomic_write, decode_in_batches, device_name
 
 from sq_plugin.core.significance import paired_bootstrap
 from sq_plugin.families.whisper_int8 import (
     GreedySettings,
     WhisperDecoderStep,
     WhisperEncoderKV,
-    empty_cache,
-    greedy_decode_batch,
     load_whisper_int8,
 )
 from sq_plugin.speech.corpus import load_split
@@ -74,15 +72,8 @@ def main() -> None:
     rows, hypotheses = [], {}
     for name, (encode, step, use) in pairings.items():
         start = time.perf_counter()
-        texts = []
-        for i in range(0, len(utterances), BATCH):
-            batch = features[i:i + BATCH]
-            if batch.shape[0] not in caches:  # not setdefault: that would allocate a zeroed cache every batch
-                caches[batch.shape[0]] = empty_cache(bundle.model, batch=batch.shape[0])
-            cache = caches[batch.shape[0]]
-            texts += [tok.decode(t, skip_special_tokens=True).strip()
-                      for t in greedy_decode_batch(encode, step, batch, cache, use)]
-        hypotheses[name] = texts
+        hypotheses[name] = decode_in_batches(bundle.model, encode, step, features, tok, use, batch=BATCH,
+                                             caches=caches)
         print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
     float_errors, words = word_errors(references, hypotheses["float encoder + float step"])
     for name, texts in hypotheses.items():

@@ -22,7 +22,15 @@ import json
 import time
 
 import torch
-from common import ARTIFACTS, RESULTS, atomic_write, device_name, paired_wer, require_unsaturated_int_mm
+from common import (
+    ARTIFACTS,
+    RESULTS,
+    atomic_write,
+    decode_in_batches,
+    device_name,
+    paired_wer,
+    require_unsaturated_int_mm,
+)
 from per_token_linear import PerTokenInt8Linear
 
 from sq_plugin.families.whisper_int8 import (
@@ -82,18 +90,11 @@ def main() -> None:
     references = [u.text for u in utterances]
     hypotheses, seconds = {}, {}
     for name, (encode, step) in systems.items():
-        caches = {}
-        texts = []
         # warm up outside the timed pass: the compiled graphs compile for each batch size (8, and the last one's)
         for size in sorted({min(BATCH, len(utterances)), len(utterances) % BATCH} - {0}):
             greedy_decode_batch(encode, step, features[:size], empty_cache(bundle.model, batch=size), settings)
         start = time.perf_counter()
-        for i in range(0, len(utterances), BATCH):
-            batch = features[i:i + BATCH]
-            if batch.shape[0] not in caches:
-                caches[batch.shape[0]] = empty_cache(bundle.model, batch=batch.shape[0])
-            texts += [tok.decode(t, skip_special_tokens=True).strip()
-                      for t in greedy_decode_batch(encode, step, batch, caches[batch.shape[0]], settings)]
+        texts = decode_in_batches(bundle.model, encode, step, features, tok, settings, batch=BATCH)
         seconds[name] = time.perf_counter() - start
         hypotheses[name] = texts
         print(f"{name}: WER {wer(references, texts):.4f}, {seconds[name]:.0f} s", flush=True)
