@@ -28,7 +28,7 @@ demo: install
 INT8_TESTS := tests/backends/test_x86_isa.py tests/backends/test_pt2e.py tests/backends/test_artifact.py tests/families/test_whisper_int8.py \
 	tests/families/test_ctc.py tests/backends/test_inc.py tests/backends/test_quanto.py tests/backends/test_cuda.py tests/test_cli.py \
 	tests/backends/test_plan_backends.py tests/backends/test_observer_state.py tests/families/test_mixed.py \
-	tests/backends/test_int8_attention.py
+	tests/backends/test_int8_attention.py tests/backends/test_per_token.py
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -511,12 +511,14 @@ def plan_layer_config(layer: LayerPlan, *, name: str, bins: int = DEFAULT_BINS,
 
 def check_plan_runs_here(plan: QuantPlan, policy: X86IsaPolicy | None = None) -> None:
     """Refuse (IsaError, layers named) a plan whose grids this CPU's oneDNN would compute wrong."""
+    from sq_plugin.backends.per_token import check_per_token_runs_here
     from sq_plugin.backends.x86_isa import IsaError
 
     policy = policy or x86_policy()
+    check_per_token_runs_here(plan, policy)
     problems = {}
     for name, layer in plan.layers.items():
-        if layer.activation is not None and layer.weight is not None:
+        if layer.activation is not None and layer.weight is not None and not layer.per_token:
             # grids only: a grouped conv the policy cannot run is made weight-only by the quantizer instead
             why = policy.op_problem(layer.op, layer.activation.qmax, max(-layer.weight.qmin, layer.weight.qmax))
             if why is not None:
@@ -547,6 +549,10 @@ def plan_deviations(converted: torch.fx.GraphModule, plan: QuantPlan,
         if layer.is_float:
             if entry["input"] is not None:
                 deviations[name] = "quantized in the graph, float in the plan"
+            continue
+        if layer.per_token:  # a swapped layer is no aten.linear any more: it has no entry
+            deviations[name] = ("a Linear of the graph, not the plan's per-token INT8 Linear. Fix: swap it before "
+                                "export (sq_plugin.backends.per_token.swap_per_token_linears)")
             continue
         if entry["input"] is None or entry["weight"] is None:
             deviations[name] = f"{'weight-only' if entry['weight'] else 'float'} in the graph (this CPU's ISA policy)"
@@ -583,7 +589,8 @@ def stablequant_x86_quantizer_from_plan(plan: QuantPlan, *, graph_names: dict[st
             continue  # not in this graph (e.g. a decoder layer when quantizing the encoder graph)
         target = graph_names[name] if graph_names is not None else name
         stored = (weights or {}).get(name)
-        config = None if layer.is_float else plan_layer_config(
+        # A per-token layer is a PerTokenInt8Linear by now (swap_per_token_linears): nothing for PT2E to observe.
+        config = None if layer.is_float or layer.per_token else plan_layer_config(
             layer, name=name, bins=bins, stored_scale=stored.scale if stored is not None else None)
         quantizer.set_module_name_qconfig(target, config)
     return quantizer
@@ -934,6 +941,12 @@ def count_quantized_ops(converted: torch.fx.GraphModule) -> dict[str, int]:
     return counts
 
 
+def count_int_mm(converted: torch.fx.GraphModule) -> int:
+    """How many `torch._int_mm` GEMMs a graph holds (the per-token Linears of `backends.per_token`)."""
+    int_mm = torch.ops.aten._int_mm.default
+    return sum(1 for n in converted.graph.nodes if n.op == "call_function" and n.target == int_mm)
+
+
 @dataclass
 class LoweringReport:
     """What Inductor's x86 lowering produced: INT8 kernel counts from its pattern-matcher counters."""
@@ -950,14 +963,18 @@ class LoweringReport:
 
     @property
     def int8_kernels(self) -> int:
-        return self.qlinear + self.qconv
+        """oneDNN qlinear/qconv kernels plus the per-token Linears' `_int_mm` GEMMs."""
+        return self.qlinear + self.qconv + self.per_token_linear
 
     isa: str = ""  # the ISA policy and grids it was lowered under, e.g. "avx2: 7-bit weights, 8-bit activations"
     int8_attention: int = 0  # attention blocks whose Q·Kᵀ and P·V run on INT8 GEMMs (torch._int_mm)
+    per_token_linear: int = 0  # Linears on per-token INT8 activations (torch._int_mm; backends.per_token)
 
     @property
     def backend(self) -> str:
         parts = [self.isa] if self.isa else []
+        if self.per_token_linear:
+            parts.append(f"{self.per_token_linear} per-token Linears on torch._int_mm")
         if self.int8_attention:
             parts.append(f"INT8 attention in {self.int8_attention} blocks")
         return f"x86-onednn-int8 ({', '.join(parts)})" if parts else "x86-onednn-int8"
@@ -1016,10 +1033,16 @@ def isa_problems(converted: torch.fx.GraphModule, policy: X86IsaPolicy | None = 
 def check_runs_right_here(converted: torch.fx.GraphModule) -> X86IsaPolicy:
     """Refuse (IsaError, every layer named) a graph whose INT8 ops oneDNN would compute wrong on this
     CPU; return the policy it will run under."""
-    from sq_plugin.backends.x86_isa import IsaError
+    from sq_plugin.backends.x86_isa import IsaError, int8_attention_problem
 
     require_x86()
     policy = x86_policy()
+    int_mm = count_int_mm(converted)
+    problem = int8_attention_problem(policy) if int_mm else None
+    if problem:
+        raise IsaError(f"{int_mm} per-token INT8 Linear(s) of this graph run on torch._int_mm: {problem}. Fix: "
+                       "quantize on this CPU (a plan with static activation ranges), or run the graph on a CPU "
+                       "with VNNI or AMX")
     problems = isa_problems(converted, policy)
     if problems:
         by_reason: dict[str, list[str]] = {}
@@ -1264,7 +1287,8 @@ def lower_x86(converted: torch.fx.GraphModule, example_inputs: tuple, *,
                         reference=reference)
     module(*example_inputs)
     report = LoweringReport({k: int(v) for k, v in counters["inductor"].items() if k.startswith(("qlinear", "qconv"))},
-                            isa=policy.describe(*graph_grid_bits(converted)), int8_attention=attention_blocks)
+                            isa=policy.describe(*graph_grid_bits(converted)), int8_attention=attention_blocks,
+                            per_token_linear=count_int_mm(converted))
     widths = graph_weight_widths(converted)
     if len(widths) > 1:  # a mixed-precision plan: say so, not just the widest grid
         report.isa = report.isa.replace(f"{widths[-1]}-bit weights",

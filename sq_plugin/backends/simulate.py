@@ -67,6 +67,8 @@ class LayerQuant:
     w_bits: int = 8
     quantize_weight: bool = True
     weight_rule: str = "max"
+    # The input quantized per token (each row of its last dimension, on its own range) at run time; act_range None.
+    per_token: bool = False
 
 
 def fake_quantize_weight(weight: torch.Tensor, bits: int, rule: str = "max") -> torch.Tensor:
@@ -106,7 +108,8 @@ def _fake_quantize_layer(module: torch.nn.Module, spec: LayerQuant) -> tuple[tor
         fq = torch.nn.Parameter(fake_quantize_weight(module.weight, spec.w_bits, spec.weight_rule),
                                 requires_grad=False)
         old = _swap_weight(module, fq)
-    handle = module.register_forward_pre_hook(_input_hook(spec)) if spec.act_range is not None else None
+    quantized_input = spec.act_range is not None or spec.per_token
+    handle = module.register_forward_pre_hook(_input_hook(spec)) if quantized_input else None
     return old, handle
 
 
@@ -160,7 +163,7 @@ def plan_layer_quants(plan: Any) -> dict[str, LayerQuant]:
                             f"{layer.weight_rule!r}. Fix: use weight_rule 'max', or the x86 backend")
         # "stored": the model already holds the dequantized stored weight (backends.weights.install_stored_weights)
         quants[name] = LayerQuant(act_range=layer.act_range, a_bits=layer.activation.bits, w_bits=layer.weight.bits,
-                                  quantize_weight=layer.weight_rule == "max")
+                                  quantize_weight=layer.weight_rule == "max", per_token=layer.per_token)
     return quants
 
 
@@ -198,6 +201,12 @@ def observe_inputs(model: torch.nn.Module, run_calibration: Callable[[], None], 
 
 def _input_hook(spec: LayerQuant):  # type: ignore[no-untyped-def]
     qmin, qmax = quant_bounds(spec.a_bits, signed=False)
+    if spec.per_token:
+        from sq_plugin.backends.per_token import fake_quantize_per_token
+        from sq_plugin.core.grid import X86_ACTIVATION_PER_TOKEN
+
+        grid = X86_ACTIVATION_PER_TOKEN.narrowed(spec.a_bits)
+        return lambda _module, args: (fake_quantize_per_token(args[0], grid), *args[1:])
     scale, zp = qparams_from_range(spec.act_range[0], spec.act_range[1], qmin, qmax, symmetric=False)
     scale_f, zp_f = float(scale), float(zp)
 

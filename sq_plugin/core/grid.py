@@ -85,12 +85,15 @@ def grid_bits(w_bits: int, a_bits: int, grid: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Grid:
-    """One integer grid: qmin..qmax, symmetric (zero point fixed) or affine, per tensor or per channel."""
+    """One integer grid: qmin..qmax, symmetric (zero point fixed) or affine, per tensor or per channel, or
+    (per_token) one range per token, i.e. per row of the last dimension, measured at run time: a plan holds no
+    range for it."""
 
     qmin: int
     qmax: int
     symmetric: bool
     channel_axis: int | None = None
+    per_token: bool = False
 
     def __post_init__(self) -> None:
         levels = self.qmax - self.qmin + 1
@@ -98,6 +101,9 @@ class Grid:
             raise PlanError(f"grid {self.qmin}..{self.qmax} is not a 2- to 8-bit power-of-two grid")
         if not (-128 <= self.qmin and self.qmax <= 255):
             raise PlanError(f"grid {self.qmin}..{self.qmax} does not fit int8/uint8 storage")
+        if self.per_token and self.channel_axis is not None:
+            raise PlanError(f"grid {self.qmin}..{self.qmax}: per_token (a range per row, at run time) and "
+                            f"channel_axis {self.channel_axis} exclude each other; set one")
 
     @property
     def bits(self) -> int:
@@ -116,12 +122,18 @@ class Grid:
     def describe(self) -> str:
         kind = "symmetric" if self.symmetric else "affine"
         where = "per tensor" if self.channel_axis is None else f"per channel (axis {self.channel_axis})"
+        if self.per_token:
+            where = "per token (dynamic)"
         return f"{self.bits}-bit {'s' if self.signed else 'u'}int {self.qmin}..{self.qmax} {kind} {where}"
 
 
 # oneDNN's INT8 ops: uint8 affine per-tensor activations, int8 symmetric per-output-channel weights.
 X86_ACTIVATION = Grid(0, 255, symmetric=False)
 X86_WEIGHT = Grid(-128, 127, symmetric=True, channel_axis=0)
+# A Linear's input on 256 levels over each token's own [min, max], measured at run time: `torch._int_mm` (int8 x int8
+# -> int32) instead of oneDNN's qlinear, which takes one input scale per tensor (sq_plugin.backends.per_token). Whisper
+# base's W8A8 loss is its static per-tensor activation grid, and this grid removes most of it (BENCHMARKS.md).
+X86_ACTIVATION_PER_TOKEN = Grid(0, 255, symmetric=False, per_token=True)
 
 
 def x86_grids(w_bits: int, a_bits: int) -> tuple[Grid, Grid]:

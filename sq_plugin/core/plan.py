@@ -18,17 +18,18 @@ import json
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from sq_plugin.core.files import atomic_write
-from sq_plugin.core.grid import X86_ACTIVATION, X86_WEIGHT, Grid, PlanError, x86_grids
+from sq_plugin.core.grid import X86_ACTIVATION, X86_ACTIVATION_PER_TOKEN, X86_WEIGHT, Grid, PlanError, x86_grids
 
 PLAN_FORMAT = "sq-plugin-quant-plan"
-PLAN_VERSION = 1
-__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "X86_ACTIVATION", "X86_WEIGHT", "Grid", "LayerPlan", "PlanError",
-           "QuantPlan", "x86_grids"]
+# Version 2 adds per-token activation grids; a plan without one is still written as version 1, which older readers take.
+PLAN_VERSION = 2
+__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "X86_ACTIVATION", "X86_ACTIVATION_PER_TOKEN", "X86_WEIGHT", "Grid",
+           "LayerPlan", "PlanError", "QuantPlan", "x86_grids"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,11 @@ class LayerPlan:
     def is_float(self) -> bool:
         return self.activation is None and self.weight is None
 
+    @property
+    def per_token(self) -> bool:
+        """Whether the input is quantized per token at run time (no range in the plan)."""
+        return self.activation is not None and self.activation.per_token
+
     def x86_scheme_problem(self, name: str) -> str | None:
         """Why this quantized layer is not on the x86 scheme (uint8 affine per-tensor input, int8 symmetric
         per-output-channel weight, both quantized), which the x86 backend and the simulation take; None if it is."""
@@ -55,6 +61,9 @@ class LayerPlan:
         if act is None or weight is None:
             return (f"layers.{name}: the x86 scheme quantizes weight and input together; the plan quantizes only "
                     f"the {'weight' if act is None else 'input'}. Fix: quantize both, or mark it float")
+        if act.per_token and self.op != "linear":
+            return (f"layers.{name}: a per-token activation grid runs on Linear layers only (torch._int_mm), not "
+                    f"on a {self.op}. Fix: give it the static grid (core.grid.X86_ACTIVATION) and a range")
         if act.signed or act.symmetric or act.channel_axis is not None:
             return (f"layers.{name}: the x86 scheme takes uint8 affine per-tensor activations, not "
                     f"{act.describe()}. Fix: make the plan for the x86 scheme (core.grid.x86_grids)")
@@ -68,7 +77,11 @@ class LayerPlan:
             if not self.why_float:
                 raise PlanError(f"layers.{name}: a float layer needs why_float (say why it stays float)")
             return
-        if (self.activation is None) != (self.act_range is None):
+        if self.per_token:
+            if self.act_range is not None:
+                raise PlanError(f"layers.{name}: a per-token activation grid takes its ranges at run time; the "
+                                "plan's act_range must be null")
+        elif (self.activation is None) != (self.act_range is None):
             raise PlanError(f"layers.{name}: activation and act_range go together (both set, or both null)")
         if self.act_range is not None:
             lo, hi = self.act_range
@@ -78,6 +91,9 @@ class LayerPlan:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        for key in ("activation", "weight"):
+            if data[key] is not None and not data[key]["per_token"]:
+                del data[key]["per_token"]  # version 1's grid keys: older readers still take a plan without one
         data["act_range"] = list(self.act_range) if self.act_range is not None else None
         return data
 
@@ -122,8 +138,27 @@ class QuantPlan:
         return [n for n, layer in self.layers.items() if not layer.is_float]
 
     @property
+    def per_token_layers(self) -> list[str]:
+        return [n for n, layer in self.layers.items() if layer.per_token]
+
+    @property
     def float_layers(self) -> list[str]:
         return [n for n, layer in self.layers.items() if layer.is_float]
+
+    def with_per_token_activations(self, names: Iterable[str]) -> QuantPlan:
+        """A copy in which the quantized Linears `names` take their input per token at run time
+        (`X86_ACTIVATION_PER_TOKEN` at the layer's activation width) instead of the plan's static range; their
+        weights stay as planned. Raises `PlanError` for a name that is not a quantized Linear of the plan."""
+        layers = dict(self.layers)
+        for name in names:
+            layer = layers.get(name)
+            if layer is None or layer.is_float or layer.op != "linear" or layer.activation is None:
+                what = "not in the plan" if layer is None else "float" if layer.is_float else f"a {layer.op}"
+                raise PlanError(f"layers.{name}: only a quantized Linear takes a per-token grid; this one is {what}. "
+                                "Fix: name the plan's quantized Linears")
+            layers[name] = replace(layer, activation=X86_ACTIVATION_PER_TOKEN.narrowed(layer.activation.bits),
+                                   act_range=None, decision={**layer.decision, "activations": "per_token"})
+        return QuantPlan(layers, dict(self.provenance))
 
     def check_layers(self, names: Iterable[str], *, model: str = "this model") -> None:
         """Raise `PlanError` unless the plan names exactly the quantizable layers `names`."""
@@ -141,7 +176,8 @@ class QuantPlan:
                             f"{model} (search or a baseline rule), or pass the model the plan was made for.")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "provenance": self.provenance,
+        version = PLAN_VERSION if any(layer.per_token for layer in self.layers.values()) else 1
+        return {"format": PLAN_FORMAT, "version": version, "provenance": self.provenance,
                 "layers": {n: layer.to_dict() for n, layer in self.layers.items()}}
 
     @classmethod
@@ -187,7 +223,8 @@ class QuantPlan:
                 lines.append(f"| {name} | {layer.op} | float | - | float | {layer.why_float} |")
                 continue
             act = layer.activation.describe() if layer.activation else "float"
-            rng = f"[{layer.act_range[0]:.4g}, {layer.act_range[1]:.4g}]" if layer.act_range else "-"
+            rng = (f"[{layer.act_range[0]:.4g}, {layer.act_range[1]:.4g}]" if layer.act_range else
+                   "per token, at run time" if layer.per_token else "-")
             weight = f"{layer.weight.describe()}, {layer.weight_rule}" if layer.weight else "float"
             decided = ", ".join(f"{k}={v}" for k, v in layer.decision.items()) or "-"
             lines.append(f"| {name} | {layer.op} | {act} | {rng} | {weight} | {decided} |")

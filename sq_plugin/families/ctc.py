@@ -267,6 +267,11 @@ def quantize_ctc_pt2e(bundle: SpeechModel, calibration: Sequence[Any], *, act_ru
         plan.check_layers(quantizable_layers(model), model=bundle.name)
         if weights:
             model = install_stored_weights(strip_weight_norm(copy.deepcopy(model)), weights).eval()
+        if plan.per_token_layers:  # PerTokenInt8Linears in a copy: the caller's model stays float
+            from sq_plugin.backends.per_token import swap_per_token_linears
+
+            model = model if weights else copy.deepcopy(model)
+            swap_per_token_linears(model, plan, weights)
         quantizer = stablequant_x86_quantizer_from_plan(plan, weights=weights)
         # 7/8-bit activations run on INT8 kernels (any weight width: int8 values on a narrower grid, exact on
         # every ISA); narrower activation grids simulate

@@ -29,6 +29,7 @@ is quantized, including the 384x51864 logits projection, which is most of a step
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -577,8 +578,17 @@ def quantize_whisper_int8(bundle: Any, calibration_features: Sequence[torch.Tens
     started = time.perf_counter()
     graphs = _float_graphs(whisper)
     names = graph_layer_names(whisper, graphs)
+    per_token: list[str] = []
     if plan is not None:
         plan.check_layers(quantizable_layers(whisper), model=bundle.name)
+        if plan.per_token_layers:
+            # The per-token Linears become PerTokenInt8Linears in a copy (the caller's model stays float); the graphs'
+            # module paths are the same, so `names` still holds. deepcopy keeps proj_out's tie to the embedding.
+            from sq_plugin.backends.per_token import swap_per_token_linears
+
+            source = copy.deepcopy(whisper)
+            per_token = swap_per_token_linears(source, plan, weights)
+            graphs = _float_graphs(source)
         # weights: the plan's stored weights (mixed precision), already installed in `bundle.model`
         quantizers = {g: from_plan(plan, graph_names=names[g], weights=weights) for g in graphs}
         calibration_features = calibration_features[:1]  # weights only: the input ranges are the plan's
@@ -600,7 +610,8 @@ def quantize_whisper_int8(bundle: Any, calibration_features: Sequence[torch.Tens
     gather_int8_embedding_rows(converted["decoder_step"])
     report: dict[str, Any] = {"calibration_utterances": len(calibration_features),
                               "calibration_decoder_steps": calibration_tokens,
-                              "quantize_s": round(time.perf_counter() - started, 1)}
+                              "quantize_s": round(time.perf_counter() - started, 1),
+                              "per_token_linears": len(per_token)}
     if plan is not None:
         report["plan"] = dict(plan.provenance)
         report["plan_deviations"] = {name: why for g, graph in converted.items()
@@ -685,9 +696,13 @@ def _assemble(bundle: Any, converted: dict[str, torch.fx.GraphModule], settings:
     # A decode step runs ~100 small kernels: the C++ wrapper saves ~1 ms of Python per step (8.2 -> 7.3 ms).
     step, step_report = lower_x86(converted["decoder_step"], decoder_step_inputs(whisper, cross), cpp_wrapper=True,
                                   reference=reference["decoder_step"].eval())
-    report = {**report, "backend": encoder_report.backend if int8_attention else step_report.backend, "lowering": {
-        "encoder": {"qlinear": encoder_report.qlinear, "qconv": encoder_report.qconv},
-        "decoder_step": {"qlinear": step_report.qlinear, "qconv": step_report.qconv}}}
+    # One backend line for both graphs: the step's grids (the encoder's when its attention is INT8 too), and the
+    # per-token Linears of both.
+    described = dataclasses.replace(encoder_report if int8_attention else step_report,
+                                    per_token_linear=encoder_report.per_token_linear + step_report.per_token_linear)
+    report = {**report, "backend": described.backend, "lowering": {
+        name: {"qlinear": r.qlinear, "qconv": r.qconv, "per_token_linear": r.per_token_linear}
+        for name, r in (("encoder", encoder_report), ("decoder_step", step_report))}}
     return QuantizedWhisper(bundle.name, whisper, encode, step, settings, converted, report)
 
 

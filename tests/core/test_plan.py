@@ -7,6 +7,7 @@ import pytest
 from sq_plugin.core.plan import (
     PLAN_VERSION,
     X86_ACTIVATION,
+    X86_ACTIVATION_PER_TOKEN,
     X86_WEIGHT,
     Grid,
     LayerPlan,
@@ -41,8 +42,32 @@ def test_round_trip_through_json_and_a_file(tmp_path):
     assert again == original
     path = original.save(tmp_path / "sub" / "p.json")
     assert QuantPlan.load(path) == original and not list(path.parent.glob(".*tmp*"))
-    assert json.loads(path.read_text())["version"] == PLAN_VERSION
+    # no per-token grid: written as version 1, with version 1's grid keys, so older readers still take it
+    data = json.loads(path.read_text())
+    assert data["version"] == 1 and "per_token" not in data["layers"]["enc.fc1"]["activation"]
     assert again.quantized == ["enc.fc1"] and again.float_layers == ["enc.conv0"]
+
+
+def test_a_per_token_grid_has_no_range_runs_on_linears_only_and_makes_a_version_2_plan():
+    per_token = plan().with_per_token_activations(["enc.fc1"])
+    layer = per_token.layers["enc.fc1"]
+    assert layer.per_token and layer.act_range is None and layer.activation == X86_ACTIVATION_PER_TOKEN
+    assert layer.weight == plan().layers["enc.fc1"].weight and layer.decision["activations"] == "per_token"
+    assert layer.activation.describe() == "8-bit uint 0..255 affine per token (dynamic)"
+    assert per_token.per_token_layers == ["enc.fc1"] and layer.x86_scheme_problem("enc.fc1") is None
+    data = json.loads(per_token.to_json())
+    assert data["version"] == PLAN_VERSION == 2 and QuantPlan.from_dict(data) == per_token
+    assert "per token, at run time" in per_token.table()
+    with pytest.raises(PlanError, match=r"layers.enc.conv0: only a quantized Linear takes a per-token grid; this "
+                                        r"one is float"):
+        plan().with_per_token_activations(["enc.conv0"])
+    with pytest.raises(PlanError, match=r"layers.x: a per-token activation grid takes its ranges at run time; the "
+                                        r"plan's act_range must be null"):
+        LayerPlan("linear", X86_ACTIVATION_PER_TOKEN, (0.0, 1.0), X86_WEIGHT).check("x")
+    conv = LayerPlan("conv1d", X86_ACTIVATION_PER_TOKEN, None, X86_WEIGHT)
+    assert "runs on Linear layers only (torch._int_mm), not on a conv1d" in conv.x86_scheme_problem("c")
+    with pytest.raises(PlanError, match="per_token .* and channel_axis 1 exclude each other"):
+        Grid(0, 255, symmetric=False, channel_axis=1, per_token=True)
 
 
 def test_table_shows_every_layer():
@@ -61,7 +86,7 @@ def test_a_plan_for_another_model_names_the_layers():
 
 def test_bad_plans_name_the_key_and_the_fix(tmp_path):
     data = plan().to_dict()
-    with pytest.raises(PlanError, match="schema version 2 is newer .*Fix: upgrade sq-plugin"):
+    with pytest.raises(PlanError, match="schema version 3 is newer .*Fix: upgrade sq-plugin"):
         QuantPlan.from_dict({**data, "version": PLAN_VERSION + 1})
     with pytest.raises(PlanError, match="not an sq-plugin quantization plan"):
         QuantPlan.from_dict({"layers": {}})

@@ -1,5 +1,7 @@
 """Real end to end on the shipped HuBERT reference: offline corpus, StableQuant search, real INT8 kernels."""
 
+import copy
+
 import pytest
 import torch
 
@@ -144,3 +146,39 @@ def test_save_and_load_round_trip_the_int8_model_and_its_plan(hubert, tmp_path):
         quantized.converted = None
         save_ctc_int8(quantized, tmp_path / "nothing")
     assert save_ctc_int8(simulated, tmp_path / "simulated").is_dir()  # the q/dq graph saves the same way
+
+
+def test_a_per_token_plan_runs_the_linears_on_int_mm_as_simulated_and_round_trips(hubert, tmp_path):
+    """Every Linear of hubert-ref on the per-token grid, the convs on their static ranges: the Linears run as
+    PerTokenInt8Linears (torch._int_mm) beside oneDNN's qconv, the logits are the simulation's, and the artifact
+    loads bit for bit; refused, naming the fix, where `_int_mm` saturates."""
+    from sq_plugin.backends.simulate import apply_fake_quant, plan_layer_quants, strip_weight_norm
+    from sq_plugin.backends.x86_isa import IsaError, x86_policy
+    from sq_plugin.core.ranges import RangeRule
+    from sq_plugin.families.ctc import ctc_statistics, load_ctc_int8, save_ctc_int8
+    from sq_plugin.search import layer_ops, rule_plan
+
+    dev = load_split("dev", limit=2)
+    static = rule_plan(ctc_statistics(hubert, dev), layer_ops(hubert.model), RangeRule("max"),
+                       provenance={"model": hubert.name, "method": "max"})
+    linears = [n for n in static.quantized if static.layers[n].op == "linear"]
+    plan = static.with_per_token_activations(linears)
+    if not x86_policy().int32_accumulation:
+        with pytest.raises(IsaError, match=r"ask for per-token activations.*Fix: make the plan with static"):
+            quantize_ctc_pt2e(hubert, dev, plan=plan)
+        return
+    quantized = quantize_ctc_pt2e(hubert, dev, plan=plan)
+    assert not quantized.simulated and f"{len(linears)} per-token Linears on torch._int_mm" in quantized.backend
+    assert quantized.op_counts.get("linear", 0) == 0 and quantized.plan_deviations.keys() <= {
+        "hubert.encoder.pos_conv_embed.conv"}  # weight-only on AMX
+    assert all(isinstance(m, torch.nn.Linear) for n, m in hubert.model.named_modules() if n in linears)
+    simulated = apply_fake_quant(strip_weight_norm(copy.deepcopy(hubert.model)), plan_layer_quants(plan))
+    x = ctc_inputs(hubert, dev[1].audio)
+    with torch.no_grad():
+        got, want = quantized.bundle.model(*x).logits, simulated(*x).logits
+    assert float((got - want).norm() / want.norm()) < 0.02
+    path = save_ctc_int8(quantized, tmp_path / "per-token")
+    loaded = load_ctc_int8(path, hubert)
+    assert loaded.plan.per_token_layers == linears and loaded.int8_kernels == quantized.int8_kernels
+    with torch.no_grad():
+        assert torch.equal(loaded.bundle.model(*x).logits, got)

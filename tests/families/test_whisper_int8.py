@@ -107,8 +107,8 @@ def test_step_logits_match_hf_forward_at_every_position(bundle, features):
 def test_every_linear_runs_on_onednn_int8_kernels(int8):
     # encoder: 1 layer x (q, k, v, out, fc1, fc2) + 2 decoder layers x cross (k, v); two convs.
     # decoder step: 2 layers x (self q, k, v, out; cross q, out; fc1, fc2) + the logits projection.
-    assert int8.report["lowering"] == {"encoder": {"qlinear": 10, "qconv": 2},
-                                       "decoder_step": {"qlinear": 17, "qconv": 0}}
+    assert int8.report["lowering"] == {"encoder": {"qlinear": 10, "qconv": 2, "per_token_linear": 0},
+                                       "decoder_step": {"qlinear": 17, "qconv": 0, "per_token_linear": 0}}
     assert int8.report["calibration_utterances"] == 3 and int8.report["calibration_decoder_steps"] >= 3
     # Each lowered graph was checked against its fake-quant graph when it compiled.
     assert all(e < 0.1 for m in (int8.encode, int8.step) for e in m.errors.values())
@@ -476,3 +476,48 @@ def test_beam_search_matches_hf_on_the_real_tiny_en_where_beams_end_and_change_t
         want = [t for t in hf.sequences[0].tolist()[len(settings.prompt):] if t != settings.eos]
         assert beam_decode(encode, step, feats, empty_cache(whisper.model, batch=4), settings, 4,
                            length_penalty=length_penalty) == want
+
+
+def test_a_per_token_plan_runs_its_linears_on_int_mm_as_simulated_and_saves(bundle, features, tmp_path):
+    """A plan with every Linear but proj_out on the per-token grid: both graphs hold PerTokenInt8Linears (10 in the
+    encoder with the cross K/V, 16 in the step), proj_out stays on oneDNN's qlinear (the embedding reads its INT8
+    table), the convs on qconv; the INT8 encoder is the simulation of that plan, and the artifact round-trips."""
+    from sq_plugin.backends.simulate import plan_layer_quants, quantizable_layers, simulate
+    from sq_plugin.backends.x86_isa import IsaError
+    from sq_plugin.core.plan import LayerPlan, QuantPlan, x86_grids
+    from sq_plugin.search import collect_input_histograms
+
+    whisper = bundle.model
+    names = list(quantizable_layers(whisper))
+    prompt = torch.tensor([[SOT, NO_TIMESTAMPS, 220, 400]])
+    hists = collect_input_histograms(whisper, lambda: whisper(input_features=features[0], decoder_input_ids=prompt),
+                                     names)
+    weight, act = x86_grids(8, 8)
+    static = QuantPlan({n: LayerPlan("conv1d" if "conv" in n else "linear", act,
+                                     (float(hists[n].min_val[0]), float(hists[n].max_val[0])), weight)
+                        for n in names}, {"model": bundle.name})
+    linears = [n for n in names if "conv" not in n and n != "proj_out"]
+    plan = static.with_per_token_activations(linears)
+    assert len(plan.per_token_layers) == 26 and plan.to_dict()["version"] == 2 and static.to_dict()["version"] == 1
+    if not x86_policy().int32_accumulation:
+        with pytest.raises(IsaError, match=r"26 plan layer\(s\) ask for per-token activations"):
+            quantize_whisper_int8(bundle, features, plan=plan)
+        return
+    int8 = quantize_whisper_int8(bundle, features, plan=plan)
+    assert int8.report["per_token_linears"] == 26 and int8.report["plan_deviations"] == {}
+    assert int8.report["lowering"] == {"encoder": {"qlinear": 0, "qconv": 2, "per_token_linear": 10},
+                                       "decoder_step": {"qlinear": 1, "qconv": 0, "per_token_linear": 16}}
+    assert "26 per-token Linears on torch._int_mm" in int8.report["backend"]
+    assert all(isinstance(m, torch.nn.Linear) for n, m in whisper.named_modules() if n in linears)  # caller's: float
+    with torch.no_grad():  # the cross-attention keys of the last layer: after every encoder layer
+        got = int8.encode(features[1])[0][-1]
+        want = WhisperEncoderKV(whisper)(features[1])[0][-1]
+        with simulate(whisper, plan_layer_quants(plan)):
+            simulated = WhisperEncoderKV(whisper)(features[1])[0][-1]
+    assert float((got - simulated).norm() / simulated.norm()) < 0.02  # the plan, as simulated
+    assert float((got - want).norm() / want.norm()) < 0.1
+    path = save_whisper_int8(int8, tmp_path / "pt.sqa", metadata={})
+    loaded = load_whisper_int8(path, bundle)
+    assert loaded.report["lowering"]["encoder"]["per_token_linear"] == 10
+    for feats in features:
+        assert loaded.transcribe(feats) == int8.transcribe(feats)
