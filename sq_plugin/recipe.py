@@ -7,6 +7,7 @@
     methods: [fp, stablequant, max, histogram]
     method_options:
       stablequant: {threshold: 0.0025, percentiles: [100, 99.99, 99.9, 99.8, 99.5, 99.0], metric: wer, mse_grid: 100}
+                                       # activations: static | per_token | auto (Linears' inputs per token)
       percentile: {percentile: 99.99}
       mse: {mse_grid: 100}
     bits: [w8a8, w6a6]                 # or [{w: 8, a: 8}, ...]; per-layer weight widths under a budget:
@@ -267,6 +268,10 @@ class StableQuantOptions(_Strict):
     # rule everywhere; auto = wer when the metric is a teacher-forced proxy. Off by default: on 16 calibration
     # utterances it misranked the W6A6 candidates (BENCHMARKS.md).
     referee: Literal["auto", "wer", "cer", "none"] = "none"
+    # Not in the paper: the Linears' inputs per token at run time instead of the searched static ranges (x86 with
+    # VNNI/AMX, or simulated). auto: whichever scores better on the metric over the calibration set
+    # (sq_plugin.search.activations). Whisper base W8A8: +5.74 pp static, -0.60 per token; tiny.en gains nothing.
+    activations: Literal["static", "per_token", "auto"] = "static"
 
     def search_config(self, *, w_bits: int, a_bits: int, int8_grid: str, threshold: float | None = None) -> Any:
         """These options as the search's `SearchConfig` (imported here, not at import time: see the module note)."""

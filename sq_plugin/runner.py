@@ -283,6 +283,34 @@ def _search(bundle: Any, calibration: Sequence[Any], recipe: Recipe, w_bits: int
                       cache_budget_mb=opts.cache_budget_mb)
 
 
+def _choose_activations(bundle: Any, calibration: Sequence[Any], recipe: Recipe, plan: Any) -> tuple[Any, float | None]:
+    """The searched plan with the recipe's `activations` choice applied (static, per_token, auto: scored on the
+    search's metric over the calibration set), and the seconds the choice took (None: "static", nothing to do)."""
+    from sq_plugin.search.activations import choose_activations
+
+    opts = recipe.method_options.stablequant
+    if opts.activations == "static":
+        return plan, None
+    t0 = time.perf_counter()
+    if bundle.kind == "whisper":
+        from sq_plugin.families.whisper import whisper_score
+
+        score, _ = whisper_score(bundle, calibration, opts.metric)
+        exclude: tuple[str, ...] = ("proj_out",)  # the embedding reads its INT8 table through oneDNN's qlinear
+    else:
+        from sq_plugin.families.ctc import ctc_score
+
+        score, exclude = ctc_score(bundle, calibration, opts.metric), ()
+    runs_here = None
+    if recipe.backend == "x86":
+        from sq_plugin.backends.x86_isa import int8_attention_problem, x86_policy
+
+        runs_here = int8_attention_problem(x86_policy())
+    chosen, _ = choose_activations(bundle.model, plan, score, opts.activations, exclude=exclude,
+                                   per_token_runs=runs_here)
+    return chosen, time.perf_counter() - t0
+
+
 def _delta_ci(references: dict[str, str], fp_errors: list[int], words: list[int], result: Any, what: str) -> Any:
     """ΔWER against FP with its 95% paired-bootstrap interval over the evaluation utterances."""
     from sq_plugin.core.significance import paired_bootstrap
@@ -427,6 +455,11 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
             if method == "stablequant" or bits.is_mixed:
                 # mixed precision keeps the ranges of the W8A8 search (8-bit activations): one search serves all
                 _, searched_plan, search_seconds = run_search(8 if bits.is_mixed else bits.w, bits.a, label)
+            if method == "stablequant" and not bits.is_mixed:
+                searched_plan, seconds = _choose_activations(bundle, calibration, recipe, searched_plan)
+                if seconds is not None:
+                    search_seconds = (search_seconds or 0.0) + seconds
+                    say(f"{model} {label}: activations {searched_plan.provenance['activation_choice']}")
             job = QuantizeJob(w_bits=bits.w, a_bits=bits.a, lower=lower, int8_grid=_int8_grid(recipe),
                               int8_attention=recipe.int8_attention, options=recipe.method_options,
                               statistics=statistics, plan=searched_plan,
