@@ -132,6 +132,11 @@ def _isa_errors(recipe: Recipe) -> list[str]:
     if problem:
         return [f"int8_attention: true: {problem}. Fix: int8_attention: false (attention stays float), or run on "
                 "a CPU with VNNI or AMX"]
+    per_token = "stablequant" in recipe.methods and recipe.method_options.stablequant.activations == "per_token"
+    problem = int8_attention_problem(x86_policy()) if per_token else None
+    if problem:
+        return [f"method_options.stablequant.activations: per_token runs the Linears on torch._int_mm: {problem}. "
+                "Fix: activations: auto (stays static here) or static, or run on a CPU with VNNI or AMX"]
     if recipe.int8_grid != "full":
         return []
     try:
@@ -283,9 +288,11 @@ def _search(bundle: Any, calibration: Sequence[Any], recipe: Recipe, w_bits: int
                       cache_budget_mb=opts.cache_budget_mb)
 
 
-def _choose_activations(bundle: Any, calibration: Sequence[Any], recipe: Recipe, plan: Any) -> tuple[Any, float | None]:
+def _choose_activations(bundle: Any, calibration: Sequence[Any], recipe: Recipe, plan: Any,
+                        macs: dict[str, int]) -> tuple[Any, float | None]:
     """The searched plan with the recipe's `activations` choice applied (static, per_token, auto: scored on the
-    search's metric over the calibration set), and the seconds the choice took (None: "static", nothing to do)."""
+    search's metric over the calibration set; with float_fallback, the per-token plan's remaining static layers
+    float is a candidate too, by the search's threshold), and the seconds it took (None: "static", nothing done)."""
     from sq_plugin.search.activations import choose_activations
 
     opts = recipe.method_options.stablequant
@@ -307,7 +314,8 @@ def _choose_activations(bundle: Any, calibration: Sequence[Any], recipe: Recipe,
 
         runs_here = int8_attention_problem(x86_policy())
     chosen, _ = choose_activations(bundle.model, plan, score, opts.activations, exclude=exclude,
-                                   per_token_runs=runs_here)
+                                   per_token_runs=runs_here, macs=macs,
+                                   float_margin=opts.threshold if opts.float_fallback else None)
     return chosen, time.perf_counter() - t0
 
 
@@ -456,7 +464,9 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
                 # mixed precision keeps the ranges of the W8A8 search (8-bit activations): one search serves all
                 _, searched_plan, search_seconds = run_search(8 if bits.is_mixed else bits.w, bits.a, label)
             if method == "stablequant" and not bits.is_mixed:
-                searched_plan, seconds = _choose_activations(bundle, calibration, recipe, searched_plan)
+                search, _, _ = run_search(bits.w, bits.a, label)  # the cached search: its per-layer MACs
+                searched_plan, seconds = _choose_activations(bundle, calibration, recipe, searched_plan,
+                                                             {d.name: d.macs for d in search.layers})
                 if seconds is not None:
                     search_seconds = (search_seconds or 0.0) + seconds
                     say(f"{model} {label}: activations {searched_plan.provenance['activation_choice']}")

@@ -365,3 +365,20 @@ def test_corpus_datasets_load_their_release():
     (v2,) = _load_data("corpus-dev", 1)
     (v1,) = _load_data("corpus-dev-v1", 1)
     assert v2.voice in DEV_VOICES and v1.voice in TRAIN_VOICES and v1.text == v2.text  # same sentences
+
+
+def test_per_token_activations_reach_the_stablequant_plan_and_are_refused_early_without_vnni(tmp_path, monkeypatch):
+    recipe = make_recipe(tmp_path, methods=["fp", "stablequant", "max"], bits=["w8a8"],
+                         method_options={"stablequant": {"activations": "per_token"}})
+    fake_cpu(monkeypatch, "avx2")
+    with pytest.raises(RecipeError, match=r"activations: per_token runs the Linears on torch._int_mm: .*saturates.*"
+                                          r"Fix: activations: auto \(stays static here\) or static"):
+        runner.check_runnable(recipe)
+    fake_cpu(monkeypatch, "vnni")
+    install_fakes(monkeypatch)
+    result = runner.run_recipe(recipe, progress=False)
+    plans = {r["method"]: QuantPlan.load(result.output_dir / r["plan"]) for r in result.rows if r.get("plan")}
+    assert plans["stablequant"].per_token_layers == ["enc.0", "enc.1"]
+    assert plans["stablequant"].provenance["activation_choice"] == {"activations": "per_token", "per_token_layers": 2,
+                                                                    "float_mac_share": 0.0}
+    assert plans["max"].per_token_layers == []  # the built-ins keep their static ranges

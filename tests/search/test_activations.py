@@ -76,3 +76,38 @@ def test_the_recipe_takes_the_choice_and_names_a_bad_one(tmp_path):
     assert load_recipe(good).method_options.stablequant.activations == "auto"
     with pytest.raises(RecipeError, match=r"method_options.stablequant.activations.*static.*per_token.*auto"):
         load_recipe(bad)
+
+
+class ConvThenLinear(torch.nn.Module):
+    """A conv over time whose input has a few very loud frames (one static range fails it), then a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(8, 16, 1)
+        self.fc = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).transpose(1, 2))
+
+
+def test_with_a_float_margin_auto_keeps_the_rest_float_only_when_that_pays_by_more_than_it():
+    torch.manual_seed(0)
+    model = ConvThenLinear().eval()
+    x = torch.randn(1, 8, 50) * torch.logspace(-2, 1, 50)
+    with torch.no_grad():
+        hidden = model.conv(x).transpose(1, 2)
+    weight, act = x86_grids(8, 8)
+    plan = QuantPlan({"conv": LayerPlan("conv1d", act, (float(x.min()), float(x.max())), weight),
+                      "fc": LayerPlan("linear", act, (float(hidden.min()), float(hidden.max())), weight)}, {})
+    score = error_of(model, x)
+    chosen, choice = choose_activations(model, plan, score, "auto", float_margin=0.0,
+                                        macs={"conv": 8 * 16 * 50, "fc": 16 * 4 * 50})
+    assert choice["per_token_float_rest_metric"] < choice["per_token_metric"] < choice["static_metric"]
+    assert chosen.per_token_layers == ["fc"] and chosen.float_layers == ["conv"] == choice["float_layers"]
+    assert choice["float_mac_share"] == pytest.approx(8 * 16 / (8 * 16 + 16 * 4))
+    assert "float_fallback" in chosen.layers["conv"].why_float
+    gain = choice["per_token_metric"] - choice["per_token_float_rest_metric"]
+    kept, choice = choose_activations(model, plan, score, "auto", float_margin=2 * gain)  # does not pay enough
+    assert kept.float_layers == [] and kept.per_token_layers == ["fc"] and "float_layers" not in choice
+    # without a margin the float rest is no candidate
+    assert "per_token_float_rest_metric" not in choose_activations(model, plan, score, "auto")[1]
