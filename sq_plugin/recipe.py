@@ -270,7 +270,7 @@ class StableQuantOptions(_Strict):
     referee: Literal["auto", "wer", "cer", "none"] = "none"
     # Not in the paper: the Linears' inputs per token at run time instead of the searched static ranges (x86 with
     # VNNI/AMX, or simulated). auto: whichever scores better on the metric over the calibration set
-    # (sq_plugin.search.activations). Whisper base W8A8: +5.74 pp static, -0.60 per token; tiny.en gains nothing.
+    # (sq_plugin.search.activations). Whisper base W8A8: +5.74 pp static, +1.81 per token (BENCHMARKS.md).
     activations: Literal["static", "per_token", "auto"] = "static"
 
     def search_config(self, *, w_bits: int, a_bits: int, int8_grid: str, threshold: float | None = None) -> Any:

@@ -309,10 +309,12 @@ def _choose_activations(bundle: Any, calibration: Sequence[Any], recipe: Recipe,
 
         score, exclude = ctc_score(bundle, calibration, opts.metric), ()
     runs_here = None
-    if recipe.backend == "x86":
-        from sq_plugin.backends.x86_isa import int8_attention_problem, x86_policy
+    # On x86, and for CTC models on either backend (their simulation is the PT2E graph, per-token Linears included,
+    # so `_int_mm` runs there too); Whisper's simulation is fake-quant alone.
+    if recipe.backend == "x86" or bundle.kind != "whisper":
+        from sq_plugin.backends.x86_isa import int8_attention_problem, is_x86, x86_policy
 
-        runs_here = int8_attention_problem(x86_policy())
+        runs_here = int8_attention_problem(x86_policy()) if is_x86() else "this is not an x86 CPU"
     chosen, _ = choose_activations(bundle.model, plan, score, opts.activations, exclude=exclude,
                                    per_token_runs=runs_here, macs=macs,
                                    float_margin=opts.threshold if opts.float_fallback else None)

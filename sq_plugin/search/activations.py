@@ -1,9 +1,10 @@
 """Static or per-token activations for a plan's Linears: the choice, scored on the calibration metric.
 
 StableQuant decides one static range per layer. Where a model's activations vary from token to token more than any
-one range serves (Whisper base: W8A8 +5.74 pp WER on static ranges, -0.60 pp per token, BENCHMARKS.md), the Linears
-can take their input per token at run time instead (`core.grid.X86_ACTIVATION_PER_TOKEN`, executed by
-`backends.per_token`). It does not pay everywhere (Whisper tiny.en: -0.49 pp static, +1.95 per token), so "auto"
+one range serves (Whisper base's searched W8A8 plan: +5.74 pp WER on static ranges, +1.81 with the Linears per token,
+BENCHMARKS.md), the Linears can take their input per token at run time instead (`core.grid.X86_ACTIVATION_PER_TOKEN`,
+executed by `backends.per_token`). It does not pay everywhere (on Whisper tiny.en the searched static plan scored
+better on the calibration set), so "auto"
 scores both plans on the search's own metric over the calibration set, in the simulation, which computes exactly
 what the per-token kernel does, and keeps the better.
 
