@@ -160,6 +160,9 @@ def compare(names: list[str]) -> str:
             options = f"{search['metric']} {search['threshold']:g}"
             if search.get("float_fallback"):
                 options += ", float_fallback"
+            if search.get("activations", "static") != "static":
+                chosen = (search.get("activation_choice") or {}).get("activations", "?")
+                options += f", activations {search['activations']} ({chosen})"
             if search.get("keep_float"):
                 options += ", keep_float " + ", ".join(f"`{g}`" for g in search["keep_float"])
         runs_on = "simulated" if r["simulated"] else f"INT8 ({r['int8_kernels']} kernels)"
@@ -188,6 +191,8 @@ def main() -> None:
     parser.add_argument("--paper-only", action="store_true",
                         help="StableQuant without the built-in rules as candidates (builtin_candidates: false)")
     parser.add_argument("--refine-passes", type=int, default=0, help="StableQuant option: extra sweeps")
+    parser.add_argument("--activations", default="static", choices=("static", "per_token", "auto"),
+                        help="StableQuant option: the Linears' inputs per token at run time (auto: by the metric)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="accuracy", help="results name; use another for ablations (e.g. "
                         "accuracy_ablation) so that accuracy.json keeps the default method's rows")
@@ -233,6 +238,7 @@ def main() -> None:
                                             "float_fallback": args.float_fallback,
                                             "builtin_candidates": not args.paper_only,
                                             "refine_passes": args.refine_passes,
+                                            "activations": args.activations,
                                             "keep_float": [g for g in args.keep_float.split(",") if g]}},
         "output_dir": "runs/accuracy",
     }, source="benchmarks/accuracy.py")
@@ -254,6 +260,9 @@ def main() -> None:
                          "keep_float": run.recipe.method_options.stablequant.keep_float,
                          "builtin_candidates": run.recipe.method_options.stablequant.builtin_candidates,
                          "refine_passes": run.recipe.method_options.stablequant.refine_passes,
+                         "activations": run.recipe.method_options.stablequant.activations,
+                         "activation_choice": getattr(run.plans.get(f"{s['model']} stablequant {s['bits']}"),
+                                                      "provenance", {}).get("activation_choice"),
                          "calibration": args.calib_dataset, "base_rule": s.get("base_rule"),
                          "rule_metrics": s.get("rule_metrics", {}), "float_mac_share": s.get("float_mac_share", 0.0),
                          "referee_metrics": s.get("referee_metrics", {}), "referee_choice": s.get("referee_choice"),
