@@ -114,10 +114,25 @@ def table(rows: list[dict[str, Any]], searches: dict[str, dict[str, Any]]) -> st
             ratio = "-" if s.get("cost_ratio") is None else f"{s['cost_ratio']:.2f}x"
             rules = s.get("rule_metrics") or {}
             best = f"{base} {rules[base]:.4f}" if base in rules else "-"
+            choice = s.get("activation_choice") or {}
+            # the plan that ran: the activation choice's share when it made one (it may keep more layers float)
+            share = choice.get("float_mac_share", s.get("float_mac_share", 0))
             lines.append(f"| {s['model']} | {s['bits']} | {s['metric']} ({s['threshold']:g}) | {s['fp_metric']:.4f} | "
                          f"{s['max_metric']:.4f} | {best} | {s['final_metric']:.4f} | {len(flagged)} | "
-                         f"{shown or 'none'} | {100 * s.get('float_mac_share', 0):.2f} % | {s['evaluations']} | "
+                         f"{shown or 'none'} | {100 * share:.2f} % | {s['evaluations']} | "
                          f"{s['wall_seconds']:.0f} | {ratio} |")
+        lines.append("")
+        for s in searches.values():
+            choice = s.get("activation_choice") or {}
+            if not choice:
+                continue
+            scored = ", ".join(f"{k.removesuffix('_metric').replace('_', ' ')} {v:.4f}" for k, v in choice.items()
+                               if k.endswith("_metric"))
+            floats = ", ".join(f"`{n}`" for n in choice.get("float_layers", []))
+            lines.append(f"- {s['model']} {s['bits']}: activations {s.get('activations')} -> {choice['activations']}"
+                         + (f" ({choice['per_token_layers']} Linears per token)" if choice.get("per_token_layers")
+                            else "") + (f", float: {floats}" if floats else "")
+                         + (f"; {s['metric']}: {scored}" if scored else ""))
         lines.append("")
     return "\n".join(lines)
 
