@@ -305,8 +305,10 @@ def _choose_activations(bundle: Any, calibration: Sequence[Any], recipe: Recipe,
         score, _ = whisper_score(bundle, calibration, opts.metric)
         exclude: tuple[str, ...] = ("proj_out",)  # the embedding reads its INT8 table through oneDNN's qlinear
     else:
-        from sq_plugin.families.ctc import ctc_score
+        from sq_plugin.families.ctc import ctc_score, unchanged_caller_model
 
+        # weight norm folded in a copy, as the search scores it: the simulation swaps plain weights in and out
+        bundle = unchanged_caller_model(bundle)
         score, exclude = ctc_score(bundle, calibration, opts.metric), ()
     runs_here = None
     # On x86, and for CTC models on either backend (their simulation is the PT2E graph, per-token Linears included,

@@ -182,3 +182,28 @@ def test_a_per_token_plan_runs_the_linears_on_int_mm_as_simulated_and_round_trip
     assert loaded.plan.per_token_layers == linears and loaded.int8_kernels == quantized.int8_kernels
     with torch.no_grad():
         assert torch.equal(loaded.bundle.model(*x).logits, got)
+
+
+def test_the_runner_scores_the_activation_choice_on_a_weight_norm_model_without_touching_it(hubert):
+    """`activations: auto` on a CTC reference (weight-normed positional conv): both plans scored on the folded copy
+    the search uses, the caller's model left parametrized."""
+    from sq_plugin.backends.simulate import is_parametrized
+    from sq_plugin.core.ranges import RangeRule
+    from sq_plugin.families.ctc import ctc_statistics
+    from sq_plugin.recipe import parse_recipe
+    from sq_plugin.runner import _choose_activations
+    from sq_plugin.search import layer_ops, rule_plan
+
+    dev = load_split("dev", limit=2)
+    plan = rule_plan(ctc_statistics(hubert, dev), layer_ops(hubert.model), RangeRule("max"))
+    recipe = parse_recipe({"model": hubert.name, "calibration": {"dataset": "corpus-dev", "size": 2},
+                           "evaluation": {"dataset": "corpus-test", "size": 2}, "methods": ["stablequant"],
+                           "method_options": {"stablequant": {"activations": "auto", "metric": "ctc_loss"}}})
+    chosen, seconds = _choose_activations(hubert, dev, recipe, plan, {})
+    choice = chosen.provenance["activation_choice"]
+    assert seconds > 0 and is_parametrized(hubert.model)
+    if "why" in choice:  # no VNNI: per-token INT8 cannot run here, and auto says so
+        assert choice["activations"] == "static" and "saturates" in choice["why"]
+    else:
+        assert {"static_metric", "per_token_metric"} <= set(choice)
+        assert (chosen.per_token_layers != []) == (choice["per_token_metric"] < choice["static_metric"])
