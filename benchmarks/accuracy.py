@@ -122,10 +122,9 @@ def table(rows: list[dict[str, Any]], searches: dict[str, dict[str, Any]]) -> st
                          f"{shown or 'none'} | {100 * share:.2f} % | {s['evaluations']} | "
                          f"{s['wall_seconds']:.0f} | {ratio} |")
         lines.append("")
-        for s in searches.values():
-            choice = s.get("activation_choice") or {}
-            if not choice:
-                continue
+        chose = [s for s in searches.values() if s.get("activation_choice")]
+        for s in chose:
+            choice = s["activation_choice"]
             scored = ", ".join(f"{k.removesuffix('_metric').replace('_', ' ')} {v:.4f}" for k, v in choice.items()
                                if k.endswith("_metric"))
             floats = ", ".join(f"`{n}`" for n in choice.get("float_layers", []))
@@ -133,7 +132,8 @@ def table(rows: list[dict[str, Any]], searches: dict[str, dict[str, Any]]) -> st
                          + (f" ({choice['per_token_layers']} Linears per token)" if choice.get("per_token_layers")
                             else "") + (f", float: {floats}" if floats else "")
                          + (f"; {s['metric']}: {scored}" if scored else ""))
-        lines.append("")
+        if chose:
+            lines.append("")
     return "\n".join(lines)
 
 
