@@ -56,12 +56,12 @@ def choose_activations(model: Any, plan: Any, score: Callable[[], float], mode: 
         return plan, {"activations": "static"}  # as it is: no choice made
     names = per_token_candidates(plan, exclude)
     if not names:
-        return plan, {"activations": "static", "why": "no quantized Linear to put on a per-token grid"}
+        return _recorded(plan, {"activations": "static", "why": "no quantized Linear to put on a per-token grid"})
     if per_token_runs is not None:
         if mode == "per_token":
             raise ValueError(f"activations: per_token cannot run here: {per_token_runs}. Fix: activations: static "
                              "(or auto), or run on a CPU with VNNI or AMX")
-        return plan, {"activations": "static", "why": f"per-token INT8 cannot run here: {per_token_runs}"}
+        return _recorded(plan, {"activations": "static", "why": f"per-token INT8 cannot run here: {per_token_runs}"})
     per_token = plan.with_per_token_activations(names)
     if mode == "per_token":
         chosen, choice = per_token, {"activations": "per_token", "per_token_layers": len(names)}
@@ -85,4 +85,9 @@ def choose_activations(model: Any, plan: Any, score: Callable[[], float], mode: 
     if macs:
         total = sum(macs.get(n, 0) for n in chosen.layers)
         choice["float_mac_share"] = sum(macs.get(n, 0) for n in chosen.float_layers) / total if total else 0.0
-    return QuantPlan(dict(chosen.layers), {**chosen.provenance, "activation_choice": choice}), choice
+    return _recorded(chosen, choice)
+
+
+def _recorded(plan: Any, choice: dict[str, Any]) -> tuple[QuantPlan, dict[str, Any]]:
+    """A copy of `plan` whose provenance records the choice (the caller's plan is left as it is)."""
+    return QuantPlan(dict(plan.layers), {**plan.provenance, "activation_choice": choice}), choice

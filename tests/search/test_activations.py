@@ -57,7 +57,7 @@ def test_where_per_token_cannot_run_auto_stays_static_and_per_token_refuses():
     model, x, plan = toy()
     why = "torch._int_mm saturates without VNNI"
     kept, choice = choose_activations(model, plan, error_of(model, x), "auto", per_token_runs=why)
-    assert kept.per_token_layers == [] and why in choice["why"]
+    assert kept.per_token_layers == [] and why in choice["why"] and kept.provenance["activation_choice"] == choice
     with pytest.raises(ValueError, match=r"activations: per_token cannot run here: torch._int_mm saturates.*Fix: "
                                          r"activations: static"):
         choose_activations(model, plan, error_of(model, x), "per_token", per_token_runs=why)
