@@ -23,7 +23,7 @@ import time
 import torch
 from common import RESULTS, atomic_write, decode_in_batches, device_name, paired_wer, require_unsaturated_int_mm
 
-from sq_plugin.core.plan import LayerPlan, QuantPlan
+from sq_plugin.core.plan import QuantPlan
 from sq_plugin.core.ranges import RangeRule
 from sq_plugin.families.whisper import whisper_score, whisper_statistics
 from sq_plugin.families.whisper_int8 import (
@@ -35,7 +35,7 @@ from sq_plugin.families.whisper_int8 import (
     quantize_whisper_int8,
 )
 from sq_plugin.search import layer_ops, rule_plan
-from sq_plugin.search.activations import choose_activations
+from sq_plugin.search.activations import choose_activations, without_static_rest
 from sq_plugin.speech.corpus import load_split
 from sq_plugin.speech.models import load_model
 
@@ -63,14 +63,12 @@ def main() -> None:
         plan = QuantPlan.load(args.plan)
     score, _ = whisper_score(bundle, calibration, "tf_loss")
     start = time.perf_counter()
-    chosen, choice = choose_activations(bundle.model, plan, score, "auto", exclude=("proj_out",))
+    _, choice = choose_activations(bundle.model, plan, score, "auto", exclude=("proj_out",))
     choice_seconds = time.perf_counter() - start
     print(f"auto: {choice} in {choice_seconds:.0f} s", flush=True)
     per_token, _ = choose_activations(bundle.model, plan, score, "per_token", exclude=("proj_out",))
     # What is left once the Linears are per token: the two static-range convs (5 % of the encoder's MACs), kept float
-    convs_float = QuantPlan({n: LayerPlan(layer.op, why_float="convs float: what per-token Linears leave")
-                             if layer.op == "conv1d" else layer for n, layer in per_token.layers.items()},
-                            dict(per_token.provenance))
+    convs_float = without_static_rest(per_token, exclude=("proj_out",))
 
     first = fe([calibration[0].audio], sampling_rate=16000, return_tensors="pt").input_features
     built = {}
@@ -106,7 +104,7 @@ def main() -> None:
                f"--utts {args.utts} --calib {args.calib}")
     payload = {"model": args.model, "cpu": device_name(), "threads": args.threads, "utterances": len(utterances),
                "batch": BATCH, "plan": args.plan, "auto_choice": choice, "auto_choice_seconds": choice_seconds,
-               "auto_chose": chosen.provenance["activation_choice"]["activations"],
+               "auto_chose": choice["activations"],
                "backends": {k: v.report["backend"] for k, v in built.items()},
                "lowering": {k: v.report["lowering"] for k, v in built.items()}, "rows": rows, "command": command}
     slug = args.model.split("/")[-1]

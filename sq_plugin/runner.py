@@ -466,9 +466,8 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
             searched_plan = None
             if method == "stablequant" or bits.is_mixed:
                 # mixed precision keeps the ranges of the W8A8 search (8-bit activations): one search serves all
-                _, searched_plan, search_seconds = run_search(8 if bits.is_mixed else bits.w, bits.a, label)
+                search, searched_plan, search_seconds = run_search(8 if bits.is_mixed else bits.w, bits.a, label)
             if method == "stablequant" and not bits.is_mixed:
-                search, _, _ = run_search(bits.w, bits.a, label)  # the cached search: its per-layer MACs
                 searched_plan, seconds = _choose_activations(bundle, calibration, recipe, searched_plan,
                                                              {d.name: d.macs for d in search.layers})
                 if seconds is not None:

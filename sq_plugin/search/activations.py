@@ -4,9 +4,8 @@ StableQuant decides one static range per layer. Where a model's activations vary
 one range serves (Whisper base's searched W8A8 plan: +5.74 pp WER on static ranges, +1.81 with the Linears per token,
 BENCHMARKS.md), the Linears can take their input per token at run time instead (`core.grid.X86_ACTIVATION_PER_TOKEN`,
 executed by `backends.per_token`). It does not pay everywhere (on Whisper tiny.en the searched static plan scored
-better on the calibration set), so "auto"
-scores both plans on the search's own metric over the calibration set, in the simulation, which computes exactly
-what the per-token kernel does, and keeps the better.
+better on the calibration set), so "auto" scores both plans on the search's own metric over the calibration set, in
+the simulation, which computes exactly what the per-token kernel does, and keeps the better.
 
     plan, choice = choose_activations(model, plan, score, "auto", exclude=("proj_out",))
     plan, choice = choose_activations(model, plan, score, "auto", float_margin=0.01)  # and: the convs float?
@@ -25,14 +24,16 @@ ACTIVATION_CHOICES = ("static", "per_token", "auto")
 def per_token_candidates(plan: Any, exclude: Sequence[str] = ()) -> list[str]:
     """The plan's quantized Linears, less `exclude` (e.g. Whisper's proj_out, whose INT8 table the token embedding
     reads through oneDNN's qlinear, and which runs 1.6-1.9x slower per token)."""
-    return [n for n in plan.quantized if plan.layers[n].op == "linear" and n not in set(exclude)]
+    excluded = set(exclude)
+    return [n for n in plan.quantized if plan.layers[n].op == "linear" and n not in excluded]
 
 
 def without_static_rest(plan: Any, exclude: Sequence[str] = ()) -> QuantPlan:
     """A per-token plan's remaining static-range layers (the convs; not `exclude`) made float."""
+    excluded = set(exclude)
     return QuantPlan({n: LayerPlan(layer.op, why_float="float_fallback: beat its static range once the Linears "
                                    "were per token")
-                      if not layer.is_float and not layer.per_token and n not in set(exclude) else layer
+                      if not layer.is_float and not layer.per_token and n not in excluded else layer
                       for n, layer in plan.layers.items()}, dict(plan.provenance))
 
 
