@@ -29,13 +29,8 @@ import torch
 from sq_plugin.backends.simulate import strip_weight_norm
 from sq_plugin.backends.weights import StoredWeight
 from sq_plugin.core.plan import QuantPlan
-from sq_plugin.families.ctc import QuantizedModel, ctc_inputs, ctc_score, quantize_ctc_pt2e
-from sq_plugin.families.whisper import (
-    quantize_whisper_simulated,
-    quantize_whisper_x86,
-    teacher_forced_batches,
-    whisper_score,
-)
+from sq_plugin.families import ctc, whisper  # modules, not functions: looked up at each call (monkeypatchable)
+from sq_plugin.families.ctc import QuantizedModel
 from sq_plugin.search.mixed_precision import SensitivityResult, measure_sensitivity
 from sq_plugin.search.mixed_training import MixedTrainConfig, MixedTrainResult, train_one_stage, train_two_stage
 from sq_plugin.speech.models import SpeechModel
@@ -59,9 +54,9 @@ def family_sensitivity(bundle: SpeechModel, dev: Sequence[Any], *, widths: Seque
     metric = metric or DEFAULT_METRIC.get(bundle.kind, "")
     work = dataclasses.replace(bundle, model=folded_model(bundle))
     if bundle.kind == "ctc":
-        score, replay = ctc_score(work, dev, metric), "auto"
+        score, replay = ctc.ctc_score(work, dev, metric), "auto"
     elif bundle.kind == "whisper":
-        score, replay = whisper_score(work, dev, metric)
+        score, replay = whisper.whisper_score(work, dev, metric)
     else:
         raise ValueError(f"{bundle.name}: mixed precision covers CTC and Whisper models, not kind {bundle.kind!r}")
     kwargs = {"widths": widths} if widths is not None else {}
@@ -98,11 +93,11 @@ def quantize_mixed(bundle: SpeechModel, calibration: Sequence[Any], plan: QuantP
     """A mixed-precision plan and its stored weights on oneDNN INT8 kernels (or, `simulate=True`, Whisper's
     fake-quant simulation, labelled so). For the int4 kernel (weight-only) see `quantize_int4_kernel`."""
     if bundle.kind == "ctc":
-        quantized = quantize_ctc_pt2e(bundle, calibration, plan=plan, weights=weights,
+        quantized = ctc.quantize_ctc_pt2e(bundle, calibration, plan=plan, weights=weights,
                                       **({"lower": False} if simulate else {}))
     elif bundle.kind == "whisper":
-        quantized = (quantize_whisper_simulated(bundle, calibration, plan=plan, weights=weights) if simulate
-                     else quantize_whisper_x86(bundle, calibration, plan, weights=weights))
+        quantized = (whisper.quantize_whisper_simulated(bundle, calibration, plan=plan, weights=weights) if simulate
+                     else whisper.quantize_whisper_x86(bundle, calibration, plan, weights=weights))
     else:
         raise ValueError(f"{bundle.name}: mixed precision covers CTC and Whisper models, not kind {bundle.kind!r}")
     quantized.stored_weights = dict(weights)
@@ -118,7 +113,7 @@ def training_batches(bundle: SpeechModel, utterances: Sequence[Any], *, batch_si
     if not utterances:
         raise ValueError("the training set is empty: pass at least one utterance")
     if bundle.kind == "ctc":
-        batches = [ctc_inputs(bundle, u.audio) for u in utterances]
+        batches = [ctc.ctc_inputs(bundle, u.audio) for u in utterances]
 
         def ctc_forward(model: torch.nn.Module, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
             logits = model(*batch).logits
@@ -126,7 +121,7 @@ def training_batches(bundle: SpeechModel, utterances: Sequence[Any], *, batch_si
 
         return batches, ctc_forward
     if bundle.kind == "whisper":
-        tf = teacher_forced_batches(bundle, utterances, batch_size=batch_size)
+        tf = whisper.teacher_forced_batches(bundle, utterances, batch_size=batch_size)
 
         def whisper_forward(model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
             logits = model(input_features=batch.input_features, decoder_input_ids=batch.decoder_input_ids,
