@@ -40,7 +40,7 @@ from sq_plugin.core.defaults import (
     DEFAULT_BASELINE_PERCENTILE,
     DEFAULT_MSE_GRID,
     DEFAULT_PERCENTILES,
-    DEFAULT_THRESHOLD,
+    METRIC_THRESHOLDS,
 )
 from sq_plugin.core.grid import GRID_CHOICES, PTQ_WIDTHS, WEIGHT_WIDTHS, check_budget, check_widths
 from sq_plugin.methods import METHOD_NAMES as METHODS
@@ -57,6 +57,8 @@ INT8_GRIDS: tuple[str, ...] = GRID_CHOICES
 CORPUS_SIZES: dict[str, int] = {"corpus-dev": 300, "corpus-dev-v1": 300, "corpus-test": 600}
 # Whisper's teacher-forced search proxies (sq_plugin.families.whisper imports them from here: the schema owns them).
 TEACHER_FORCED_METRICS: tuple[str, ...] = ("tf_loss", "tf_token_error")
+# Proxies that read CTC posteriors (sq_plugin.families.ctc): CTC models only.
+CTC_METRICS: tuple[str, ...] = ("ctc_loss", "ctc_kl")
 _BITS = re.compile(r"^w(\d+)a(\d+)$")
 
 
@@ -246,12 +248,14 @@ def _check_fits(dataset: str, size: int) -> None:
 
 
 class StableQuantOptions(_Strict):
-    threshold: float = DEFAULT_THRESHOLD  # 0.25 % absolute WER, the paper's value
+    # In the metric's units; None: the metric's default (core.defaults.METRIC_THRESHOLDS; wer: 0.0025, the paper's).
+    threshold: float | None = None
     percentiles: tuple[Percentile, ...] = DEFAULT_PERCENTILES
-    # wer/cer: decode the calibration set per candidate (the paper). ctc_loss: CTC models only, CTC
-    # loss per reference character (sq_plugin.families.ctc). tf_loss / tf_token_error: Whisper only,
-    # teacher-forced proxies (sq_plugin.families.whisper). The threshold is in the metric's units.
-    metric: Literal["wer", "cer", "ctc_loss", "tf_loss", "tf_token_error"] = "wer"
+    # wer/cer: decode the calibration set per candidate (the paper). ctc_loss / ctc_kl: CTC models only, CTC
+    # loss per reference character, or the per-frame KL of the posteriors from the float model's
+    # (sq_plugin.families.ctc). tf_loss / tf_token_error: Whisper only, teacher-forced proxies
+    # (sq_plugin.families.whisper). The threshold is in the metric's units.
+    metric: Literal["wer", "cer", "ctc_loss", "ctc_kl", "tf_loss", "tf_token_error"] = "wer"
     mse_grid: int = Field(default=DEFAULT_MSE_GRID, ge=1)
     # Not in the paper: a flagged layer stays float when that beats its best cut-off by > threshold.
     float_fallback: bool = False
@@ -273,19 +277,24 @@ class StableQuantOptions(_Strict):
     # (sq_plugin.search.activations). Whisper base W8A8: +5.74 pp static, +1.81 per token (BENCHMARKS.md).
     activations: Literal["static", "per_token", "auto"] = "static"
 
+    def threshold_for(self, metric: str | None = None) -> float:
+        """The screen threshold: the one given, else the default of `metric` (default: this recipe's metric)."""
+        return self.threshold if self.threshold is not None else METRIC_THRESHOLDS[metric or self.metric]
+
     def search_config(self, *, w_bits: int, a_bits: int, int8_grid: str, threshold: float | None = None) -> Any:
         """These options as the search's `SearchConfig` (imported here, not at import time: see the module note)."""
         from sq_plugin.search import SearchConfig
 
-        return SearchConfig(w_bits=w_bits, a_bits=a_bits, threshold=self.threshold if threshold is None else threshold,
+        threshold = self.threshold_for() if threshold is None else threshold
+        return SearchConfig(w_bits=w_bits, a_bits=a_bits, threshold=threshold,
                             percentiles=tuple(self.percentiles), mse_grid=self.mse_grid,
                             float_fallback=self.float_fallback, keep_float=tuple(self.keep_float), int8_grid=int8_grid,
                             builtin_candidates=self.builtin_candidates, refine_passes=self.refine_passes)
 
     @field_validator("threshold")
     @classmethod
-    def _threshold(cls, v: float) -> float:
-        if not math.isfinite(v) or v < 0:
+    def _threshold(cls, v: float | None) -> float | None:
+        if v is not None and (not math.isfinite(v) or v < 0):
             raise ValueError(f"threshold must be a finite number >= 0 (got {v!r}); 0.0025 = 0.25 % absolute WER")
         return v
 

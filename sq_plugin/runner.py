@@ -92,7 +92,7 @@ def _family_error(model: str, family: str, methods: list[str]) -> str:
 
 def check_runnable(recipe: Recipe) -> None:
     """Refuse, before loading anything, what this version cannot run (RecipeError: CLI exit 2)."""
-    from sq_plugin.recipe import TEACHER_FORCED_METRICS
+    from sq_plugin.recipe import CTC_METRICS, TEACHER_FORCED_METRICS
 
     source = f"{recipe.name or 'recipe'}.yaml"
     errors = []
@@ -103,12 +103,12 @@ def check_runnable(recipe: Recipe) -> None:
         bad = [m for m in recipe.methods if family not in METHODS[m].families]
         if bad:
             errors.append(_family_error(model, family, bad))
-        if family == "whisper" and searches and metric == "ctc_loss":
-            errors.append(f"method_options.stablequant.metric: 'ctc_loss' needs a CTC model; {model!r} is "
+        if family == "whisper" and searches and metric in CTC_METRICS:
+            errors.append(f"method_options.stablequant.metric: {metric!r} needs a CTC model; {model!r} is "
                           "Whisper: use tf_loss, tf_token_error, wer or cer")
         elif family == "ctc" and searches and metric in TEACHER_FORCED_METRICS:
             errors.append(f"method_options.stablequant.metric: {metric!r} is a Whisper proxy; model {model!r} "
-                          "is a CTC model: use wer, cer or ctc_loss")
+                          "is a CTC model: use wer, cer, ctc_loss or ctc_kl")
     for i, method in enumerate(recipe.methods):
         extra = METHODS[method].extra
         if extra is not None and not _find_spec(extra[0]):
@@ -319,7 +319,7 @@ def _choose_activations(bundle: Any, calibration: Sequence[Any], recipe: Recipe,
         runs_here = int8_attention_problem(x86_policy()) if is_x86() else "this is not an x86 CPU"
     chosen, _ = choose_activations(bundle.model, plan, score, opts.activations, exclude=exclude,
                                    per_token_runs=runs_here, macs=macs,
-                                   float_margin=opts.threshold if opts.float_fallback else None)
+                                   float_margin=opts.threshold_for() if opts.float_fallback else None)
     return chosen, time.perf_counter() - t0
 
 

@@ -36,7 +36,19 @@ def test_minimal_recipe_gets_defaults_and_the_file_name(tmp_path):
     assert recipe.models == ("sq/wav2vec2-ref",)
     assert [b.label for b in recipe.bits] == ["w8a8"]
     assert recipe.backend == "x86" and recipe.quantized_methods == ["stablequant", "max"]
-    assert recipe.method_options.stablequant.threshold == 0.0025
+    opts = recipe.method_options.stablequant
+    assert opts.threshold is None and opts.threshold_for() == 0.0025  # wer's: the paper's 0.25 % absolute
+
+
+def test_the_threshold_defaults_to_the_metric_s_own_and_a_given_one_wins(tmp_path):
+    def config(options):
+        recipe = load_recipe(write(tmp_path, MINIMAL + f"method_options: {{stablequant: {options}}}\n"))
+        return recipe.method_options.stablequant.search_config(w_bits=8, a_bits=8, int8_grid="full")
+
+    assert config("{metric: ctc_kl}").threshold == 1e-4
+    assert config("{metric: ctc_loss}").threshold == 0.001
+    assert config("{metric: ctc_kl, threshold: 0.002}").threshold == 0.002
+    assert config("{metric: cer}").threshold == 0.0025
 
 
 def test_unknown_key_names_its_path_and_the_valid_keys(tmp_path):

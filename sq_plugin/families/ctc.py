@@ -36,7 +36,10 @@ from sq_plugin.speech.models import SpeechModel
 # wer/cer: decode the calibration set (the paper). ctc_loss: mean CTC loss per reference character
 # (nats), a proxy that moves before any word flips: on wav2vec2-ref's dev split, 8-bit MAX on the
 # waveform conv alone left WER within 0.06 pp but raised the loss 25x more than any other layer.
-METRICS = ("wer", "cer", "ctc_loss")
+# ctc_kl: KL divergence of the model's CTC posteriors from the float model's, per frame (nats): fidelity to the
+# float model rather than to the references, so it is 0 at float and no candidate can score "better than FP"
+# by luck on a few hundred utterances (the winner's curse of wer on wav2vec2-ref, BENCHMARKS.md).
+METRICS = ("wer", "cer", "ctc_loss", "ctc_kl")
 # How CTC models are evaluated when FP32 and INT8 are compared: one utterance at a time, zero-padded
 # to whole 2-second buckets. The INT8 module is compiled for static shapes (Inductor cannot lower
 # INT8 conv1d for dynamic shapes in torch 2.13), so buckets bound the number of compilations; the
@@ -110,6 +113,32 @@ def ctc_loss_per_char(model: torch.nn.Module, inputs: Sequence[tuple[torch.Tenso
     return sum(parallel.gather_in_order(values, mine, len(labels))) / len(labels)
 
 
+def ctc_log_probs(model: torch.nn.Module, inputs: Sequence[tuple[torch.Tensor, ...]], indices: Sequence[int]
+                  ) -> dict[int, torch.Tensor]:
+    """The CTC log-posteriors (frames, vocabulary) of the utterances `indices`, one utterance per call."""
+    with torch.inference_mode():
+        return {i: torch.log_softmax(model(*inputs[i]).logits[0].float(), dim=-1) for i in indices}
+
+
+def ctc_kl_per_frame(model: torch.nn.Module, inputs: Sequence[tuple[torch.Tensor, ...]],
+                     reference: Mapping[int, torch.Tensor]) -> float:
+    """Mean over utterances of the per-frame KL(reference || model) of the CTC posteriors, in nats: how far the
+    model's outputs moved from `reference` (the float model's `ctc_log_probs`). Under torch.distributed each rank
+    scores the utterances its `reference` holds (`parallel.batch_shard`); the values are gathered in order."""
+    mine = sorted(reference)
+    values = []
+    with torch.inference_mode():
+        for i in mine:
+            log_q = torch.log_softmax(model(*inputs[i]).logits[0].float(), dim=-1)
+            log_p = reference[i]
+            if log_q.shape != log_p.shape:
+                raise ValueError(f"ctc_kl: utterance {i} gives {tuple(log_q.shape)} posteriors against the float "
+                                 f"model's {tuple(log_p.shape)}; the metric compares one model's quantized and float "
+                                 "versions")
+            values.append(float((log_p.exp() * (log_p - log_q)).sum(-1).mean()))
+    return sum(parallel.gather_in_order(values, mine, len(inputs))) / len(inputs)
+
+
 def ctc_statistics(bundle: SpeechModel, calibration: Sequence[Any], *, bins: int = DEFAULT_BINS
                    ) -> dict[str, Histogram]:
     """Every quantizable layer's input histogram over the calibration utterances (one float pass, one
@@ -126,7 +155,9 @@ def ctc_statistics(bundle: SpeechModel, calibration: Sequence[Any], *, bins: int
 def ctc_score(bundle: SpeechModel, utterances: Sequence[Any], metric: str, *, batch_size: int = 8
               ) -> Callable[[], float]:
     """The calibration metric on `bundle.model` as it stands at each call: "wer", "cer" (greedy decoding) or
-    "ctc_loss" (CTC loss per reference character). What the search and the sensitivity measurement score."""
+    "ctc_loss" (CTC loss per reference character) or "ctc_kl" (per-frame KL of the posteriors from those of
+    `bundle.model` as it is now, which must be float: computed once, here). What the search and the sensitivity
+    measurement score."""
     _require_ctc(bundle)
     _require_utterances(utterances, "calibration")
     if metric not in METRICS:
@@ -138,6 +169,13 @@ def ctc_score(bundle: SpeechModel, utterances: Sequence[Any], metric: str, *, ba
         def loss() -> float:
             return ctc_loss_per_char(bundle.model, inputs, labels, blank=blank)
         return loss
+    if metric == "ctc_kl":
+        inputs = [ctc_inputs(bundle, u.audio) for u in utterances]
+        reference = ctc_log_probs(bundle.model.eval(), inputs, parallel.batch_shard(len(inputs), 1))
+
+        def kl() -> float:
+            return ctc_kl_per_frame(bundle.model, inputs, reference)
+        return kl
 
     def rate() -> float:
         result = evaluate(bundle, utterances, batch_size=batch_size, progress=False)

@@ -54,11 +54,10 @@ PLAN_FILE = "plan.json"  # beside a Whisper artifact's two graphs: the plan they
 BUCKET_SECONDS = 2  # the INT8 graph compiles per input shape: audio is padded to whole buckets
 _CONFIG_KEYS = ("quant_method", "method", "bits", "calibration", "plan", "backend", "int8_grid", "search",
                 "artifact", "source")
-# Whisper's search defaults, when `search` does not set them: WER decoding per candidate is slow on Whisper (greedy
-# generate of every calibration clip for each of ~70 layers), so the teacher-forced proxy, at the threshold of
-# recipes/whisper-tiny-en-w8a8.yaml (nats per token).
+# Whisper's search metric, when `search` does not set one: WER decoding per candidate is slow on Whisper (greedy
+# generate of every calibration clip for each of ~70 layers), so the teacher-forced proxy (its default threshold,
+# core.defaults.METRIC_THRESHOLDS, is the one of recipes/whisper-tiny-en-w8a8.yaml: 0.01 nats per token).
 WHISPER_DEFAULT_METRIC = "tf_loss"
-WHISPER_DEFAULT_TF_LOSS_THRESHOLD = 0.01
 _CALIBRATION_KEYS = ("dataset", "audio_dir", "size")
 
 
@@ -724,7 +723,7 @@ def quantize_hf(bundle: Any, config: StableQuantConfig) -> Any:
     from sq_plugin.backends.x86_isa import resolve_int8_grid
     from sq_plugin.core.plan import QuantPlan
     from sq_plugin.methods import METHODS, QuantizeJob, apply_plan, family_statistics
-    from sq_plugin.recipe import TEACHER_FORCED_METRICS
+    from sq_plugin.recipe import CTC_METRICS, TEACHER_FORCED_METRICS
 
     whisper = bundle.kind == "whisper"
     method = METHODS[config.method]
@@ -733,17 +732,15 @@ def quantize_hf(bundle: Any, config: StableQuantConfig) -> Any:
                                      f"{' / '.join(method.families)} models; {bundle.name} is {bundle.kind}")
     opts = config._search
     metric = config.search.get("metric", WHISPER_DEFAULT_METRIC if whisper else opts.metric)
-    threshold = opts.threshold
-    if whisper and "threshold" not in config.search and metric == "tf_loss":
-        threshold = WHISPER_DEFAULT_TF_LOSS_THRESHOLD
+    threshold = opts.threshold_for(metric)
     if config.method == "stablequant" and config.plan is None:
-        if whisper and metric == "ctc_loss":
-            raise StableQuantConfigError(f"quantization_config.search.metric 'ctc_loss' needs a CTC model; "
+        if whisper and metric in CTC_METRICS:
+            raise StableQuantConfigError(f"quantization_config.search.metric {metric!r} needs a CTC model; "
                                          f"{bundle.name} is Whisper: use tf_loss (the default), tf_token_error, wer "
                                          "or cer")
         if not whisper and metric in TEACHER_FORCED_METRICS:
             raise StableQuantConfigError(f"quantization_config.search.metric {metric!r} is a Whisper proxy; "
-                                         f"{bundle.name} is a CTC model: use wer, cer or ctc_loss")
+                                         f"{bundle.name} is a CTC model: use wer, cer, ctc_loss or ctc_kl")
     calibration = calibration_utterances(config.calibration)
     if config.method == "stablequant" and config.plan is None and metric in ("wer", "cer", "ctc_loss"):
         missing = [u.id for u in calibration if not u.text]

@@ -5,7 +5,15 @@ import copy
 import pytest
 import torch
 
-from sq_plugin.families.ctc import EVAL_KWARGS, ctc_inputs, ctc_labels, ctc_loss_per_char, quantize_ctc_pt2e, search_ctc
+from sq_plugin.families.ctc import (
+    EVAL_KWARGS,
+    ctc_inputs,
+    ctc_labels,
+    ctc_loss_per_char,
+    ctc_score,
+    quantize_ctc_pt2e,
+    search_ctc,
+)
 from sq_plugin.search import SearchConfig
 from sq_plugin.speech.corpus import load_split
 from sq_plugin.speech.evaluate import evaluate
@@ -82,6 +90,30 @@ def test_ctc_loss_metric_is_the_per_character_ctc_loss_and_drives_the_search(hub
     assert search.fp_metric == pytest.approx(fp, rel=1e-6)
     assert search.max_metric > fp + 0.05 and search.flagged  # 4-bit MAX ranges hurt the loss
     assert search.final_metric < search.max_metric
+
+
+def test_ctc_kl_is_the_per_frame_kl_from_the_float_posteriors_and_drives_the_search(hubert):
+    from sq_plugin.backends.simulate import LayerQuant, simulate
+
+    dev = load_split("dev", limit=3)
+    kl = ctc_score(hubert, dev, "ctc_kl")
+    assert kl() == pytest.approx(0.0, abs=1e-7)  # the float model against itself
+    inputs = [ctc_inputs(hubert, u.audio) for u in dev]
+    with torch.no_grad():
+        float_log_probs = [torch.log_softmax(hubert.model(*x).logits[0], -1) for x in inputs]
+    layer = "hubert.encoder.layers.0.feed_forward.intermediate_dense"
+    with simulate(hubert.model, {layer: LayerQuant(act_range=(-1.0, 1.0), a_bits=4, w_bits=4)}), torch.no_grad():
+        got = kl()
+        want = 0.0
+        for x, log_p in zip(inputs, float_log_probs, strict=True):
+            log_q = torch.log_softmax(hubert.model(*x).logits[0], -1)
+            want += float(torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="sum")) / len(log_p)
+    assert got == pytest.approx(want / len(dev), rel=1e-5) and got > 1e-3  # 4 bits and a clipped range: it moved
+
+    search = search_ctc(hubert, dev, SearchConfig(a_bits=4, w_bits=4, threshold=0.05, percentiles=(100.0, 99.0)),
+                        metric="ctc_kl", progress=False)
+    assert search.fp_metric == 0.0 and search.max_metric > 0.05 and search.flagged
+    assert 0.0 < search.final_metric < search.max_metric
 
 
 def test_ctc_labels_refuse_references_the_tokenizer_cannot_spell(hubert):

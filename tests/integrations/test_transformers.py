@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import sq_plugin  # noqa: F401  (the registration)
+from sq_plugin.core.defaults import METRIC_THRESHOLDS
 from sq_plugin.integrations.transformers import StableQuantConfig, StableQuantConfigError
 from sq_plugin.speech.models import checkpoint_dir
 
@@ -492,7 +493,6 @@ def test_whisper_configs_it_cannot_run_are_refused_before_calibrating(tmp_path, 
     from transformers import WhisperForConditionalGeneration
 
     import sq_plugin.families.whisper as whisper
-    import sq_plugin.integrations.transformers as integration
 
     path = save_tiny_whisper(tmp_path / "tiny")
     with pytest.raises(StableQuantConfigError, match="search.metric 'ctc_loss' needs a CTC model.*use tf_loss"):
@@ -516,7 +516,7 @@ def test_whisper_configs_it_cannot_run_are_refused_before_calibrating(tmp_path, 
     monkeypatch.setattr(whisper, "search_whisper", search)
     with pytest.raises(RuntimeError, match="stop after"):
         WhisperForConditionalGeneration.from_pretrained(path, quantization_config={**MAX, "method": "stablequant"})
-    assert seen["metric"] == "tf_loss" and seen["threshold"] == integration.WHISPER_DEFAULT_TF_LOSS_THRESHOLD
+    assert seen["metric"] == "tf_loss" and seen["threshold"] == METRIC_THRESHOLDS["tf_loss"] == 0.01
     assert all(seen["texts"])
     with pytest.raises(RuntimeError, match="stop after"):
         WhisperForConditionalGeneration.from_pretrained(path, quantization_config={
