@@ -283,22 +283,26 @@ def _search(bundle: Any, calibration: Sequence[Any], recipe: Recipe, w_bits: int
 
         return search_whisper(bundle, calibration, config, metric=opts.metric, progress=progress,
                               referee=None if opts.referee == "none" else opts.referee,
-                              cache_budget_mb=opts.cache_budget_mb)
+                              cache_budget_mb=opts.cache_budget_mb, metric_size=opts.metric_size)
     return search_ctc(bundle, calibration, config, metric=opts.metric, progress=progress,
-                      cache_budget_mb=opts.cache_budget_mb)
+                      cache_budget_mb=opts.cache_budget_mb, metric_size=opts.metric_size)
 
 
 def _choose_activations(bundle: Any, calibration: Sequence[Any], recipe: Recipe, plan: Any,
                         macs: dict[str, int]) -> tuple[Any, float | None]:
     """The searched plan with the recipe's `activations` choice applied (static, per_token, auto: scored on the
-    search's metric over the calibration set; with float_fallback, the per-token plan's remaining static layers
-    float is a candidate too, by the search's threshold), and the seconds it took (None: "static", nothing done)."""
+    search's metric over the calibration set, or its first `metric_size`; with float_fallback, the per-token plan's
+    remaining static layers float is a candidate too, by the search's threshold), and the seconds it took (None:
+    "static", nothing done)."""
     from sq_plugin.search.activations import choose_activations
 
     opts = recipe.method_options.stablequant
     if opts.activations == "static":
         return plan, None
     t0 = time.perf_counter()
+    from sq_plugin.families.ctc import metric_subset
+
+    calibration = metric_subset(calibration, opts.metric_size)  # scored on what the search scored
     if bundle.kind == "whisper":
         from sq_plugin.families.whisper import whisper_score
 

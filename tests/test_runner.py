@@ -88,7 +88,7 @@ def install_fakes(monkeypatch, *, wer_of=lambda bundle: 0.1 if not bundle.quanti
                                        4 if real else 0, 0.5, 0.1, plan=plan)
 
     def fake_search(bundle, calibration, config=None, *, metric="wer", batch_size=8, progress=True,
-                    cache_budget_mb=1024.0):
+                    cache_budget_mb=1024.0, metric_size=None):
         layers = [LayerDecision("enc.0", "Linear", 0.11, 0.01, True, 99.9, (-1.0, 2.0), (-3.0, 9.0), {100.0: 0.2}),
                   LayerDecision("enc.1", "Linear", 0.10, 0.0, False, 100.0, (-1.0, 1.0), (-1.0, 1.0), {})]
         return fake_search_result(config, layers)
@@ -334,7 +334,7 @@ def test_whisper_runs_every_method_on_int8_kernels_at_w8a8_and_simulates_on_back
                                        {"fake_quant_linear": 4}, 0, 0.5, 0.0, plan=plan)
 
     def fake_search(bundle, calibration, config=None, *, metric="tf_loss", progress=True, cache_budget_mb=1024.0,
-                    referee=None):
+                    referee=None, metric_size=None):
         assert metric == "wer"  # the recipe's metric is passed through
         layers = [LayerDecision("enc.0", "Linear", 0.11, 0.01, True, 99.9, (-1.0, 2.0), (-3.0, 9.0), {100.0: 0.2}),
                   LayerDecision("enc.1", "Linear", 0.10, 0.0, False, 100.0, (-1.0, 1.0), (-1.0, 1.0), {})]

@@ -183,11 +183,21 @@ def ctc_score(bundle: SpeechModel, utterances: Sequence[Any], metric: str, *, ba
     return rate
 
 
+def metric_subset(calibration: Sequence[Any], metric_size: int | None) -> Sequence[Any]:
+    """The calibration utterances a search scores its metric on: the first `metric_size` (None: all)."""
+    if metric_size is None:
+        return calibration
+    if isinstance(metric_size, bool) or not isinstance(metric_size, int) or metric_size < 1:
+        raise ValueError(f"metric_size must be a whole number >= 1 (got {metric_size!r}), or None for every "
+                         "calibration utterance")
+    return calibration[:metric_size]
+
+
 def search_ctc(bundle: SpeechModel, calibration: Sequence[Any], config: SearchConfig | None = None, *,
                metric: str = "wer", batch_size: int = 8, progress: bool = True, prefix_cache: bool = True,
-               cache_budget_mb: float = DEFAULT_BUDGET_MB) -> SearchResult:
-    """StableQuant's search on a CTC model, scored by WER (or CER, or the `ctc_loss` proxy) on the
-    calibration utterances.
+               cache_budget_mb: float = DEFAULT_BUDGET_MB, metric_size: int | None = None) -> SearchResult:
+    """StableQuant's search on a CTC model, scored by WER (or CER, or the `ctc_loss` / `ctc_kl` proxies) on the
+    calibration utterances (the first `metric_size` of them; the statistics always use all).
 
     prefix_cache: replay the outputs of unchanged conv / Transformer layers between evaluations
     (exact; `sq_plugin.search.prefix_cache`), keeping at most `cache_budget_mb` of them.
@@ -195,7 +205,7 @@ def search_ctc(bundle: SpeechModel, calibration: Sequence[Any], config: SearchCo
     _require_ctc(bundle)
     _require_utterances(calibration, "calibration")
     bundle = unchanged_caller_model(bundle)
-    score = ctc_score(bundle, calibration, metric, batch_size=batch_size)
+    score = ctc_score(bundle, metric_subset(calibration, metric_size), metric, batch_size=batch_size)
     audios = [u.audio for u in calibration]
 
     def run_calibration() -> None:

@@ -48,7 +48,7 @@ from sq_plugin.backends.x86_isa import resolve_int8_grid
 from sq_plugin.core.quant import grid_bits, quant_bounds
 from sq_plugin.core.ranges import RangeRule, compute_range
 from sq_plugin.core.stats import DEFAULT_BINS, Histogram
-from sq_plugin.families.ctc import QuantizedModel
+from sq_plugin.families.ctc import QuantizedModel, metric_subset
 from sq_plugin.recipe import TEACHER_FORCED_METRICS
 from sq_plugin.search import SearchConfig, SearchResult, collect_input_histograms, stablequant_search
 from sq_plugin.search.prefix_cache import DEFAULT_BUDGET_MB
@@ -152,10 +152,12 @@ def whisper_score(bundle: SpeechModel, utterances: Sequence[Any], metric: str, *
 
 def search_whisper(bundle: SpeechModel, calibration: Sequence[Any], config: SearchConfig | None = None, *,
                    metric: str = "tf_loss", batch_size: int = 8, progress: bool = True, prefix_cache: bool = True,
-                   cache_budget_mb: float = DEFAULT_BUDGET_MB, referee: str | None = None) -> SearchResult:
+                   cache_budget_mb: float = DEFAULT_BUDGET_MB, referee: str | None = None,
+                   metric_size: int | None = None) -> SearchResult:
     """StableQuant's search on Whisper (encoder convs and Linears, decoder Linears, proj_out).
 
-    metric: see the module docstring; the threshold of `config` is in the metric's units.
+    metric: see the module docstring; the threshold of `config` is in the metric's units. It is scored on the first
+    `metric_size` calibration utterances (None: all; the statistics always use all).
     referee: "wer" or "cer" decodes the calibration set to pick between the searched model and each built-in rule
     applied everywhere (`stablequant_search(referee=)`); "auto": "wer" when the metric is a teacher-forced proxy.
     Off by default, because measured it misleads more than the proxy: at W6A6 on 16 calibration utterances it
@@ -172,13 +174,14 @@ def search_whisper(bundle: SpeechModel, calibration: Sequence[Any], config: Sear
         for batch in calib_batches:  # one at a time: no padded decoder positions in the statistics
             _forward(model, batch)
 
-    score, replay = whisper_score(bundle, calibration, metric, batch_size=batch_size)
+    scored = metric_subset(calibration, metric_size)
+    score, replay = whisper_score(bundle, scored, metric, batch_size=batch_size)
     replay = replay if prefix_cache else None
     if referee == "auto":
         referee = "wer" if metric in TEACHER_FORCED_METRICS else None
     if referee not in (None, "wer", "cer"):
         raise ValueError(f"unknown Whisper search referee {referee!r}; use 'wer', 'cer', 'auto' or None")
-    judge = None if referee is None else whisper_score(bundle, calibration, referee, batch_size=batch_size)[0]
+    judge = None if referee is None else whisper_score(bundle, scored, referee, batch_size=batch_size)[0]
     return stablequant_search(model, run_calibration, score, config, progress=progress, replay_blocks=replay,
                               cache_budget_mb=cache_budget_mb, referee=judge, referee_name=referee or "referee")
 

@@ -769,6 +769,7 @@ def quantize_hf(bundle: Any, config: StableQuantConfig) -> Any:
         result = search(bundle, calibration, opts.search_config(w_bits=w_bits, a_bits=a_bits, int8_grid=grid,
                                                                 threshold=threshold),
                         metric=metric, progress=False, cache_budget_mb=opts.cache_budget_mb,
+                        metric_size=opts.metric_size,
                         **({"referee": None if opts.referee == "none" else opts.referee} if whisper else {}))
         job = dataclasses.replace(job, plan=result.to_plan({**job.provenance, "metric": metric,
                                                             "threshold": threshold}))

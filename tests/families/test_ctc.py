@@ -116,6 +116,21 @@ def test_ctc_kl_is_the_per_frame_kl_from_the_float_posteriors_and_drives_the_sea
     assert 0.0 < search.final_metric < search.max_metric
 
 
+def test_metric_size_scores_the_first_utterances_and_the_statistics_see_all(hubert):
+    dev = load_split("dev", limit=3)
+    inputs, labels = [ctc_inputs(hubert, u.audio) for u in dev], ctc_labels(hubert, dev)
+    blank = hubert.model.config.pad_token_id
+    config = SearchConfig(threshold=1e9, builtin_candidates=False)  # flags nothing: the statistics and the score
+    full = search_ctc(hubert, dev, config, metric="ctc_loss", progress=False)
+    first = search_ctc(hubert, dev, config, metric="ctc_loss", progress=False, metric_size=1)
+    assert first.fp_metric == pytest.approx(ctc_loss_per_char(hubert.model, inputs[:1], labels[:1], blank=blank))
+    assert full.fp_metric == pytest.approx(ctc_loss_per_char(hubert.model, inputs, labels, blank=blank))
+    assert first.fp_metric != pytest.approx(full.fp_metric)
+    assert [d.act_range for d in first.layers] == [d.act_range for d in full.layers]  # histograms over all 3
+    with pytest.raises(ValueError, match="metric_size must be a whole number >= 1"):
+        search_ctc(hubert, dev, config, metric="ctc_loss", progress=False, metric_size=0)
+
+
 def test_ctc_labels_refuse_references_the_tokenizer_cannot_spell(hubert):
     (u,) = load_split("dev", limit=1)
     with pytest.raises(ValueError, match="<unk>"):
