@@ -117,7 +117,9 @@ def table(rows: list[dict[str, Any]], searches: dict[str, dict[str, Any]]) -> st
             choice = s.get("activation_choice") or {}
             # the plan that ran: the activation choice's share when it made one (it may keep more layers float)
             share = choice.get("float_mac_share", s.get("float_mac_share", 0))
-            lines.append(f"| {s['model']} | {s['bits']} | {s['metric']} ({s['threshold']:g}) | {s['fp_metric']:.4f} | "
+            scored = f"; first {s['metric_size']} utt." if s.get("metric_size") else ""
+            lines.append(f"| {s['model']} | {s['bits']} | {s['metric']} ({s['threshold']:g}{scored}) | "
+                         f"{s['fp_metric']:.4f} | "
                          f"{s['max_metric']:.4f} | {best} | {s['final_metric']:.4f} | {len(flagged)} | "
                          f"{shown or 'none'} | {100 * share:.2f} % | {s['evaluations']} | "
                          f"{s['wall_seconds']:.0f} | {ratio} |")
@@ -194,8 +196,11 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=200, help="calibration utterances (dev split)")
     parser.add_argument("--eval", type=int, default=600, help="evaluation utterances (test split)")
     parser.add_argument("--metric", default="wer",
-                        help="StableQuant search metric (wer, cer, ctc_loss, tf_loss, tf_token_error)")
-    parser.add_argument("--threshold", type=float, default=0.0025, help="screen threshold, in the metric's units")
+                        help="StableQuant search metric (wer, cer, ctc_loss, ctc_kl, tf_loss, tf_token_error)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="screen threshold, in the metric's units (default: the metric's, METRIC_THRESHOLDS)")
+    parser.add_argument("--metric-size", type=int, default=None,
+                        help="StableQuant option: score the metric on the first N calibration utterances (default all)")
     parser.add_argument("--float-fallback", action="store_true",
                         help="StableQuant option (not in the paper): flagged layers may stay float")
     parser.add_argument("--keep-float", default="", help="StableQuant option: comma list of layer globs kept float")
@@ -250,6 +255,7 @@ def main() -> None:
         "methods": methods, "bits": args.bits.split(","), "backend": "x86", "threads": args.threads,
         "int8_grid": args.int8_grid,
         "method_options": {"stablequant": {"metric": args.metric, "threshold": args.threshold,
+                                            "metric_size": args.metric_size,
                                             "float_fallback": args.float_fallback,
                                             "builtin_candidates": not args.paper_only,
                                             "refine_passes": args.refine_passes,
@@ -270,7 +276,9 @@ def main() -> None:
         searches[key] = {"model": s["model"], "bits": s["bits"], "metric": args.metric, "fp_metric": s["fp_metric"],
                          "max_metric": s["max_metric"], "final_metric": s["final_metric"],
                          "evaluations": s["evaluations"], "wall_seconds": s["wall_seconds"], "seconds": s["seconds"],
-                         "cache": s.get("cache", {}), "cost_ratio": cost, "threshold": args.threshold,
+                         "cache": s.get("cache", {}), "cost_ratio": cost,
+                         "threshold": run.recipe.method_options.stablequant.threshold_for(),
+                         "metric_size": run.recipe.method_options.stablequant.metric_size,
                          "float_fallback": run.recipe.method_options.stablequant.float_fallback,
                          "keep_float": run.recipe.method_options.stablequant.keep_float,
                          "builtin_candidates": run.recipe.method_options.stablequant.builtin_candidates,
