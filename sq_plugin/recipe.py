@@ -56,7 +56,7 @@ INT8_GRIDS: tuple[str, ...] = GRID_CHOICES
 # Not imported from sq_plugin.speech.corpus: that pulls in scipy and makes `validate` slow.
 CORPUS_SIZES: dict[str, int] = {"corpus-dev": 300, "corpus-dev-v1": 300, "corpus-test": 600}
 # Whisper's teacher-forced search proxies (sq_plugin.families.whisper imports them from here: the schema owns them).
-TEACHER_FORCED_METRICS: tuple[str, ...] = ("tf_loss", "tf_token_error")
+TEACHER_FORCED_METRICS: tuple[str, ...] = ("tf_loss", "tf_token_error", "tf_kl")
 # Proxies that read CTC posteriors (sq_plugin.families.ctc): CTC models only.
 CTC_METRICS: tuple[str, ...] = ("ctc_loss", "ctc_kl")
 _BITS = re.compile(r"^w(\d+)a(\d+)$")
@@ -253,9 +253,9 @@ class StableQuantOptions(_Strict):
     percentiles: tuple[Percentile, ...] = DEFAULT_PERCENTILES
     # wer/cer: decode the calibration set per candidate (the paper). ctc_loss / ctc_kl: CTC models only, CTC
     # loss per reference character, or the per-frame KL of the posteriors from the float model's
-    # (sq_plugin.families.ctc). tf_loss / tf_token_error: Whisper only, teacher-forced proxies
+    # (sq_plugin.families.ctc). tf_loss / tf_token_error / tf_kl: Whisper only, teacher-forced proxies
     # (sq_plugin.families.whisper). The threshold is in the metric's units.
-    metric: Literal["wer", "cer", "ctc_loss", "ctc_kl", "tf_loss", "tf_token_error"] = "wer"
+    metric: Literal["wer", "cer", "ctc_loss", "ctc_kl", "tf_loss", "tf_token_error", "tf_kl"] = "wer"
     mse_grid: int = Field(default=DEFAULT_MSE_GRID, ge=1)
     # Not in the paper: a flagged layer stays float when that beats its best cut-off by > threshold.
     float_fallback: bool = False

@@ -105,7 +105,7 @@ def check_runnable(recipe: Recipe) -> None:
             errors.append(_family_error(model, family, bad))
         if family == "whisper" and searches and metric in CTC_METRICS:
             errors.append(f"method_options.stablequant.metric: {metric!r} needs a CTC model; {model!r} is "
-                          "Whisper: use tf_loss, tf_token_error, wer or cer")
+                          "Whisper: use tf_loss, tf_kl, tf_token_error, wer or cer")
         elif family == "ctc" and searches and metric in TEACHER_FORCED_METRICS:
             errors.append(f"method_options.stablequant.metric: {metric!r} is a Whisper proxy; model {model!r} "
                           "is a CTC model: use wer, cer, ctc_loss or ctc_kl")

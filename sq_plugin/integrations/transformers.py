@@ -736,8 +736,8 @@ def quantize_hf(bundle: Any, config: StableQuantConfig) -> Any:
     if config.method == "stablequant" and config.plan is None:
         if whisper and metric in CTC_METRICS:
             raise StableQuantConfigError(f"quantization_config.search.metric {metric!r} needs a CTC model; "
-                                         f"{bundle.name} is Whisper: use tf_loss (the default), tf_token_error, wer "
-                                         "or cer")
+                                         f"{bundle.name} is Whisper: use tf_loss (the default), tf_kl, tf_token_error, "
+                                         "wer or cer")
         if not whisper and metric in TEACHER_FORCED_METRICS:
             raise StableQuantConfigError(f"quantization_config.search.metric {metric!r} is a Whisper proxy; "
                                          f"{bundle.name} is a CTC model: use wer, cer, ctc_loss or ctc_kl")

@@ -16,6 +16,7 @@ from sq_plugin.families.whisper import (
     search_whisper,
     teacher_forced_batches,
     teacher_forced_scores,
+    whisper_score,
 )
 from sq_plugin.search import SearchConfig
 
@@ -78,6 +79,36 @@ def test_teacher_forced_scores_match_a_direct_cross_entropy(tiny_whisper, uttera
         tokens += b.labels.shape[1]
     assert scores["tf_loss"] == pytest.approx(losses / tokens, rel=1e-4)
     assert 0.0 <= scores["tf_token_error"] <= 1.0
+
+
+def test_tf_kl_is_the_per_token_kl_from_the_float_model_and_drives_the_search(tiny_whisper, utterances):
+    from sq_plugin.backends.simulate import LayerQuant, simulate
+
+    kl, replay = whisper_score(tiny_whisper, utterances, "tf_kl")
+    assert replay == "auto" and kl() == pytest.approx(0.0, abs=1e-7)  # the float model against itself
+    from sq_plugin.families.whisper import EVAL_BATCH
+    from sq_plugin.speech.evaluate import transcribe
+
+    # the float model's own transcripts, one utterance per batch (no padding): what the metric teacher-forces
+    texts = transcribe(tiny_whisper, [u.audio for u in utterances], batch_size=EVAL_BATCH, progress=False)
+    batches = teacher_forced_batches(tiny_whisper, utterances, batch_size=1, texts=texts)
+    layer = "model.decoder.layers.0.fc1"
+    with torch.no_grad():
+        float_logits = [tiny_whisper.model(input_features=b.input_features, decoder_input_ids=b.decoder_input_ids
+                                           ).logits[0] for b in batches]
+    with simulate(tiny_whisper.model, {layer: LayerQuant(act_range=(-0.5, 0.5), a_bits=3, w_bits=3)}), torch.no_grad():
+        got = kl()
+        total, tokens = 0.0, 0
+        for b, logits in zip(batches, float_logits, strict=True):
+            q = tiny_whisper.model(input_features=b.input_features, decoder_input_ids=b.decoder_input_ids).logits[0]
+            total += float(torch.nn.functional.kl_div(torch.log_softmax(q, -1), torch.log_softmax(logits, -1),
+                                                      log_target=True, reduction="sum"))
+            tokens += len(logits)
+    assert got == pytest.approx(total / tokens, rel=1e-3) and got > 1e-4  # the 3-bit layer moved the outputs
+    config = SearchConfig(w_bits=4, a_bits=4, threshold=0.001, percentiles=(100.0, 99.0))
+    search = search_whisper(tiny_whisper, utterances, config, metric="tf_kl", progress=False)
+    assert search.fp_metric == pytest.approx(0.0, abs=1e-7) and search.max_metric > search.fp_metric
+    assert search.final_metric <= min(search.rule_metrics.values())
 
 
 def test_search_on_whisper_with_prefix_replay_equals_without(tiny_whisper, utterances):
