@@ -84,3 +84,22 @@ def decode_in_batches(whisper: Any, encode: Any, step: Any, features: Any, token
         texts += [tokenizer.decode(t, skip_special_tokens=True).strip()
                   for t in greedy_decode_batch(encode, step, chunk, caches[chunk.shape[0]], settings)]
     return texts
+
+
+def searched_and_percentile_whisper(bundle: Any, plan_path: str, calibration: list[Any]) -> tuple[dict[str, Any], str]:
+    """A searched Whisper plan (QuantPlan JSON) and the percentile rule applied to every layer on `calibration`
+    (the search's usual starting point), as fake-quant models {"search": ..., "percentile_clip everywhere": ...},
+    and their bits ("w6a6")."""
+    from sq_plugin.core.defaults import DEFAULT_BASELINE_PERCENTILE
+    from sq_plugin.core.plan import QuantPlan
+    from sq_plugin.core.ranges import RangeRule
+    from sq_plugin.families.whisper import quantize_whisper_simulated, whisper_statistics
+    from sq_plugin.search.rules import layer_ops, rule_plan
+
+    searched = QuantPlan.load(plan_path)
+    w_bits, a_bits = searched.provenance["w_bits"], searched.provenance["a_bits"]
+    base = rule_plan(whisper_statistics(bundle, calibration), layer_ops(bundle.model),
+                     RangeRule("percentile", percentile=DEFAULT_BASELINE_PERCENTILE), w_bits=w_bits, a_bits=a_bits)
+    models = {name: quantize_whisper_simulated(bundle, calibration, plan=plan).bundle.model
+              for name, plan in (("search", searched), ("percentile_clip everywhere", base))}
+    return models, f"w{w_bits}a{a_bits}"

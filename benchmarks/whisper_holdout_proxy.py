@@ -19,19 +19,13 @@ import json
 import time
 
 import torch
-from common import RESULTS, atomic_write, device_name
+from common import RESULTS, atomic_write, device_name, searched_and_percentile_whisper
 
-from sq_plugin.core.defaults import DEFAULT_BASELINE_PERCENTILE
-from sq_plugin.core.plan import QuantPlan
-from sq_plugin.core.ranges import RangeRule
 from sq_plugin.families.whisper import (
     EVAL_BATCH,
-    quantize_whisper_simulated,
     teacher_forced_batches,
     teacher_forced_scores,
-    whisper_statistics,
 )
-from sq_plugin.search.rules import layer_ops, rule_plan
 from sq_plugin.speech.corpus import load_split
 from sq_plugin.speech.evaluate import transcribe
 from sq_plugin.speech.models import load_model
@@ -49,16 +43,11 @@ def main() -> None:
     torch.set_num_threads(1)
     start = time.perf_counter()
     bundle = load_model(args.model)
-    searched = QuantPlan.load(args.plan)
-    w_bits, a_bits = searched.provenance["w_bits"], searched.provenance["a_bits"]
     dev = load_split("dev", progress=False)
     calib = dev[:args.calib]
     splits = {"calibration": calib, "held-out dev": dev[args.calib:args.calib + args.held_out],
               "test": load_split("test", limit=args.test, progress=False)}
-    base = rule_plan(whisper_statistics(bundle, calib), layer_ops(bundle.model),
-                     RangeRule("percentile", percentile=DEFAULT_BASELINE_PERCENTILE), w_bits=w_bits, a_bits=a_bits)
-    models = {name: quantize_whisper_simulated(bundle, calib, plan=plan).bundle.model
-              for name, plan in (("search", searched), ("percentile_clip everywhere", base))}
+    models, bits = searched_and_percentile_whisper(bundle, args.plan, calib)
     scores: dict[str, dict[str, float]] = {}
     for split, utterances in splits.items():
         targets = transcribe(bundle, [u.audio for u in utterances], batch_size=EVAL_BATCH, progress=False)
@@ -67,7 +56,7 @@ def main() -> None:
         for name, model in models.items():
             scores[split][name] = teacher_forced_scores(model, batches)["tf_loss"]
         print(split, scores[split], flush=True)
-    payload = {"device": device_name(), "model": args.model, "plan": args.plan, "bits": f"w{w_bits}a{a_bits}",
+    payload = {"device": device_name(), "model": args.model, "plan": args.plan, "bits": bits,
                "utterances": {k: len(v) for k, v in splits.items()}, "tf_loss": scores,
                "seconds": round(time.perf_counter() - start, 1)}
     atomic_write(RESULTS / f"{args.out}.json", json.dumps(payload, indent=1) + "\n")

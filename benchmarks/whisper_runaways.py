@@ -22,19 +22,13 @@ import time
 from typing import Any
 
 import torch
-from common import RESULTS, atomic_write, device_name
+from common import RESULTS, atomic_write, device_name, searched_and_percentile_whisper
 
-from sq_plugin.core.defaults import DEFAULT_BASELINE_PERCENTILE
-from sq_plugin.core.plan import QuantPlan
-from sq_plugin.core.ranges import RangeRule
 from sq_plugin.families.whisper import (
     EVAL_BATCH,
     _forward,
-    quantize_whisper_simulated,
     teacher_forced_batches,
-    whisper_statistics,
 )
-from sq_plugin.search.rules import layer_ops, rule_plan
 from sq_plugin.speech.corpus import load_split
 from sq_plugin.speech.evaluate import evaluate, transcribe, word_errors
 from sq_plugin.speech.models import load_model
@@ -82,21 +76,16 @@ def main() -> None:
     torch.set_num_threads(1)
     start = time.perf_counter()
     bundle = load_model(args.model)
-    searched = QuantPlan.load(args.plan)
-    w_bits, a_bits = searched.provenance["w_bits"], searched.provenance["a_bits"]
     calib = load_split("dev", limit=args.calib, progress=False)
     test = load_split("test", limit=args.test, progress=False)
-    base = rule_plan(whisper_statistics(bundle, calib), layer_ops(bundle.model),
-                     RangeRule("percentile", percentile=DEFAULT_BASELINE_PERCENTILE), w_bits=w_bits, a_bits=a_bits)
-    models = {name: quantize_whisper_simulated(bundle, calib, plan=plan).bundle.model
-              for name, plan in (("search", searched), ("percentile_clip everywhere", base))}
+    models, bits = searched_and_percentile_whisper(bundle, args.plan, calib)
     decodes = {"fp": runaway_split(evaluate(bundle, test, batch_size=EVAL_BATCH, progress=False), args.runaway)}
     for name, model in models.items():
         result = evaluate(dataclasses.replace(bundle, model=model), test, batch_size=EVAL_BATCH, progress=False)
         decodes[name] = runaway_split(result, args.runaway)
         print(name, decodes[name], flush=True)
     kl = {"calibration": kl_scores(bundle, models, calib), "test": kl_scores(bundle, models, test)}
-    payload = {"device": device_name(), "model": args.model, "plan": args.plan, "bits": f"w{w_bits}a{a_bits}",
+    payload = {"device": device_name(), "model": args.model, "plan": args.plan, "bits": bits,
                "calibration": len(calib), "test": len(test), "runaway_factor": args.runaway, "decodes": decodes,
                "teacher_forced_kl": kl, "seconds": round(time.perf_counter() - start, 1)}
     atomic_write(RESULTS / f"{args.out}.json", json.dumps(payload, indent=1) + "\n")
