@@ -82,9 +82,16 @@ def test_a_missing_calibration_folder_is_refused_and_nothing_is_quantized(tiny_w
         AutoModelForCTC.from_pretrained(path, quantization_config={
             "quant_method": "stablequant", "method": "max", "calibration": {"audio_dir": str(empty)}})
     # the WER search needs transcripts: WAV files without <name>.txt are refused with the fix
+    wavs = write_wavs(tmp_path / "wavs")
     with pytest.raises(StableQuantConfigError, match=r"have none; add <name>.txt beside each WAV"):
         AutoModelForCTC.from_pretrained(path, quantization_config={
-            "quant_method": "stablequant", "calibration": {"audio_dir": str(write_wavs(tmp_path / "wavs"))}})
+            "quant_method": "stablequant", "calibration": {"audio_dir": str(wavs)}})
+    # ctc_kl scores fidelity to the float model: the same untranscribed WAVs calibrate and search
+    model = AutoModelForCTC.from_pretrained(path, quantization_config={
+        "quant_method": "stablequant", "calibration": {"audio_dir": str(wavs)}, "backend": "simulate",
+        "search": {"metric": "ctc_kl", "percentiles": [100.0]}})
+    assert model.stablequant.plan.provenance["metric"] == "ctc_kl"
+    assert model.stablequant.plan.provenance["threshold"] == 1e-4  # ctc_kl's own default
 
 
 def test_save_pretrained_then_from_pretrained_gives_the_same_outputs_without_calibrating(tiny_wav2vec2, tmp_path,
