@@ -300,7 +300,7 @@ def _choose_activations(bundle: Any, calibration: Sequence[Any], recipe: Recipe,
     if opts.activations == "static":
         return plan, None
     t0 = time.perf_counter()
-    from sq_plugin.families.ctc import metric_subset
+    from sq_plugin.families import metric_subset
 
     calibration = metric_subset(calibration, opts.metric_size)  # scored on what the search scored
     if bundle.kind == "whisper":

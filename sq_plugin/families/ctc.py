@@ -27,6 +27,7 @@ from sq_plugin.backends.weights import StoredWeight, install_stored_weights
 from sq_plugin.core.plan import QuantPlan
 from sq_plugin.core.ranges import RangeRule
 from sq_plugin.core.stats import DEFAULT_BINS, Histogram
+from sq_plugin.families import metric_subset
 from sq_plugin.search import SearchConfig, SearchResult, collect_input_histograms, stablequant_search
 from sq_plugin.search.prefix_cache import DEFAULT_BUDGET_MB
 from sq_plugin.speech.audio import SAMPLE_RATE
@@ -135,7 +136,8 @@ def ctc_kl_per_frame(model: torch.nn.Module, inputs: Sequence[tuple[torch.Tensor
                 raise ValueError(f"ctc_kl: utterance {i} gives {tuple(log_q.shape)} posteriors against the float "
                                  f"model's {tuple(log_p.shape)}; the metric compares one model's quantized and float "
                                  "versions")
-            values.append(float((log_p.exp() * (log_p - log_q)).sum(-1).mean()))
+            kl = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+            values.append(float(kl.mean()))
     return sum(parallel.gather_in_order(values, mine, len(inputs))) / len(inputs)
 
 
@@ -181,16 +183,6 @@ def ctc_score(bundle: SpeechModel, utterances: Sequence[Any], metric: str, *, ba
         result = evaluate(bundle, utterances, batch_size=batch_size, progress=False)
         return result.wer if metric == "wer" else result.cer
     return rate
-
-
-def metric_subset(calibration: Sequence[Any], metric_size: int | None) -> Sequence[Any]:
-    """The calibration utterances a search scores its metric on: the first `metric_size` (None: all)."""
-    if metric_size is None:
-        return calibration
-    if isinstance(metric_size, bool) or not isinstance(metric_size, int) or metric_size < 1:
-        raise ValueError(f"metric_size must be a whole number >= 1 (got {metric_size!r}), or None for every "
-                         "calibration utterance")
-    return calibration[:metric_size]
 
 
 def search_ctc(bundle: SpeechModel, calibration: Sequence[Any], config: SearchConfig | None = None, *,

@@ -52,7 +52,8 @@ from sq_plugin.backends.x86_isa import resolve_int8_grid
 from sq_plugin.core.quant import grid_bits, quant_bounds
 from sq_plugin.core.ranges import RangeRule, compute_range
 from sq_plugin.core.stats import DEFAULT_BINS, Histogram
-from sq_plugin.families.ctc import QuantizedModel, metric_subset
+from sq_plugin.families import metric_subset
+from sq_plugin.families.ctc import QuantizedModel
 from sq_plugin.recipe import TEACHER_FORCED_METRICS
 from sq_plugin.search import SearchConfig, SearchResult, collect_input_histograms, stablequant_search
 from sq_plugin.search.prefix_cache import DEFAULT_BUDGET_MB
@@ -123,7 +124,7 @@ def teacher_forced_kl(model: torch.nn.Module, batches: Sequence[TeacherForcedBat
     with torch.inference_mode():
         for batch, log_p in zip(batches, reference, strict=True):
             log_q = torch.log_softmax(_forward(model, batch).float()[batch.labels != -100], dim=-1)
-            total += float((log_p.exp() * (log_p - log_q)).sum())
+            total += float(torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="sum"))
             tokens += len(log_p)
     return total / tokens
 
