@@ -96,6 +96,13 @@ def ctc_labels(bundle: SpeechModel, utterances: Sequence[Any]) -> list[torch.Ten
     return labels
 
 
+def ctc_log_probs(model: torch.nn.Module, inputs: Sequence[tuple[torch.Tensor, ...]], indices: Sequence[int]
+                  ) -> dict[int, torch.Tensor]:
+    """The CTC log-posteriors (frames, vocabulary) of the utterances `indices`, one utterance per call."""
+    with torch.inference_mode():
+        return {i: torch.log_softmax(model(*inputs[i]).logits[0].float(), dim=-1) for i in indices}
+
+
 def ctc_loss_per_char(model: torch.nn.Module, inputs: Sequence[tuple[torch.Tensor, ...]],
                       labels: Sequence[torch.Tensor], *, blank: int) -> float:
     """Mean over utterances of CTC loss / reference length (one utterance per call: no padding). Under
@@ -104,21 +111,12 @@ def ctc_loss_per_char(model: torch.nn.Module, inputs: Sequence[tuple[torch.Tenso
         raise ValueError(f"ctc_loss_per_char: {len(inputs)} inputs for {len(labels)} label sequences")
     mine = parallel.batch_shard(len(labels), 1)
     values = []
-    with torch.inference_mode():
-        for i in mine:
-            args, y = inputs[i], labels[i]
-            log_probs = torch.log_softmax(model(*args).logits[0].float(), dim=-1)
-            loss = torch.nn.functional.ctc_loss(log_probs[:, None], y[None], torch.tensor([log_probs.shape[0]]),
-                                                torch.tensor([len(y)]), blank=blank, reduction="sum")
-            values.append(float(loss) / len(y))  # inf if the audio is too short for its transcript: the search raises
+    for i, log_probs in ctc_log_probs(model, inputs, mine).items():
+        y = labels[i]
+        loss = torch.nn.functional.ctc_loss(log_probs[:, None], y[None], torch.tensor([log_probs.shape[0]]),
+                                            torch.tensor([len(y)]), blank=blank, reduction="sum")
+        values.append(float(loss) / len(y))  # inf if the audio is too short for its transcript: the search raises
     return sum(parallel.gather_in_order(values, mine, len(labels))) / len(labels)
-
-
-def ctc_log_probs(model: torch.nn.Module, inputs: Sequence[tuple[torch.Tensor, ...]], indices: Sequence[int]
-                  ) -> dict[int, torch.Tensor]:
-    """The CTC log-posteriors (frames, vocabulary) of the utterances `indices`, one utterance per call."""
-    with torch.inference_mode():
-        return {i: torch.log_softmax(model(*inputs[i]).logits[0].float(), dim=-1) for i in indices}
 
 
 def ctc_kl_per_frame(model: torch.nn.Module, inputs: Sequence[tuple[torch.Tensor, ...]],
@@ -128,16 +126,14 @@ def ctc_kl_per_frame(model: torch.nn.Module, inputs: Sequence[tuple[torch.Tensor
     scores the utterances its `reference` holds (`parallel.batch_shard`); the values are gathered in order."""
     mine = sorted(reference)
     values = []
-    with torch.inference_mode():
-        for i in mine:
-            log_q = torch.log_softmax(model(*inputs[i]).logits[0].float(), dim=-1)
-            log_p = reference[i]
-            if log_q.shape != log_p.shape:
-                raise ValueError(f"ctc_kl: utterance {i} gives {tuple(log_q.shape)} posteriors against the float "
-                                 f"model's {tuple(log_p.shape)}; the metric compares one model's quantized and float "
-                                 "versions")
-            kl = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
-            values.append(float(kl.mean()))
+    for i, log_q in ctc_log_probs(model, inputs, mine).items():
+        log_p = reference[i]
+        if log_q.shape != log_p.shape:
+            raise ValueError(f"ctc_kl: utterance {i} gives {tuple(log_q.shape)} posteriors against the float "
+                             f"model's {tuple(log_p.shape)}; the metric compares one model's quantized and float "
+                             "versions")
+        kl = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+        values.append(float(kl.mean()))
     return sum(parallel.gather_in_order(values, mine, len(inputs))) / len(inputs)
 
 
