@@ -117,16 +117,23 @@ def quantization_mse(hist: Histogram, lo: np.ndarray, hi: np.ndarray, *, bits: i
     wider than the step and that picks bad ranges.) `keep_below` drops the mass whose |x| is above
     it (the "clipped histogram" of StableQuant step 3).
     """
-    qmin, qmax = quant_bounds(bits, signed=signed)
-    scale, zp = qparams_from_range(lo, hi, qmin, qmax, symmetric=symmetric)
     centers = hist.bin_centers()
     weights = hist.counts.astype(np.float64)
     if keep_below is not None:
         weights = np.where(np.abs(centers) <= keep_below[:, None], weights, 0.0)
+    return _expected_errors(centers, weights, hist.bin_width, lo, hi, bits=bits, symmetric=symmetric, signed=signed)
+
+
+def _expected_errors(centers: np.ndarray, weights: np.ndarray, bin_width: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                     *, bits: int, symmetric: bool, signed: bool) -> np.ndarray:
+    """`quantization_mse` on arrays: row i is a histogram (bin `centers`, `weights`, `bin_width`) scored with the
+    range [lo[i], hi[i]]. The rows may repeat one histogram (broadcast) to score many ranges in one pass."""
+    qmin, qmax = quant_bounds(bits, signed=signed)
+    scale, zp = qparams_from_range(lo, hi, qmin, qmax, symmetric=symmetric)
     step, zero = scale[:, None], zp[:, None]
     lowest, highest = (qmin - zero) * step, (qmax - zero) * step
     clipped = (centers - np.clip(centers, lowest, highest)) ** 2
-    rounding = np.where(hist.bin_width[:, None] >= step, step**2 / 12.0,
+    rounding = np.where(bin_width[:, None] >= step, step**2 / 12.0,
                         (fake_quantize_np(centers, step, zero, qmin, qmax) - centers) ** 2)
     err = np.where((centers < lowest) | (centers > highest), clipped, rounding)
     total = np.maximum(weights.sum(axis=1), 1.0)
@@ -166,6 +173,9 @@ def percentile_then_mse_range(hist: Histogram, p: float, *, bits: int, symmetric
                      keep_below=keep, name=name)
 
 
+_PATH_CHUNK = 256  # ranges scored per pass in l2_histogram_range: (256, bins) float64 temporaries
+
+
 def l2_histogram_range(hist: Histogram, *, bits: int, symmetric: bool, signed: bool,
                        name: str = "tensor") -> tuple[np.ndarray, np.ndarray]:
     """The range the L2-histogram criterion picks: from [min, max], trim one bin at a time from the end whose tail
@@ -181,18 +191,13 @@ def l2_histogram_range(hist: Histogram, *, bits: int, symmetric: bool, signed: b
     _require_data(hist, name)
     lo, hi = max_range(hist, name=name)
     width, half = hist.bin_width, hist.bins // 2
+    centers, weights = hist.bin_centers(), hist.counts.astype(np.float64)
     for r in range(hist.rows):
         counts = hist.counts[r]
         nonzero = np.flatnonzero(counts)
         start, end = int(nonzero[0]), int(nonzero[-1])  # first and last bins that hold data
-
-        def error(a: float, b: float, r: int = r) -> float:
-            row_lo, row_hi = lo.copy(), hi.copy()
-            row_lo[r], row_hi[r] = a, b
-            return float(quantization_mse(hist, row_lo, row_hi, bits=bits, symmetric=symmetric, signed=signed)[r])
-
         a, b = float(lo[r]), float(hi[r])
-        best = error(a, b)
+        path = [(a, b)]  # the ranges along the trimming path, widest first
         below, above = 0, 0  # mass trimmed off each end so far
         while start < end:
             trim_low = below + counts[start] < above + counts[end]
@@ -205,9 +210,17 @@ def l2_histogram_range(hist: Histogram, *, bits: int, symmetric: bool, signed: b
             # Bin k spans [(k - half) * width, (k - half + 1) * width): the range keeps whole bins.
             a = max(a, (start - half) * width[r])
             b = min(b, (end - half + 1) * width[r])
-            err = error(a, b)
-            if err < best:  # strict: ties keep the wider range
-                best, lo[r], hi[r] = err, a, b
+            path.append((a, b))
+        # Every range of the path scored in one pass (row r repeated), in chunks that bound the memory.
+        errors = []
+        for first in range(0, len(path), _PATH_CHUNK):
+            chunk = np.array(path[first : first + _PATH_CHUNK])
+            rows = len(chunk)
+            errors.append(_expected_errors(np.broadcast_to(centers[r], (rows, hist.bins)),
+                                           np.broadcast_to(weights[r], (rows, hist.bins)), np.full(rows, width[r]),
+                                           chunk[:, 0], chunk[:, 1], bits=bits, symmetric=symmetric, signed=signed))
+        best = int(np.argmin(np.concatenate(errors)))  # the first minimum: ties keep the wider range
+        lo[r], hi[r] = path[best]
     return lo, hi
 
 

@@ -137,3 +137,42 @@ def test_l2_histogram_range_aims_where_torchaos_histogram_observer_does(kind):
     assert ours <= quantization_mse(hist, hist.min_val, hist.max_val, **args)[0]
     assert lo[0] == pytest.approx(theirs[0], rel=0.15) and hi[0] == pytest.approx(theirs[1], rel=0.15)
     assert hist.min_val[0] <= lo[0] < hi[0] <= hist.max_val[0]
+
+
+@pytest.mark.parametrize("bits", [8, 6, 4])
+def test_l2_histogram_range_is_the_step_by_step_minimum_of_its_trimming_path(bits):
+    # The path is scored in one vectorized pass; this is its definition, one range at a time (ties: the wider).
+    from sq_plugin.core.ranges import l2_histogram_range, quantization_mse
+
+    rng = np.random.default_rng(bits)
+    hist = Histogram.empty(rows=2)
+    x = np.stack([rng.laplace(size=20000), np.abs(rng.standard_normal(20000)) ** 3])
+    x[0, :5] *= 40
+    hist.update(x, channel_axis=0)
+    args = dict(bits=bits, symmetric=False, signed=False)
+    lo, hi = hist.min_val.astype(np.float64).copy(), hist.max_val.astype(np.float64).copy()
+    half = hist.bins // 2
+    for r in range(hist.rows):
+        counts, width = hist.counts[r], hist.bin_width[r]
+        nonzero = np.flatnonzero(counts)
+        start, end, below, above = int(nonzero[0]), int(nonzero[-1]), 0, 0
+        a, b = float(lo[r]), float(hi[r])
+
+        def error(a, b, r=r):
+            row_lo, row_hi = lo.copy(), hi.copy()
+            row_lo[r], row_hi[r] = a, b
+            return float(quantization_mse(hist, row_lo, row_hi, **args)[r])
+
+        best, best_range = error(a, b), (a, b)
+        while start < end:
+            if below + counts[start] < above + counts[end]:
+                below, start = below + counts[start], start + 1
+            else:
+                above, end = above + counts[end], end - 1
+            a, b = max(a, (start - half) * width), min(b, (end - half + 1) * width)
+            if error(a, b) < best:
+                best, best_range = error(a, b), (a, b)
+        lo[r], hi[r] = best_range
+    got_lo, got_hi = l2_histogram_range(hist, **args)
+    assert got_lo.tolist() == lo.tolist() and got_hi.tolist() == hi.tolist()  # bit for bit
+    assert (got_hi < hist.max_val).any()  # and it did trim somewhere
