@@ -121,7 +121,8 @@ def table(rows: list[dict[str, Any]], searches: dict[str, dict[str, Any]]) -> st
             lines.append(f"| {s['model']} | {s['bits']} | {s['metric']} ({s['threshold']:g}{scored}) | "
                          f"{s['fp_metric']:.4f} | "
                          f"{s['max_metric']:.4f} | {best} | {s['final_metric']:.4f} | {len(flagged)} | "
-                         f"{shown or 'none'} | {100 * share:.2f} % | {s['evaluations']} | "
+                         f"{shown or 'none'} | {100 * share:.2f} % | {s['evaluations']}"
+                         + (f" ({s['stopped_early']} stopped early)" if s.get("stopped_early") else "") + " | "
                          f"{s['wall_seconds']:.0f} | {ratio} |")
         lines.append("")
         chose = [s for s in searches.values() if s.get("activation_choice")]
@@ -275,7 +276,8 @@ def main() -> None:
         cost = None if mx is None else s["wall_seconds"] / (mx["calib_seconds"] + mx["eval_seconds"])
         searches[key] = {"model": s["model"], "bits": s["bits"], "metric": args.metric, "fp_metric": s["fp_metric"],
                          "max_metric": s["max_metric"], "final_metric": s["final_metric"],
-                         "evaluations": s["evaluations"], "wall_seconds": s["wall_seconds"], "seconds": s["seconds"],
+                         "evaluations": s["evaluations"], "stopped_early": s.get("stopped_early", 0),
+                         "wall_seconds": s["wall_seconds"], "seconds": s["seconds"],
                          "cache": s.get("cache", {}), "cost_ratio": cost,
                          "threshold": run.recipe.method_options.stablequant.threshold_for(),
                          "metric_size": run.recipe.method_options.stablequant.metric_size,

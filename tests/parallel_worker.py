@@ -11,6 +11,7 @@ import sys
 import torch
 
 from sq_plugin import parallel
+from sq_plugin.core.defaults import METRIC_THRESHOLDS
 from sq_plugin.families.ctc import search_ctc
 from sq_plugin.search import SearchConfig
 from sq_plugin.speech.corpus import load_split
@@ -21,13 +22,16 @@ def search_summary(result) -> dict:
     return {"flagged": result.flagged, "fp_metric": result.fp_metric, "max_metric": result.max_metric,
             "final_metric": result.final_metric, "rule_metrics": result.rule_metrics,
             "evaluations": result.evaluations, "ranges": {d.name: list(d.act_range) for d in result.layers},
-            "choices": {d.name: d.choice for d in result.layers}}
+            "choices": {d.name: d.choice for d in result.layers}, "stopped_early": result.stopped_early,
+            "lower_bounds": {d.name: d.lower_bounds for d in result.layers if d.lower_bounds},
+            "candidates": {d.name: {str(k): v for k, v in d.candidates.items()} for d in result.layers if d.flagged}}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--utterances", type=int, default=16)
     parser.add_argument("--metric", default="wer")
+    parser.add_argument("--threshold", type=float, default=None, help="default: the metric's own")
     parser.add_argument("--out", required=True)
     parser.add_argument("--die-after", type=int, default=None)
     args = parser.parse_args()
@@ -46,7 +50,9 @@ def main() -> int:
                 os._exit(17)
             return real(*a, **k)
         ctc.evaluate = dying
-    result = search_ctc(bundle, dev, SearchConfig(), metric=args.metric, progress=False)
+    threshold = METRIC_THRESHOLDS[args.metric] if args.threshold is None else args.threshold
+    result = search_ctc(bundle, dev, SearchConfig(threshold=threshold, float_fallback=True), metric=args.metric,
+                        progress=False)
     if parallel.is_main():
         with open(args.out, "w") as f:
             json.dump(search_summary(result), f)

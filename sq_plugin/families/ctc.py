@@ -13,7 +13,7 @@ import copy
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from sq_plugin.core.ranges import RangeRule
 from sq_plugin.core.stats import DEFAULT_BINS, Histogram
 from sq_plugin.families import metric_subset
 from sq_plugin.search import SearchConfig, SearchResult, collect_input_histograms, stablequant_search
+from sq_plugin.search.early_stop import gathered_mean, sum_until
 from sq_plugin.search.prefix_cache import DEFAULT_BUDGET_MB
 from sq_plugin.speech.audio import SAMPLE_RATE
 from sq_plugin.speech.evaluate import evaluate, transcribe, uses_attention_mask
@@ -96,45 +97,56 @@ def ctc_labels(bundle: SpeechModel, utterances: Sequence[Any]) -> list[torch.Ten
     return labels
 
 
+def _log_probs(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.log_softmax(model(*inputs).logits[0].float(), dim=-1)
+
+
 def ctc_log_probs(model: torch.nn.Module, inputs: Sequence[tuple[torch.Tensor, ...]], indices: Sequence[int]
                   ) -> dict[int, torch.Tensor]:
     """The CTC log-posteriors (frames, vocabulary) of the utterances `indices`, one utterance per call."""
-    with torch.inference_mode():
-        return {i: torch.log_softmax(model(*inputs[i]).logits[0].float(), dim=-1) for i in indices}
+    return {i: _log_probs(model, inputs[i]) for i in indices}
 
 
 def ctc_loss_per_char(model: torch.nn.Module, inputs: Sequence[tuple[torch.Tensor, ...]],
-                      labels: Sequence[torch.Tensor], *, blank: int) -> float:
+                      labels: Sequence[torch.Tensor], *, blank: int, bound: float | None = None) -> float:
     """Mean over utterances of CTC loss / reference length (one utterance per call: no padding). Under
-    torch.distributed each rank scores every world-th utterance; the values are gathered and summed in order."""
+    torch.distributed each rank scores every world-th utterance; the values are gathered and summed in order.
+    bound: stop once the mean is sure to exceed it, and return that lower bound (`sq_plugin.search.early_stop`)."""
     if len(inputs) != len(labels):
         raise ValueError(f"ctc_loss_per_char: {len(inputs)} inputs for {len(labels)} label sequences")
     mine = parallel.batch_shard(len(labels), 1)
-    values = []
-    for i, log_probs in ctc_log_probs(model, inputs, mine).items():
-        y = labels[i]
-        loss = torch.nn.functional.ctc_loss(log_probs[:, None], y[None], torch.tensor([log_probs.shape[0]]),
-                                            torch.tensor([len(y)]), blank=blank, reduction="sum")
-        values.append(float(loss) / len(y))  # inf if the audio is too short for its transcript: the search raises
-    return sum(parallel.gather_in_order(values, mine, len(labels))) / len(labels)
+
+    def per_utterance() -> Iterator[float]:
+        for i in mine:
+            log_probs, y = _log_probs(model, inputs[i]), labels[i]
+            loss = torch.nn.functional.ctc_loss(log_probs[:, None], y[None], torch.tensor([log_probs.shape[0]]),
+                                                torch.tensor([len(y)]), blank=blank, reduction="sum")
+            yield float(loss) / len(y)  # inf if the audio is too short for its transcript: the search raises
+
+    values, _, stopped = sum_until(per_utterance(), len(labels), bound)
+    return gathered_mean(values, mine, len(labels), len(labels), stopped)
 
 
 def ctc_kl_per_frame(model: torch.nn.Module, inputs: Sequence[tuple[torch.Tensor, ...]],
-                     reference: Mapping[int, torch.Tensor]) -> float:
+                     reference: Mapping[int, torch.Tensor], *, bound: float | None = None) -> float:
     """Mean over utterances of the per-frame KL(reference || model) of the CTC posteriors, in nats: how far the
     model's outputs moved from `reference` (the float model's `ctc_log_probs`). Under torch.distributed each rank
-    scores the utterances its `reference` holds (`parallel.batch_shard`); the values are gathered in order."""
+    scores the utterances its `reference` holds (`parallel.batch_shard`); the values are gathered in order.
+    bound: stop once the mean is sure to exceed it, and return that lower bound (`sq_plugin.search.early_stop`)."""
     mine = sorted(reference)
-    values = []
-    for i, log_q in ctc_log_probs(model, inputs, mine).items():
-        log_p = reference[i]
-        if log_q.shape != log_p.shape:
-            raise ValueError(f"ctc_kl: utterance {i} gives {tuple(log_q.shape)} posteriors against the float "
-                             f"model's {tuple(log_p.shape)}; the metric compares one model's quantized and float "
-                             "versions")
-        kl = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
-        values.append(float(kl.mean()))
-    return sum(parallel.gather_in_order(values, mine, len(inputs))) / len(inputs)
+
+    def per_utterance() -> Iterator[float]:
+        for i in mine:
+            log_q, log_p = _log_probs(model, inputs[i]), reference[i]
+            if log_q.shape != log_p.shape:
+                raise ValueError(f"ctc_kl: utterance {i} gives {tuple(log_q.shape)} posteriors against the float "
+                                 f"model's {tuple(log_p.shape)}; the metric compares one model's quantized and float "
+                                 "versions")
+            yield float(torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).mean())
+
+    values, _, stopped = sum_until(per_utterance(), len(inputs), bound)
+    return gathered_mean(values, mine, len(inputs), len(inputs), stopped)
 
 
 def ctc_statistics(bundle: SpeechModel, calibration: Sequence[Any], *, bins: int = DEFAULT_BINS
@@ -151,11 +163,12 @@ def ctc_statistics(bundle: SpeechModel, calibration: Sequence[Any], *, bins: int
 
 
 def ctc_score(bundle: SpeechModel, utterances: Sequence[Any], metric: str, *, batch_size: int = 8
-              ) -> Callable[[], float]:
+              ) -> Callable[..., float]:
     """The calibration metric on `bundle.model` as it stands at each call: "wer", "cer" (greedy decoding) or
     "ctc_loss" (CTC loss per reference character) or "ctc_kl" (per-frame KL of the posteriors from those of
     `bundle.model` as it is now, which must be float: computed once, here). What the search and the sensitivity
-    measurement score."""
+    measurement score. "ctc_loss" and "ctc_kl" take an optional `bound=` (`sq_plugin.search.early_stop`); the
+    rates decode every utterance in full (stopping them early would need per-batch word counts)."""
     _require_ctc(bundle)
     _require_utterances(utterances, "calibration")
     if metric not in METRICS:
@@ -164,15 +177,15 @@ def ctc_score(bundle: SpeechModel, utterances: Sequence[Any], metric: str, *, ba
         inputs = [ctc_inputs(bundle, u.audio) for u in utterances]
         labels, blank = ctc_labels(bundle, utterances), _blank_id(bundle)
 
-        def loss() -> float:
-            return ctc_loss_per_char(bundle.model, inputs, labels, blank=blank)
+        def loss(*, bound: float | None = None) -> float:
+            return ctc_loss_per_char(bundle.model, inputs, labels, blank=blank, bound=bound)
         return loss
     if metric == "ctc_kl":
         inputs = [ctc_inputs(bundle, u.audio) for u in utterances]
         reference = ctc_log_probs(bundle.model.eval(), inputs, parallel.batch_shard(len(inputs), 1))
 
-        def kl() -> float:
-            return ctc_kl_per_frame(bundle.model, inputs, reference)
+        def kl(*, bound: float | None = None) -> float:
+            return ctc_kl_per_frame(bundle.model, inputs, reference, bound=bound)
         return kl
 
     def rate() -> float:

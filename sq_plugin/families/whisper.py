@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,7 @@ from sq_plugin.families import metric_subset
 from sq_plugin.families.ctc import QuantizedModel
 from sq_plugin.recipe import TEACHER_FORCED_METRICS
 from sq_plugin.search import SearchConfig, SearchResult, collect_input_histograms, stablequant_search
+from sq_plugin.search.early_stop import sum_until
 from sq_plugin.search.prefix_cache import DEFAULT_BUDGET_MB
 from sq_plugin.speech.audio import SAMPLE_RATE
 from sq_plugin.speech.evaluate import evaluate, transcribe
@@ -117,15 +118,21 @@ def _forward(model: torch.nn.Module, batch: TeacherForcedBatch) -> torch.Tensor:
 
 
 def teacher_forced_kl(model: torch.nn.Module, batches: Sequence[TeacherForcedBatch],
-                      reference: Sequence[torch.Tensor]) -> float:
+                      reference: Sequence[torch.Tensor], *, bound: float | None = None) -> float:
     """Mean KL(reference || model) per target token: `reference[i]` holds the float model's log-probabilities at
-    batch i's target positions (`teacher_forced_log_probs`)."""
-    total, tokens = 0.0, 0
-    with torch.inference_mode():
-        for batch, log_p in zip(batches, reference, strict=True):
-            log_q = torch.log_softmax(_forward(model, batch).float()[batch.labels != -100], dim=-1)
-            total += float(torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="sum"))
-            tokens += len(log_p)
+    batch i's target positions (`teacher_forced_log_probs`). bound: stop once the mean is sure to exceed it, and
+    return that lower bound (`sq_plugin.search.early_stop`)."""
+    if len(batches) != len(reference):
+        raise ValueError(f"teacher_forced_kl: {len(batches)} batches for {len(reference)} reference batches")
+    tokens = sum(len(log_p) for log_p in reference)
+
+    def per_batch() -> Iterator[float]:
+        with torch.inference_mode():
+            for batch, log_p in zip(batches, reference, strict=True):
+                log_q = torch.log_softmax(_forward(model, batch).float()[batch.labels != -100], dim=-1)
+                yield float(torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="sum"))
+
+    _, total, _ = sum_until(per_batch(), tokens, bound)
     return total / tokens
 
 
@@ -135,22 +142,29 @@ def teacher_forced_log_probs(model: torch.nn.Module, batches: Sequence[TeacherFo
         return [torch.log_softmax(_forward(model, b).float()[b.labels != -100], dim=-1) for b in batches]
 
 
-def teacher_forced_scores(model: torch.nn.Module, batches: Sequence[TeacherForcedBatch]) -> dict[str, float]:
-    """{"tf_loss": mean cross-entropy per reference token, "tf_token_error": argmax error rate}."""
-    total_loss, errors, tokens = 0.0, 0, 0
+def teacher_forced_scores(model: torch.nn.Module, batches: Sequence[TeacherForcedBatch], *,
+                          stop_above: tuple[str, float] | None = None) -> dict[str, float]:
+    """{"tf_loss": mean cross-entropy per reference token, "tf_token_error": argmax error rate}.
+    stop_above: (metric, bound): stop once that metric is sure to exceed the bound; both values are then lower
+    bounds (`sq_plugin.search.early_stop`)."""
+    tokens = sum(int((b.labels != -100).sum()) for b in batches)
+    if not tokens:
+        raise ValueError("teacher_forced_scores: the batches hold no target token")
+    sums = {"tf_loss": 0.0, "tf_token_error": 0.0}
     with torch.inference_mode():
         for batch in batches:
             logits = _forward(model, batch).float()
             mask = batch.labels != -100
-            total_loss += float(torch.nn.functional.cross_entropy(
+            sums["tf_loss"] += float(torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), ignore_index=-100, reduction="sum"))
-            errors += int(((logits.argmax(-1) != batch.labels) & mask).sum())
-            tokens += int(mask.sum())
-    return {"tf_loss": total_loss / tokens, "tf_token_error": errors / tokens}
+            sums["tf_token_error"] += int(((logits.argmax(-1) != batch.labels) & mask).sum())
+            if stop_above is not None and sums[stop_above[0]] / tokens > stop_above[1]:
+                break
+    return {name: total / tokens for name, total in sums.items()}
 
 
 def whisper_score(bundle: SpeechModel, utterances: Sequence[Any], metric: str, *, batch_size: int = 8
-                  ) -> tuple[Callable[[], float], str | None]:
+                  ) -> tuple[Callable[..., float], str | None]:
     """(the calibration metric on `bundle.model` as it stands at each call, its prefix replay: "auto" or None).
     Teacher-forced metrics score the float model's own greedy transcripts (decoded once, here) and replay;
     "wer"/"cer" decode every time, through a KV cache, so nothing can be replayed."""
@@ -166,12 +180,13 @@ def whisper_score(bundle: SpeechModel, utterances: Sequence[Any], metric: str, *
         if metric == "tf_kl":  # the float model's distributions, once: `model` is float now
             reference = teacher_forced_log_probs(model.eval(), tf_batches)
 
-            def kl() -> float:
-                return teacher_forced_kl(model, tf_batches, reference)
+            def kl(*, bound: float | None = None) -> float:
+                return teacher_forced_kl(model, tf_batches, reference, bound=bound)
             return kl, "auto"
 
-        def teacher_forced() -> float:
-            return teacher_forced_scores(model, tf_batches)[metric]
+        def teacher_forced(*, bound: float | None = None) -> float:
+            return teacher_forced_scores(model, tf_batches, stop_above=None if bound is None else (metric, bound))[
+                metric]
         return teacher_forced, "auto"
 
     def rate() -> float:

@@ -8,8 +8,9 @@ end of the block (its signature). In a later evaluation, a block whose signature
 not run: it returns (a copy of) the recorded output of the same call. The result is bit-for-bit what
 a full run gives, because a block's output depends only on its input and the layers before it.
 
-When it is safe: the metric pushes the same batches in the same order every time, and a block is a
-pure function of its arguments (no state updated in place: no KV cache; Whisper runs teacher-forced
+When it is safe: the metric pushes the same batches in the same order every time (or stops after a prefix of
+them, marking the evaluation `stopped`, whose records are then dropped), and a block is a pure function of its
+arguments (no state updated in place: no KV cache; Whisper runs teacher-forced
 with use_cache=False). A block called more often than recorded raises instead of guessing.
 
 Several signatures per block are kept (the float one serves every screening step after it, the
@@ -65,6 +66,13 @@ def ordered_blocks(model: torch.nn.Module) -> list[str]:
         if isinstance(module, QUANTIZABLE) and not any(name.startswith(b + ".") for b in blocks):
             blocks.append(name)
     return blocks
+
+
+@dataclass
+class Evaluation:
+    """One evaluation under `PrefixCache.active`; `stopped`: its metric stopped before the last batch."""
+
+    stopped: bool = False
 
 
 @dataclass
@@ -143,10 +151,13 @@ class PrefixCache:
         return sum(r.nbytes for r in self._records.values())
 
     @contextlib.contextmanager
-    def active(self, plan: dict[str, Hashable]) -> Iterator[None]:
+    def active(self, plan: dict[str, Hashable]) -> Iterator[Evaluation]:
         """Within the block, every block replays its recorded output for `plan`'s signature, or runs
-        and records it (several signatures per block are kept, least recently used evicted first)."""
+        and records it (several signatures per block are kept, least recently used evicted first).
+        It yields an `Evaluation`: mark it `stopped` when the metric stopped before its last batch (a candidate
+        that could not win): what it recorded is then incomplete, and dropped."""
         self._evaluation += 1
+        evaluation = Evaluation()
         originals: dict[str, Any] = {}
         pending: dict[tuple[str, tuple], _Record] = {}
         replayed: dict[str, list[int]] = {}  # block -> [calls replayed, calls recorded]
@@ -163,13 +174,15 @@ class PrefixCache:
                 pending[key] = _Record(last_used=self._evaluation)
                 module.forward = self._recorder(module, pending[key], pending)
         try:
-            yield
+            yield evaluation
         finally:
             for b, original in originals.items():
                 if original is None:
                     self.modules[b].__dict__.pop("forward", None)
                 else:
                     self.modules[b].forward = original
+        if evaluation.stopped:  # the metric stopped early: fewer calls than recorded, and partial records
+            return
         # Reached only when the evaluation completed (an exception skips this): keep what it recorded.
         short = [b for b, (used, recorded) in replayed.items() if used != recorded]
         if short:
@@ -224,4 +237,4 @@ class PrefixCache:
         return forward
 
 
-__all__ = ["DEFAULT_BUDGET_MB", "PrefixCache", "ordered_blocks"]
+__all__ = ["DEFAULT_BUDGET_MB", "Evaluation", "PrefixCache", "ordered_blocks"]

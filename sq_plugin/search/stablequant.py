@@ -20,7 +20,8 @@ candidate too.
 
 The search is framework-free: it drives a plain `nn.Module` through `sq_plugin.backends.simulate` and asks
 two callables for the data: `run_calibration()` (pushes the calibration set through the model) and
-`metric()` (evaluates the model as it currently is; lower is better). The result becomes a `QuantPlan`
+`metric()` (evaluates the model as it currently is; lower is better; with a keyword `bound` it may stop once its
+value is sure to exceed it, `sq_plugin.search.early_stop`). The result becomes a `QuantPlan`
 (`SearchResult.to_plan()`: every layer's range on the grids that were scored), which every backend applies.
 """
 
@@ -50,7 +51,8 @@ from sq_plugin.core.plan import LayerPlan, QuantPlan, x86_grids
 from sq_plugin.core.quant import check_bits, grid_bits
 from sq_plugin.core.ranges import RangeRule, check_percentile, compute_range, l2_histogram_range
 from sq_plugin.core.stats import DEFAULT_BINS, Histogram, MovingAverageMinMax
-from sq_plugin.search.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
+from sq_plugin.search.early_stop import takes_bound
+from sq_plugin.search.prefix_cache import DEFAULT_BUDGET_MB, Evaluation, PrefixCache
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,10 @@ class SearchConfig:
     refine_passes: not in the paper (0 by default). Extra sweeps over the flagged layers once all are set, each
         layer re-choosing among its candidates with the others at their new choices (never worse: the current
         choice is a candidate).
+    early_stop: not in the paper (on by default); changes no decision. A candidate's evaluation (a range, or float)
+        stops once it cannot beat the best so far, when the metric takes `bound` (`sq_plugin.search.early_stop`):
+        the same choices, in less time; a loser's recorded metric is then a lower bound (`LayerDecision.lower_bounds`).
+        False scores every candidate in full (to plot whole candidate curves).
     """
 
     w_bits: int = 8
@@ -90,6 +96,7 @@ class SearchConfig:
     int8_grid: str = "auto"
     builtin_candidates: bool = True
     refine_passes: int = 0
+    early_stop: bool = True
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, name="w_bits")
@@ -137,6 +144,9 @@ class LayerDecision:
     rule_candidates: dict[str, float] = field(default_factory=dict)  # built-in rule -> metric (flagged layers)
     macs: int = 0  # multiply-accumulates over the calibration set (the share kept float is reported)
     shares_input_with: list[str] = field(default_factory=list)  # layers reading the same tensor: one decision
+    # Candidates (a percentile as text, a rule name, or "float") that lost to the best so far with early_stop: their
+    # recorded metric is a lower bound, as their evaluation may have stopped once it could not win.
+    lower_bounds: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -148,6 +158,7 @@ class SearchResult:
     layers: list[LayerDecision]
     seconds: dict[str, float]
     evaluations: int
+    stopped_early: int = 0  # evaluations whose metric stopped before the last utterance (early_stop)
     cache: dict[str, float] = field(default_factory=dict)  # prefix-cache counters (empty: no cache)
     # The statistics the search decided on (layer -> input histogram): a baseline rule can reuse them
     # (`sq_plugin.search.rules.rule_plan`) instead of pushing the calibration set through the model again.
@@ -221,7 +232,7 @@ class SearchResult:
             "float_mac_share": self.float_mac_share, "base_rule": self.base_rule, "rule_metrics": self.rule_metrics,
             "referee_metrics": self.referee_metrics, "referee_choice": self.referee_choice,
             "seconds": self.seconds,
-            "evaluations": self.evaluations, "cache": self.cache,
+            "evaluations": self.evaluations, "stopped_early": self.stopped_early, "cache": self.cache,
             "layers": [{**asdict(d), "candidates": {str(k): v for k, v in d.candidates.items()}} for d in self.layers],
         }
 
@@ -311,7 +322,7 @@ def _matching(names: Sequence[str], patterns: Sequence[str]) -> set[str]:
     return matched
 
 
-def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], None], metric: Callable[[], float],
+def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], None], metric: Callable[..., float],
                        config: SearchConfig | None = None, *, layers: Sequence[str] | None = None,
                        progress: bool = True, replay_blocks: Sequence[str] | str | None = None,
                        cache_budget_mb: float = DEFAULT_BUDGET_MB, sharded: bool = False,
@@ -342,15 +353,24 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
     kept = _matching(names, config.keep_float)
     seconds: dict[str, float] = {}
     evaluations = 0
+    stopped_early = 0
+    bounded = config.early_stop and takes_bound(metric)
 
     cache: PrefixCache | None = None
 
-    def evaluate(plan: dict[str, LayerQuant], what: str) -> float:
-        nonlocal evaluations
+    def evaluate(plan: dict[str, LayerQuant], what: str, *, bound: float | None = None) -> float:
+        """The metric with `plan`; with a `bound` it may stop once the value is sure to exceed it (early_stop) and
+        return a lower bound above it."""
+        nonlocal evaluations, stopped_early
         evaluations += 1
-        replay = cache.active(plan) if cache is not None else contextlib.nullcontext()
-        with simulate(model, plan), torch.inference_mode(), replay:
-            return _checked(metric(), what)
+        bound = bound if bounded else None
+        replay = cache.active(plan) if cache is not None else contextlib.nullcontext(Evaluation())
+        with simulate(model, plan), torch.inference_mode(), replay as run:
+            value = _checked(metric() if bound is None else metric(bound=bound), what)
+            # Above the bound it may have stopped early: what the cache recorded may be partial (it drops it).
+            run.stopped = bound is not None and value > bound
+        stopped_early += run.stopped
+        return value
 
     start = time.perf_counter()
     hists: dict[str, Histogram] = {}
@@ -455,6 +475,7 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
     percentile_candidates: dict[str, dict[float, float]] = {n: {} for n in flagged}
     rule_candidates: dict[str, dict[str, float]] = {n: {} for n in flagged}
     float_metrics: dict[str, float] = {}
+    lower_bounds: dict[str, set[str]] = {n: set() for n in flagged}
 
     def set_unit(name: str, choice: tuple[str, float], rng: tuple[float, float]) -> None:
         for member in units[name]:
@@ -470,11 +491,17 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
             options += [((rule, 100.0), rule_range(name, rule)) for rule in BUILTIN_RULES if rule != "mse"]
         scored: dict[tuple[float, float], float] = {ranges[name]: current_metric}  # one evaluation per range
         results: list[tuple[float, int, tuple[str, float], tuple[float, float]]] = []
+        best_so_far = current_metric  # a later candidate must be below it to win (ties keep the earlier one)
+        lower_bounds[name] = set()  # this sweep's scores replace the last one's
         for order, (option, rng) in enumerate(options):
+            label = str(option[1]) if option[0] == "percentile" else option[0]
             if rng not in scored:
                 set_unit(name, option, rng)
                 what = f"percentile {option[1]}" if option[0] == "percentile" else f"the {option[0]} range"
-                scored[rng] = evaluate(whole_model(), f"layer {name} at {what} ({sweep})")
+                scored[rng] = evaluate(whole_model(), f"layer {name} at {what} ({sweep})", bound=best_so_far)
+                if bounded and scored[rng] > best_so_far:
+                    lower_bounds[name].add(label)
+            best_so_far = min(best_so_far, scored[rng])
             results.append((scored[rng], order, option, rng))
             if option[0] == "percentile":
                 percentile_candidates[name][option[1]] = scored[rng]
@@ -485,11 +512,14 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
         set_unit(name, best, best_range)
         if config.float_fallback:
             float_layers.update(units[name])
-            float_metrics[name] = evaluate(whole_model(), f"layer {name} in float ({sweep})")
-            if float_metrics[name] < current_metric - config.threshold:
+            wins_below = current_metric - config.threshold  # float must beat the best range by the threshold
+            float_metrics[name] = evaluate(whole_model(), f"layer {name} in float ({sweep})", bound=wins_below)
+            if float_metrics[name] < wins_below:
                 current_metric = float_metrics[name]
             else:
                 float_layers.difference_update(units[name])
+                if bounded and float_metrics[name] > wins_below:
+                    lower_bounds[name].add("float")
 
     for name in tqdm(flagged, desc="clip", disable=not progress or not flagged):  # no empty "clip: 0it" bar
         choose(name, "clip")
@@ -497,7 +527,8 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
         for name in tqdm(flagged, desc=f"refine {sweep + 1}", disable=not progress or not flagged):
             if name not in float_layers:
                 choose(name, f"refine {sweep + 1}")
-    final_metric = evaluate(whole_model(), "the final model")
+    # Every accepted step set current_metric to the whole model's metric as it now is: no final evaluation needed.
+    final_metric = current_metric
     seconds["clip"] = time.perf_counter() - start
 
     # 3. Referee (optional): the searched model against each whole-model built-in rule, on the truer metric.
@@ -528,7 +559,8 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
                       candidates=percentile_candidates.get(leader_of[n], {}), keep_float=n in float_layers,
                       float_metric=float_metrics.get(leader_of[n]), choice=chosen[n][0],
                       rule_candidates=rule_candidates.get(leader_of[n], {}), macs=macs[n],
-                      shares_input_with=[m for m in units[leader_of[n]] if m != n])
+                      shares_input_with=[m for m in units[leader_of[n]] if m != n],
+                      lower_bounds=sorted(lower_bounds.get(leader_of[n], ())))
         for n in names
     ]
     seconds["total"] = float(np.sum(list(seconds.values())))
@@ -536,6 +568,7 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
         "blocks": len(cache.blocks), "budget_mb": cache.budget_bytes / 2**20, "peak_mb": cache.peak_bytes / 2**20,
         "replayed_calls": cache.replayed_calls, "computed_calls": cache.computed_calls}
     return SearchResult(config=config, fp_metric=fp_metric, max_metric=max_metric, final_metric=final_metric,
-                        layers=decisions, seconds=seconds, evaluations=evaluations, cache=cache_stats,
+                        layers=decisions, seconds=seconds, evaluations=evaluations, stopped_early=stopped_early,
+                        cache=cache_stats,
                         histograms=hists, rule_metrics=rule_metrics, base_rule=base_rule,
                         referee_metrics=referee_metrics, referee_choice=referee_choice)

@@ -79,12 +79,18 @@ def test_teacher_forced_scores_match_a_direct_cross_entropy(tiny_whisper, uttera
         tokens += b.labels.shape[1]
     assert scores["tf_loss"] == pytest.approx(losses / tokens, rel=1e-4)
     assert 0.0 <= scores["tf_token_error"] <= 1.0
+    # stop_above: the values summed so far, once the named one is sure to exceed the bound (lower bounds)
+    assert teacher_forced_scores(tiny_whisper.model, batches, stop_above=("tf_loss", scores["tf_loss"])) == scores
+    stopped = teacher_forced_scores(tiny_whisper.model, batches, stop_above=("tf_loss", scores["tf_loss"] / 100))
+    assert scores["tf_loss"] / 100 < stopped["tf_loss"] < scores["tf_loss"]
+    assert stopped["tf_token_error"] <= scores["tf_token_error"]
 
 
 def test_tf_kl_is_the_per_token_kl_from_the_float_model_and_drives_the_search(tiny_whisper, utterances):
     from sq_plugin.backends.simulate import LayerQuant, simulate
 
     kl, replay = whisper_score(tiny_whisper, utterances, "tf_kl")
+    one_per_batch = whisper_score(tiny_whisper, utterances, "tf_kl", batch_size=1)[0]  # it can stop after each
     assert replay == "auto" and kl() == pytest.approx(0.0, abs=1e-7)  # the float model against itself
     from sq_plugin.families.whisper import EVAL_BATCH
     from sq_plugin.speech.evaluate import transcribe
@@ -104,6 +110,9 @@ def test_tf_kl_is_the_per_token_kl_from_the_float_model_and_drives_the_search(ti
             total += float(torch.nn.functional.kl_div(torch.log_softmax(q, -1), torch.log_softmax(logits, -1),
                                                       log_target=True, reduction="sum"))
             tokens += len(logits)
+        assert kl(bound=got) == got  # not above the bound: the exact value
+        exact, stopped = one_per_batch(), one_per_batch(bound=got / 100)
+    assert got / 100 < stopped < exact  # stopped after the first batch that crossed the bound: a lower bound
     assert got == pytest.approx(total / tokens, rel=1e-3) and got > 1e-4  # the 3-bit layer moved the outputs
     config = SearchConfig(w_bits=4, a_bits=4, threshold=0.001, percentiles=(100.0, 99.0))
     search = search_whisper(tiny_whisper, utterances, config, metric="tf_kl", progress=False)

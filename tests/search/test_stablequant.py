@@ -55,7 +55,8 @@ def test_search_flags_exactly_the_outlier_layer_and_clips_it():
     # the chosen percentile is the best candidate, and the search beats MAX ranges by far
     assert fc2.candidates[fc2.percentile] == min(fc2.candidates.values())
     assert result.final_metric < result.max_metric / 5
-    assert result.evaluations == 1 + 3 + 1 + len(SearchConfig().percentiles) + 1
+    # fp, screen (3), whole model MAX, MSE base, then fc2's cut-offs but 100 (the base's range): no final evaluation
+    assert result.evaluations == 1 + 3 + 1 + 1 + len(SearchConfig().percentiles) - 1
     rules = result.per_layer_rules()
     assert rules["fc2"] == RangeRule("percentile_then_mse", percentile=fc2.percentile)
 
@@ -150,7 +151,7 @@ def test_keep_float_layers_stay_float_and_out_of_the_search():
     config = SearchConfig(threshold=1.0, keep_float=("fc[2]",), builtin_candidates=False)
     result = stablequant_search(model, run_calibration, metric, config, progress=False)
     assert result.float_layers == ["fc2"] and result.flagged == []  # fc2, the outlier layer, was never screened
-    assert result.evaluations == 1 + 2 + 1 + 1 + 1  # fp, screen fc1 and fc3, whole model MAX, MSE, final
+    assert result.evaluations == 1 + 2 + 1 + 1  # fp, screen fc1 and fc3, whole model MAX, MSE
     assert result.per_layer_rules() == {"fc1": RangeRule("percentile_then_mse", 100.0), "fc2": None,
                                         "fc3": RangeRule("percentile_then_mse", 100.0)}
     with pytest.raises(ValueError, match="keep_float: 'encoder.*' matches no quantizable layer; layers are named"):
@@ -197,9 +198,9 @@ def test_builtin_candidates_never_lose_to_a_builtin_rule_on_the_metric():
     # Unflagged layers sit on the base rule: its range, exactly.
     fc1 = next(d for d in result.layers if d.name == "fc1")
     assert fc1.choice == ("percentile" if result.base_rule == "mse" else result.base_rule)
-    # One evaluation per distinct range: float, screen (3), MAX, 4 more base rules, fc2's candidates, final.
+    # One evaluation per distinct range: float, screen (3), MAX, 4 more base rules, fc2's candidates.
     distinct = len({*fc2.candidates.values(), *fc2.rule_candidates.values()})
-    assert 1 + 3 + 1 + 4 + distinct - 1 + 1 <= result.evaluations <= 1 + 3 + 1 + 4 + 6 + 3 + 1
+    assert 1 + 3 + 1 + 4 + distinct - 1 <= result.evaluations <= 1 + 3 + 1 + 4 + 6 + 3
 
 
 def test_a_range_no_rule_expresses_is_refused_by_per_layer_rules_and_kept_by_the_plan():
@@ -275,9 +276,9 @@ def test_layers_that_share_an_input_are_one_decision():
     # one range for the three, whatever was chosen, so the quantized graph runs what was scored
     assert by["q"].act_range == by["k"].act_range == by["v"].act_range
     assert by["q"].flagged == by["k"].flagged == by["v"].flagged
-    # screened once for the three: float, 2 units, all MAX, MSE base, the flagged units' candidates, final
+    # screened once for the three: float, 2 units, all MAX, MSE base, the flagged units' candidates
     flagged_units = sum(1 for n in ("q", "out") if by[n].flagged)
-    assert result.evaluations <= 1 + 2 + 1 + 1 + flagged_units * len(config.percentiles) + 1
+    assert result.evaluations <= 1 + 2 + 1 + 1 + flagged_units * len(config.percentiles)
     plan = result.to_plan()
     assert plan.layers["q"].act_range == plan.layers["k"].act_range == plan.layers["v"].act_range
 
