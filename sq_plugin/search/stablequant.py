@@ -493,14 +493,16 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
         results: list[tuple[float, int, tuple[str, float], tuple[float, float]]] = []
         best_so_far = current_metric  # a later candidate must be below it to win (ties keep the earlier one)
         lower_bounds[name] = set()  # this sweep's scores replace the last one's
+        bounded_ranges: set[tuple[float, float]] = set()  # scored only to a lower bound (early_stop)
         for order, (option, rng) in enumerate(options):
-            label = str(option[1]) if option[0] == "percentile" else option[0]
             if rng not in scored:
                 set_unit(name, option, rng)
                 what = f"percentile {option[1]}" if option[0] == "percentile" else f"the {option[0]} range"
                 scored[rng] = evaluate(whole_model(), f"layer {name} at {what} ({sweep})", bound=best_so_far)
                 if bounded and scored[rng] > best_so_far:
-                    lower_bounds[name].add(label)
+                    bounded_ranges.add(rng)
+            if rng in bounded_ranges:
+                lower_bounds[name].add(str(option[1]) if option[0] == "percentile" else option[0])
             best_so_far = min(best_so_far, scored[rng])
             results.append((scored[rng], order, option, rng))
             if option[0] == "percentile":
