@@ -32,7 +32,15 @@ from sq_plugin.search import SearchConfig, SearchResult, collect_input_histogram
 from sq_plugin.search.early_stop import gathered_mean, sum_until
 from sq_plugin.search.prefix_cache import DEFAULT_BUDGET_MB
 from sq_plugin.speech.audio import SAMPLE_RATE
-from sq_plugin.speech.evaluate import evaluate, transcribe, uses_attention_mask
+from sq_plugin.speech.evaluate import (
+    evaluate,
+    length_batches,
+    normalize_text,
+    transcribe,
+    transcribe_ctc_batches,
+    uses_attention_mask,
+    word_errors,
+)
 from sq_plugin.speech.models import SpeechModel
 
 # wer/cer: decode the calibration set (the paper). ctc_loss: mean CTC loss per reference character
@@ -167,8 +175,8 @@ def ctc_score(bundle: SpeechModel, utterances: Sequence[Any], metric: str, *, ba
     """The calibration metric on `bundle.model` as it stands at each call: "wer", "cer" (greedy decoding) or
     "ctc_loss" (CTC loss per reference character) or "ctc_kl" (per-frame KL of the posteriors from those of
     `bundle.model` as it is now, which must be float: computed once, here). What the search and the sensitivity
-    measurement score. "ctc_loss" and "ctc_kl" take an optional `bound=` (`sq_plugin.search.early_stop`); the
-    rates decode every utterance in full (stopping them early would need per-batch word counts)."""
+    measurement score. "wer", "ctc_loss" and "ctc_kl" take an optional `bound=` (`sq_plugin.search.early_stop`);
+    "cer" decodes every utterance in full."""
     _require_ctc(bundle)
     _require_utterances(utterances, "calibration")
     if metric not in METRICS:
@@ -188,10 +196,43 @@ def ctc_score(bundle: SpeechModel, utterances: Sequence[Any], metric: str, *, ba
             return ctc_kl_per_frame(bundle.model, inputs, reference, bound=bound)
         return kl
 
+    if metric == "wer":
+        def word_error_rate(*, bound: float | None = None) -> float:
+            return ctc_wer(bundle, utterances, batch_size=batch_size, bound=bound)
+        return word_error_rate
+
     def rate() -> float:
-        result = evaluate(bundle, utterances, batch_size=batch_size, progress=False)
-        return result.wer if metric == "wer" else result.cer
+        return evaluate(bundle, utterances, batch_size=batch_size, progress=False).cer
     return rate
+
+
+def ctc_wer(bundle: SpeechModel, utterances: Sequence[Any], *, batch_size: int = 8, bound: float | None = None
+            ) -> float:
+    """Corpus WER of greedy CTC decoding, bit for bit `evaluate(...).wer` (the same batches; word edits / reference
+    words, empty references left out), summed batch by batch so that it can stop once the WER is sure to exceed
+    `bound` (then it returns that lower bound, `sq_plugin.search.early_stop`). Under torch.distributed each rank
+    decodes every world-th batch, as `transcribe` does."""
+    _require_utterances(utterances, "calibration")
+    audios = [u.audio for u in utterances]
+    references = [normalize_text(u.text or "") for u in utterances]
+    words = sum(len(r.split()) for r in references)
+    if not words:
+        raise ValueError("every reference transcript is empty; WER is undefined (pass transcribed utterances, or "
+                         "use metric: ctc_kl, which needs none)")
+    batches = length_batches(audios, batch_size)
+    rank, world = parallel.rank_and_world()
+    if world > 1:
+        parallel.batch_shard(len(audios), batch_size, what="clips")  # refuses a world larger than the batches
+    mine = list(range(len(batches)))[rank::world]
+
+    def per_batch() -> Iterator[float]:
+        for texts in transcribe_ctc_batches(bundle, audios, [batches[b] for b in mine]):
+            scored = [i for i in texts if references[i]]  # as evaluate(): empty references are not scored
+            yield float(sum(word_errors([utterances[i].text for i in scored], [texts[i] for i in scored])[0])
+                        if scored else 0)
+
+    errors, _, stopped = sum_until(per_batch(), words, bound)
+    return gathered_mean(errors, mine, len(batches), words, stopped)
 
 
 def search_ctc(bundle: SpeechModel, calibration: Sequence[Any], config: SearchConfig | None = None, *,

@@ -3,7 +3,7 @@
 The clip step keeps the best of a dozen candidate ranges per flagged layer, and most candidates lose. The metrics the
 families give the search are sums of non-negative terms (one per utterance, batch or token) divided by a count that
 is known before the first term: ctc_kl and ctc_loss average over utterances, the teacher-forced metrics over target
-tokens (WER over reference words would too; its decoding path does not stop early yet). After k terms, sum / count
+tokens, CTC WER over reference words (Whisper's decoded WER does not stop early). After k terms, sum / count
 is therefore a lower bound of the value (a floating-point sum of non-negative terms never decreases), and once it
 exceeds `bound` (the best candidate so far) the candidate cannot win: the metric stops there and returns that lower
 bound. The search then decides exactly what full evaluations decide; only the losers are cut short, and their

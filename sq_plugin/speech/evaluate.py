@@ -20,7 +20,7 @@ import re
 import time
 import unicodedata
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import groupby
 from typing import Any
@@ -293,6 +293,19 @@ def _transcribe_whisper(
             results[i] = text.strip()
         bar.update(len(idx))
     return results
+
+
+def transcribe_ctc_batches(bundle: SpeechModel, audios: Sequence[np.ndarray], batches: Sequence[Sequence[int]]
+                           ) -> Iterator[dict[int, str]]:
+    """Greedy CTC texts of `batches` (lists of indices into `audios`, e.g. `length_batches`), one batch at a time
+    and in this process only (no sharding): for a metric that may stop after any batch. Each batch's texts are
+    the ones `transcribe` gives for the same batch."""
+    audios = [np.asarray(a, dtype=np.float32).reshape(-1) for a in audios]
+    if any(len(a) == 0 for a in audios):
+        raise ValueError("transcribe_ctc_batches(): got an empty audio clip")
+    with torch.inference_mode(), _progress(0, False, "") as bar:
+        for idx in batches:
+            yield _transcribe_ctc(bundle, audios, [list(idx)], bar)
 
 
 def transcribe(

@@ -1,6 +1,7 @@
 """Real end to end on the shipped HuBERT reference: offline corpus, StableQuant search, real INT8 kernels."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from sq_plugin.families.ctc import (
     ctc_labels,
     ctc_loss_per_char,
     ctc_score,
+    ctc_wer,
     quantize_ctc_pt2e,
     search_ctc,
 )
@@ -118,6 +120,22 @@ def test_ctc_kl_is_the_per_frame_kl_from_the_float_posteriors_and_drives_the_sea
                         metric="ctc_kl", progress=False)
     assert search.fp_metric == 0.0 and search.max_metric > 0.05 and search.flagged
     assert 0.0 < search.final_metric < search.max_metric
+
+
+def test_ctc_wer_equals_evaluate_bit_for_bit_and_stops_above_a_bound(hubert):
+    from sq_plugin.backends.simulate import LayerQuant, simulate
+
+    dev = load_split("dev", limit=12)
+    layer = "hubert.encoder.layers.0.feed_forward.intermediate_dense"
+    with simulate(hubert.model, {layer: LayerQuant(act_range=(-0.5, 0.5), a_bits=3, w_bits=3)}):
+        want = evaluate(hubert, dev, batch_size=2, progress=False).wer
+        got = ctc_wer(hubert, dev, batch_size=2)
+        assert got == want and got > 0.3  # the same batches, the same sums: the same float
+        assert ctc_score(hubert, dev, "wer", batch_size=2)(bound=got) == got  # not above the bound: exact
+        stopped = ctc_wer(hubert, dev, batch_size=2, bound=got / 20)
+    assert got / 20 < stopped < got  # 6 batches: it stopped before the last
+    with pytest.raises(ValueError, match="every reference transcript is empty"):
+        ctc_wer(hubert, [dataclasses.replace(u, text="") for u in dev[:2]])
 
 
 def test_metric_size_scores_the_first_utterances_and_the_statistics_see_all(hubert):
