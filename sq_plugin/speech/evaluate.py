@@ -303,9 +303,11 @@ def transcribe_ctc_batches(bundle: SpeechModel, audios: Sequence[np.ndarray], ba
     audios = [np.asarray(a, dtype=np.float32).reshape(-1) for a in audios]
     if any(len(a) == 0 for a in audios):
         raise ValueError("transcribe_ctc_batches(): got an empty audio clip")
-    with torch.inference_mode(), _progress(0, False, "") as bar:
-        for idx in batches:
-            yield _transcribe_ctc(bundle, audios, [list(idx)], bar)
+    for idx in batches:
+        # Not yielded inside the context: a caller that stops early must not be left in inference mode.
+        with torch.inference_mode(), _progress(0, False, "") as bar:
+            texts = _transcribe_ctc(bundle, audios, [list(idx)], bar)
+        yield texts
 
 
 def transcribe(
