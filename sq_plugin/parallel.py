@@ -114,14 +114,19 @@ def gather_in_order(local: Sequence[T], indices: Sequence[int], n: int) -> list[
         if len(local) != n:
             raise ValueError(f"gather_in_order: {len(local)} items for {n} (one process holds them all)")
         return list(local)
+    return in_order(_gather_objects((list(local), list(indices))), n)
+
+
+def in_order(parts: Sequence[tuple[Sequence[T], Sequence[int]]], n: int) -> list[T]:
+    """The `n` items of every rank's (items, their original indices), in their original order."""
     out: list[Any] = [None] * n
     seen = 0
-    for values, idx in _gather_objects((list(local), list(indices))):
+    for values, idx in parts:
         for i, v in zip(idx, values, strict=True):
             out[i] = v
             seen += 1
     if seen != n:
-        raise RuntimeError(f"gather_in_order: the ranks returned {seen} items for {n}; their shards overlap or miss "
+        raise RuntimeError(f"the ranks returned {seen} items for {n}; their shards overlap or miss "
                            "some (every rank must shard the same list the same way)")
     return out
 
@@ -131,5 +136,5 @@ def gather(local: Any) -> list[Any]:
     return _gather_objects(local) if active() else [local]
 
 
-__all__ = ["RankFailedError", "active", "batch_shard", "gather", "gather_in_order", "init_from_env", "is_main",
-           "rank_and_world"]
+__all__ = ["RankFailedError", "active", "batch_shard", "gather", "gather_in_order", "in_order", "init_from_env",
+           "is_main", "rank_and_world"]

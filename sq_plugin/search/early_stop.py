@@ -57,17 +57,10 @@ def gathered_mean(values: Sequence[float], indices: Sequence[int], n: int, count
     terms / count, bit for bit what one process computes. When one did: the largest rank's partial sum / count, a
     lower bound of the value (each rank's terms come in the global order, so its partial sum cannot exceed the
     global one) that exceeds the bound, as one process's would."""
-    parts = parallel.gather((list(values), list(indices[: len(values)]), stopped))
+    parts = parallel.gather((list(values), list(indices[: len(values)]), stopped))  # one collective, either way
     if any(part_stopped for _, _, part_stopped in parts):
         return max(ordered_sum(part_values) for part_values, _, _ in parts) / count
-    merged: list[float | None] = [None] * n
-    for part_values, part_indices, _ in parts:
-        for i, value in zip(part_indices, part_values, strict=True):
-            merged[i] = value
-    missing = [i for i, value in enumerate(merged) if value is None]
-    if missing:
-        raise ValueError(f"gathered_mean: no rank scored items {missing[:5]} of {n}")
-    return ordered_sum(merged) / count  # type: ignore[arg-type]
+    return ordered_sum(parallel.in_order([(v, i) for v, i, _ in parts], n)) / count
 
 
 __all__ = ["gathered_mean", "ordered_sum", "sum_until", "takes_bound"]

@@ -30,7 +30,7 @@ def test_sum_until_stops_after_the_term_that_crosses_the_bound():
 def test_gathered_mean_in_one_process_is_the_ordered_sum_or_the_partial_lower_bound():
     assert gathered_mean([1.0, 2.0, 4.0], [0, 1, 2], 3, 3, False) == 7.0 / 3
     assert gathered_mean([1.0, 2.0], [0, 1, 2], 3, 3, True) == 1.0  # stopped after two: 3 / 3, below the full 7 / 3
-    with pytest.raises(ValueError, match="no rank scored items"):
+    with pytest.raises(RuntimeError, match="returned 2 items for 3"):
         gathered_mean([1.0, 2.0], [0, 1, 2], 3, 3, False)
 
 
