@@ -192,8 +192,8 @@ def whisper_score(bundle: SpeechModel, utterances: Sequence[Any], metric: str, *
             return kl, "auto"
 
         def teacher_forced(*, bound: float | None = None) -> float:
-            return teacher_forced_scores(model, tf_batches, stop_above=None if bound is None else (metric, bound))[
-                metric]
+            stop_above = None if bound is None else (metric, bound)
+            return teacher_forced_scores(model, tf_batches, stop_above=stop_above)[metric]
         return teacher_forced, "auto"
 
     def rate() -> float:
