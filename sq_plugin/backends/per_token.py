@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from sq_plugin.core.grid import Grid, PlanError
+from sq_plugin.core.quant import fake_quantize
 
 __all__ = ["PerTokenInt8Linear", "check_per_token_runs_here", "fake_quantize_per_token", "swap_per_token_linears"]
 
@@ -42,7 +43,7 @@ def fake_quantize_per_token(x: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Quantize-dequantize each row of the last dimension of `x` on `grid` with its own range: what the
     simulation runs for a per-token plan layer, and what `PerTokenInt8Linear` computes in integers."""
     scale, zero_point = _row_qparams(x, grid.qmin, grid.qmax)
-    return (torch.clamp(torch.round(x / scale) + zero_point, grid.qmin, grid.qmax) - zero_point) * scale
+    return fake_quantize(x, scale, zero_point, grid.qmin, grid.qmax)  # the row scales broadcast
 
 
 class PerTokenInt8Linear(torch.nn.Module):

@@ -44,3 +44,21 @@ def test_per_channel_fake_quantize_uses_each_channel_scale():
     x = torch.tensor([[0.3, -0.3], [30.0, -30.0]])
     y = fake_quantize(x, torch.tensor([0.1, 10.0]), torch.tensor([0, 0]), -128, 127, axis=0)
     torch.testing.assert_close(y, torch.tensor([[0.3, -0.3], [30.0, -30.0]]))
+
+
+@pytest.mark.parametrize("axis", [None, 1])
+def test_fake_quantize_in_place_path_gives_the_bits_of_the_plain_formula_and_keeps_its_input(axis):
+    # Outside autograd the ops run in place on one new tensor (the search's hot path); they must give exactly what the
+    # formula gives, leave the input as it was, and the autograd path must give the same bits.
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 257) * 3
+    scale = torch.tensor([0.05, 0.1, 0.2]).reshape(1, 3, 1) if axis is not None else torch.tensor(0.07)
+    zp = torch.tensor([3.0, 10.0, 31.0]).reshape(1, 3, 1) if axis is not None else torch.tensor(29.0)
+    expected = (torch.clamp(torch.round(x / scale) + zp, 0, 63) - zp) * scale
+    before = x.clone()
+    got = fake_quantize(x, scale.flatten() if axis else scale, zp.flatten() if axis else zp, 0, 63, axis=axis)
+    assert torch.equal(got, expected)
+    assert torch.equal(x, before)
+    with_grad = fake_quantize(x.clone().requires_grad_(), scale.flatten() if axis else scale,
+                              zp.flatten() if axis else zp, 0, 63, axis=axis)
+    assert with_grad.requires_grad and torch.equal(with_grad.detach(), expected)
