@@ -214,6 +214,8 @@ def main() -> None:
     parser.add_argument("--paper-only", action="store_true",
                         help="StableQuant without the built-in rules as candidates (builtin_candidates: false)")
     parser.add_argument("--refine-passes", type=int, default=0, help="StableQuant option: extra sweeps")
+    parser.add_argument("--shortlist", type=int, default=0,
+                        help="StableQuant option: score only the best N candidates on the full metric (0: all)")
     parser.add_argument("--activations", default="static", choices=("static", "per_token", "auto"),
                         help="StableQuant option: the Linears' inputs per token at run time (auto: by the metric)")
     parser.add_argument("--threads", type=int, default=1)
@@ -262,6 +264,7 @@ def main() -> None:
                                             "float_fallback": args.float_fallback,
                                             "builtin_candidates": not args.paper_only,
                                             "refine_passes": args.refine_passes,
+                                            "shortlist": args.shortlist,
                                             "activations": args.activations,
                                             "keep_float": [g for g in args.keep_float.split(",") if g]}},
         "output_dir": "runs/accuracy",
@@ -295,6 +298,8 @@ def main() -> None:
                          "keep_float": run.recipe.method_options.stablequant.keep_float,
                          "builtin_candidates": run.recipe.method_options.stablequant.builtin_candidates,
                          "refine_passes": run.recipe.method_options.stablequant.refine_passes,
+                         "shortlist": run.recipe.method_options.stablequant.shortlist,
+                         "quick_evaluations": s.get("quick_evaluations", 0),
                          "activations": run.recipe.method_options.stablequant.activations,
                          "activation_choice": getattr(run.plans.get(f"{s['model']} stablequant {s['bits']}"),
                                                       "provenance", {}).get("activation_choice"),

@@ -272,6 +272,9 @@ class StableQuantOptions(_Strict):
     builtin_candidates: bool = True
     # Not in the paper: extra sweeps over the flagged layers once all are set.
     refine_passes: int = Field(default=0, ge=0)
+    # Not in the paper (0: off): score each flagged layer's candidates on every 4th metric utterance first, then only
+    # the best `shortlist` of them on all (approximate, faster; sq_plugin.search.SearchConfig.shortlist).
+    shortlist: int = Field(default=0, ge=0)
     # Not in the paper (Whisper): decode the calibration set to pick between the searched model and each built-in
     # rule everywhere; auto = wer when the metric is a teacher-forced proxy. Off by default: on 16 calibration
     # utterances it misranked the W6A6 candidates (BENCHMARKS.md).
@@ -293,7 +296,8 @@ class StableQuantOptions(_Strict):
         return SearchConfig(w_bits=w_bits, a_bits=a_bits, threshold=threshold,
                             percentiles=tuple(self.percentiles), mse_grid=self.mse_grid,
                             float_fallback=self.float_fallback, keep_float=tuple(self.keep_float), int8_grid=int8_grid,
-                            builtin_candidates=self.builtin_candidates, refine_passes=self.refine_passes)
+                            builtin_candidates=self.builtin_candidates, refine_passes=self.refine_passes,
+                            shortlist=self.shortlist)
 
     @field_validator("threshold")
     @classmethod

@@ -419,7 +419,8 @@ def _run_model(run: RunResult, model: str, calibration: Sequence[Any], evaluatio
             histograms.update(search.histograms)
             run.statistics_seconds[model] = search.seconds.get("statistics", 0.0)
         say(f"{model} {label}: search {seconds:.0f} s, {search.evaluations} evaluations "
-            f"({search.stopped_early} stopped early), flagged "
+            f"({search.stopped_early} stopped early"
+            + (f", {search.quick_evaluations} on the quick metric" if search.quick_evaluations else "") + "), flagged "
             f"{search.flagged or 'none'}")
         searched[(w_bits, a_bits)] = (search, plan)
         return search, plan, seconds
@@ -863,7 +864,9 @@ def _report_md(run: RunResult, plots: Sequence[str]) -> str:
             f"Threshold {cfg['threshold']} ({r.method_options.stablequant.metric.upper()} on the calibration set), "
             f"candidate percentiles {cfg['percentiles']}. {search['evaluations']} evaluations"
             + (f" ({search['stopped_early']} of them stopped early, once they could not win)"
-               if search.get("stopped_early") else "") + " in "
+               if search.get("stopped_early") else "")
+            + (f"; {search['quick_evaluations']} on the quick metric (shortlist {cfg['shortlist']})"
+               if search.get("quick_evaluations") else "") + " in "
             f"{search['wall_seconds']:.1f} s (statistics {secs.get('statistics', 0):.1f} s, screen "
             f"{secs.get('screen', 0):.1f} s, clip {secs.get('clip', 0):.1f} s), then PT2E calibration "
             f"{_fmt(calib.get('stablequant'))} s{minmax}.{replay}",

@@ -202,12 +202,15 @@ def test_int8_grid_choices_match_the_x86_policy_and_bad_ones_are_refused(tmp_pat
 
 def test_search_options_reach_the_search_config_and_bad_ones_name_their_key(tmp_path):
     recipe = load_recipe(write(tmp_path, MINIMAL + "method_options: {stablequant: {refine_passes: 1, "
-                                                   "builtin_candidates: false, threshold: 0.01}}\n"))
+                                                   "builtin_candidates: false, threshold: 0.01, shortlist: 2}}\n"))
     config = recipe.method_options.stablequant.search_config(w_bits=6, a_bits=6, int8_grid="full")
     assert (config.refine_passes, config.builtin_candidates, config.threshold, config.w_bits) == (1, False, 0.01, 6)
+    assert config.shortlist == 2
     assert recipe.method_options.stablequant.search_config(w_bits=8, a_bits=8, int8_grid="full",
                                                            threshold=0.5).threshold == 0.5
     message = error_of(tmp_path, MINIMAL + "method_options: {stablequant: {refine_passes: -1}}\n")
     assert message.startswith("recipe.yaml: method_options.stablequant.refine_passes:")
+    message = error_of(tmp_path, MINIMAL + "method_options: {stablequant: {shortlist: -2}}\n")
+    assert message.startswith("recipe.yaml: method_options.stablequant.shortlist:")
     v1 = load_recipe(write(tmp_path, MINIMAL.replace("corpus-dev,", "corpus-dev-v1,")))
     assert v1.calibration.dataset == "corpus-dev-v1"

@@ -27,7 +27,7 @@ from sq_plugin.backends.weights import StoredWeight, install_stored_weights
 from sq_plugin.core.plan import QuantPlan
 from sq_plugin.core.ranges import RangeRule
 from sq_plugin.core.stats import DEFAULT_BINS, Histogram
-from sq_plugin.families import metric_subset
+from sq_plugin.families import metric_subset, quick_subset
 from sq_plugin.search import SearchConfig, SearchResult, collect_input_histograms, stablequant_search
 from sq_plugin.search.early_stop import gathered_mean, sum_until
 from sq_plugin.search.prefix_cache import DEFAULT_BUDGET_MB
@@ -247,7 +247,10 @@ def search_ctc(bundle: SpeechModel, calibration: Sequence[Any], config: SearchCo
     _require_ctc(bundle)
     _require_utterances(calibration, "calibration")
     bundle = unchanged_caller_model(bundle)
-    score = ctc_score(bundle, metric_subset(calibration, metric_size), metric, batch_size=batch_size)
+    scored = metric_subset(calibration, metric_size)
+    score = ctc_score(bundle, scored, metric, batch_size=batch_size)
+    quick = (ctc_score(bundle, quick_subset(scored), metric, batch_size=batch_size)
+             if config is not None and config.shortlist else None)
     audios = [u.audio for u in calibration]
 
     def run_calibration() -> None:
@@ -258,7 +261,7 @@ def search_ctc(bundle: SpeechModel, calibration: Sequence[Any], config: SearchCo
     bundle.model.eval()
     return stablequant_search(bundle.model, run_calibration, score, config, progress=progress,
                               replay_blocks="auto" if prefix_cache else None, cache_budget_mb=cache_budget_mb,
-                              sharded=parallel.active())
+                              sharded=parallel.active(), quick_metric=quick)
 
 
 @dataclass

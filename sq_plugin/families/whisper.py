@@ -52,7 +52,7 @@ from sq_plugin.backends.x86_isa import resolve_int8_grid
 from sq_plugin.core.quant import grid_bits, quant_bounds
 from sq_plugin.core.ranges import RangeRule, compute_range
 from sq_plugin.core.stats import DEFAULT_BINS, Histogram
-from sq_plugin.families import metric_subset
+from sq_plugin.families import metric_subset, quick_subset
 from sq_plugin.families.ctc import QuantizedModel
 from sq_plugin.recipe import TEACHER_FORCED_METRICS
 from sq_plugin.search import SearchConfig, SearchResult, collect_input_histograms, stablequant_search
@@ -235,8 +235,11 @@ def search_whisper(bundle: SpeechModel, calibration: Sequence[Any], config: Sear
     if referee not in (None, "wer", "cer"):
         raise ValueError(f"unknown Whisper search referee {referee!r}; use 'wer', 'cer', 'auto' or None")
     judge = None if referee is None else whisper_score(bundle, scored, referee, batch_size=batch_size)[0]
+    quick = (whisper_score(bundle, quick_subset(scored), metric, batch_size=batch_size)[0]
+             if config is not None and config.shortlist else None)
     return stablequant_search(model, run_calibration, score, config, progress=progress, replay_blocks=replay,
-                              cache_budget_mb=cache_budget_mb, referee=judge, referee_name=referee or "referee")
+                              cache_budget_mb=cache_budget_mb, referee=judge, referee_name=referee or "referee",
+                              quick_metric=quick)
 
 
 def whisper_statistics(bundle: SpeechModel, calibration: Sequence[Any], *, bins: int = DEFAULT_BINS

@@ -96,6 +96,7 @@ class PrefixCache:
         missing = [b for b in upto if b not in modules]
         if missing:
             raise KeyError(f"no such blocks in the model: {missing[:5]}")
+        self._model = model
         self.blocks = list(upto)
         self.modules = {b: modules[b] for b in self.blocks}
         self.budget_bytes = int(budget_bytes)
@@ -142,6 +143,15 @@ class PrefixCache:
         # A block nested in another is skipped with it; keep the outermost ones only.
         outer = {b: upto[b] for b in upto if not any(b.startswith(o + ".") for o in upto if o != b)}
         return cls(model, outer, budget_bytes=int(budget_mb * 2**20))
+
+    def split(self, share: float) -> PrefixCache:
+        """A second, empty cache over the same blocks for another metric's batches (records are tied to the batches
+        pushed), with `share` of this one's budget, which keeps the rest: together they stay within the budget."""
+        if not 0.0 < share < 1.0:
+            raise ValueError(f"share must be between 0 and 1 (got {share})")
+        other = PrefixCache(self._model, self._upto, budget_bytes=int(self.budget_bytes * share))
+        self.budget_bytes -= other.budget_bytes
+        return other
 
     def signature(self, block: str, plan: dict[str, Hashable]) -> tuple:
         return tuple((name, plan.get(name)) for name in self._upto[block])

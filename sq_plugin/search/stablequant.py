@@ -83,6 +83,12 @@ class SearchConfig:
         stops once it cannot beat the best so far, when the metric takes `bound` (`sq_plugin.search.early_stop`):
         the same choices, in less time; a loser's recorded metric is then a lower bound (`LayerDecision.lower_bounds`).
         False scores every candidate in full (to plot whole candidate curves).
+    shortlist: not in the paper (0 by default: off, every candidate is scored on the full metric). k > 0 scores each
+        flagged unit's candidates first on a quick metric (the same metric on a spread subset of its utterances,
+        `sq_plugin.families.quick_subset`, which the families' searches pass as `quick_metric`), then only the best k
+        of them in full, beside the current choice. Approximate: a candidate that would have won in full may be left
+        out (a 6-bit WER search's candidates lie within a few words of one another, which early stopping cannot
+        prune, BENCHMARKS.md); never worse than the current choice on the full metric, which stays a candidate.
     """
 
     w_bits: int = 8
@@ -97,6 +103,7 @@ class SearchConfig:
     builtin_candidates: bool = True
     refine_passes: int = 0
     early_stop: bool = True
+    shortlist: int = 0
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, name="w_bits")
@@ -113,6 +120,9 @@ class SearchConfig:
         if isinstance(self.refine_passes, bool) or not isinstance(self.refine_passes, int) or self.refine_passes < 0:
             raise ValueError(f"refine_passes must be an integer >= 0 (got {self.refine_passes!r}); 0 = the paper's "
                              "single greedy sweep, 1 = one more sweep over the flagged layers")
+        if isinstance(self.shortlist, bool) or not isinstance(self.shortlist, int) or self.shortlist < 0:
+            raise ValueError(f"shortlist must be an integer >= 0 (got {self.shortlist!r}); 0 = score every candidate "
+                             "in full, 2 = only the best two on the quick metric")
 
     @property
     def grid_bits(self) -> tuple[int, int]:
@@ -147,6 +157,9 @@ class LayerDecision:
     # Candidates (a percentile as text, a rule name, or "float") that lost to the best so far with early_stop: their
     # recorded metric is a lower bound, as their evaluation may have stopped once it could not win.
     lower_bounds: list[str] = field(default_factory=list)
+    # shortlist: each candidate's score on the quick metric (labelled as lower_bounds are); one above the k-th best so
+    # far may be a lower bound. Only the best k were scored in full (`candidates`, `rule_candidates`).
+    quick_candidates: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -159,6 +172,7 @@ class SearchResult:
     seconds: dict[str, float]
     evaluations: int
     stopped_early: int = 0  # evaluations whose metric stopped before the last utterance (early_stop)
+    quick_evaluations: int = 0  # of the evaluations, those on the quick metric (shortlist)
     cache: dict[str, float] = field(default_factory=dict)  # prefix-cache counters (empty: no cache)
     # The statistics the search decided on (layer -> input histogram): a baseline rule can reuse them
     # (`sq_plugin.search.rules.rule_plan`) instead of pushing the calibration set through the model again.
@@ -232,7 +246,8 @@ class SearchResult:
             "float_mac_share": self.float_mac_share, "base_rule": self.base_rule, "rule_metrics": self.rule_metrics,
             "referee_metrics": self.referee_metrics, "referee_choice": self.referee_choice,
             "seconds": self.seconds,
-            "evaluations": self.evaluations, "stopped_early": self.stopped_early, "cache": self.cache,
+            "evaluations": self.evaluations, "stopped_early": self.stopped_early,
+            "quick_evaluations": self.quick_evaluations, "cache": self.cache,
             "layers": [{**asdict(d), "candidates": {str(k): v for k, v in d.candidates.items()}} for d in self.layers],
         }
 
@@ -326,7 +341,8 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
                        config: SearchConfig | None = None, *, layers: Sequence[str] | None = None,
                        progress: bool = True, replay_blocks: Sequence[str] | str | None = None,
                        cache_budget_mb: float = DEFAULT_BUDGET_MB, sharded: bool = False,
-                       referee: Callable[[], float] | None = None, referee_name: str = "referee") -> SearchResult:
+                       referee: Callable[[], float] | None = None, referee_name: str = "referee",
+                       quick_metric: Callable[..., float] | None = None) -> SearchResult:
     """Run screen -> clip -> MSE on `model` (modified only inside the calls; restored after).
 
     layers: module names to quantize (default: every Linear and Conv1d). Weight-norm
@@ -343,8 +359,14 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
     teacher-forced loss ranks ranges one layer at a time, but free-running decoding is what the user gets. Once the
     search is done, the referee scores its result and every built-in rule applied to every layer (with
     builtin_candidates), and the best of them is the decision (`SearchResult.referee_metrics`, `referee_choice`).
+    quick_metric: the metric on a spread quarter of its utterances, for `config.shortlist` (required then). With a
+    prefix cache it gets its own, with a quarter of the budget (its records belong to its batches).
     """
     config = config or SearchConfig()
+    if config.shortlist and quick_metric is None:
+        raise ValueError(f"shortlist={config.shortlist} scores candidates on a quick metric first: pass quick_metric "
+                         "(the metric on a subset of the utterances; search_ctc / search_whisper build it), or set "
+                         "shortlist=0")
     strip_weight_norm(model)
     modules = quantizable_layers(model)
     names = list(layers) if layers is not None else list(modules)
@@ -354,19 +376,24 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
     seconds: dict[str, float] = {}
     evaluations = 0
     stopped_early = 0
+    quick_evaluations = 0
     bounded = config.early_stop and takes_bound(metric)
+    quick_bounded = quick_metric is not None and config.early_stop and takes_bound(quick_metric)
 
     cache: PrefixCache | None = None
+    quick_cache: PrefixCache | None = None
 
-    def evaluate(plan: dict[str, LayerQuant], what: str, *, bound: float | None = None) -> float:
-        """The metric with `plan`; with a `bound` it may stop once the value is sure to exceed it (early_stop) and
-        return a lower bound above it."""
-        nonlocal evaluations, stopped_early
+    def evaluate(plan: dict[str, LayerQuant], what: str, *, bound: float | None = None, quick: bool = False) -> float:
+        """The metric (quick: the quick metric) with `plan`; with a `bound` it may stop once the value is sure to
+        exceed it (early_stop) and return a lower bound above it."""
+        nonlocal evaluations, stopped_early, quick_evaluations
         evaluations += 1
-        bound = bound if bounded else None
-        replay = cache.active(plan) if cache is not None else contextlib.nullcontext(Evaluation())
+        quick_evaluations += quick
+        score, scores_cache = (quick_metric, quick_cache) if quick else (metric, cache)
+        bound = bound if (quick_bounded if quick else bounded) else None
+        replay = scores_cache.active(plan) if scores_cache is not None else contextlib.nullcontext(Evaluation())
         with simulate(model, plan), torch.inference_mode(), replay as run:
-            value = _checked(metric() if bound is None else metric(bound=bound), what)
+            value = _checked(score() if bound is None else score(bound=bound), what)
             # Above the bound it may have stopped early: what the cache recorded may be partial (it drops it).
             run.stopped = bound is not None and value > bound
         stopped_early += run.stopped
@@ -403,6 +430,8 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
     else:  # the statistics pass also traces the order of blocks and layers
         blocks = None if replay_blocks == "auto" else list(replay_blocks)
         cache = PrefixCache.for_model(model, names, statistics, blocks=blocks, budget_mb=cache_budget_mb)
+        if config.shortlist:
+            quick_cache = cache.split(0.25)
     seconds["statistics"] = time.perf_counter() - start
 
     w_grid_bits, a_grid_bits = config.grid_bits
@@ -476,6 +505,30 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
     rule_candidates: dict[str, dict[str, float]] = {n: {} for n in flagged}
     float_metrics: dict[str, float] = {}
     lower_bounds: dict[str, set[str]] = {n: set() for n in flagged}
+    quick_candidates: dict[str, dict[str, float]] = {n: {} for n in flagged}
+
+    def label(option: tuple[str, float]) -> str:
+        return str(option[1]) if option[0] == "percentile" else option[0]
+
+    def shortlisted(name: str, sweep: str, options: list[tuple[tuple[str, float], tuple[float, float]]]
+                    ) -> set[tuple[float, float]]:
+        """The ranges of the best `config.shortlist` options on the quick metric (ties: the earlier option), the
+        current one (`options[0]`) left out: it is always a candidate. Scoring stops early once an option cannot
+        enter them."""
+        quick: dict[tuple[float, float], float] = {ranges[name]: math.inf}  # the current range is not ranked
+        ranked: list[tuple[float, int, tuple[float, float]]] = []
+        quick_candidates[name] = {}
+        for order, (option, rng) in enumerate(options):
+            if rng not in quick:
+                set_unit(name, option, rng)
+                kth = sorted(ranked)[config.shortlist - 1][0] if len(ranked) >= config.shortlist else None
+                what = f"layer {name} at {label(option)} on the quick metric ({sweep})"
+                quick[rng] = evaluate(whole_model(), what, bound=kth, quick=True)
+                ranked.append((quick[rng], order, rng))
+            if math.isfinite(quick[rng]):
+                quick_candidates[name][label(option)] = quick[rng]
+        set_unit(name, *options[0])  # back to the current choice
+        return {rng for _, _, rng in sorted(ranked)[: config.shortlist]}
 
     def set_unit(name: str, choice: tuple[str, float], rng: tuple[float, float]) -> None:
         for member in units[name]:
@@ -490,6 +543,9 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
         if config.builtin_candidates:
             options += [((rule, 100.0), rule_range(name, rule)) for rule in BUILTIN_RULES if rule != "mse"]
         scored: dict[tuple[float, float], float] = {ranges[name]: current_metric}  # one evaluation per range
+        if config.shortlist:  # only the best few on the quick metric are scored in full
+            kept_ranges = shortlisted(name, sweep, options) | {ranges[name]}
+            options = [(option, rng) for option, rng in options if rng in kept_ranges]
         results: list[tuple[float, int, tuple[str, float], tuple[float, float]]] = []
         best_so_far = current_metric  # a later candidate must be below it to win (ties keep the earlier one)
         lower_bounds[name] = set()  # this sweep's scores replace the last one's
@@ -502,7 +558,7 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
                 if bounded and scored[rng] > best_so_far:
                     bounded_ranges.add(rng)
             if rng in bounded_ranges:
-                lower_bounds[name].add(str(option[1]) if option[0] == "percentile" else option[0])
+                lower_bounds[name].add(label(option))
             best_so_far = min(best_so_far, scored[rng])
             results.append((scored[rng], order, option, rng))
             if option[0] == "percentile":
@@ -562,7 +618,8 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
                       float_metric=float_metrics.get(leader_of[n]), choice=chosen[n][0],
                       rule_candidates=rule_candidates.get(leader_of[n], {}), macs=macs[n],
                       shares_input_with=[m for m in units[leader_of[n]] if m != n],
-                      lower_bounds=sorted(lower_bounds.get(leader_of[n], ())))
+                      lower_bounds=sorted(lower_bounds.get(leader_of[n], ())),
+                      quick_candidates=quick_candidates.get(leader_of[n], {}))
         for n in names
     ]
     seconds["total"] = float(np.sum(list(seconds.values())))
@@ -571,6 +628,7 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
         "replayed_calls": cache.replayed_calls, "computed_calls": cache.computed_calls}
     return SearchResult(config=config, fp_metric=fp_metric, max_metric=max_metric, final_metric=final_metric,
                         layers=decisions, seconds=seconds, evaluations=evaluations, stopped_early=stopped_early,
+                        quick_evaluations=quick_evaluations,
                         cache=cache_stats,
                         histograms=hists, rule_metrics=rule_metrics, base_rule=base_rule,
                         referee_metrics=referee_metrics, referee_choice=referee_choice)

@@ -92,6 +92,11 @@ def test_ctc_loss_metric_is_the_per_character_ctc_loss_and_drives_the_search(hub
     assert search.fp_metric == pytest.approx(fp, rel=1e-6)
     assert search.max_metric > fp + 0.05 and search.flagged  # 4-bit MAX ranges hurt the loss
     assert search.final_metric < search.max_metric
+    # shortlist: the candidates ranked on the quick metric (every 4th utterance), the best one scored in full
+    short = search_ctc(hubert, dev, dataclasses.replace(search.config, shortlist=1), metric="ctc_loss", progress=False)
+    assert short.flagged == search.flagged and short.quick_evaluations >= len(short.flagged)
+    assert short.evaluations - short.quick_evaluations < search.evaluations
+    assert short.final_metric <= short.rule_metrics[short.base_rule]
 
 
 def test_ctc_kl_is_the_per_frame_kl_from_the_float_posteriors_and_drives_the_search(hubert):

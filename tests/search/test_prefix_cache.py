@@ -132,3 +132,40 @@ def test_replay_hands_out_copies():
         again.add_(1.0)  # a caller modifying the output in place
     with cache.active({}), torch.no_grad():
         assert torch.equal(model.stem(x), first)
+
+
+def test_a_shortlist_search_replays_each_metric_from_its_own_records():
+    # The quick metric pushes other batches (every other one): its records live in a cache of their own, split from
+    # the budget, so replay gives what the same search without replay gives.
+    def with_quick():
+        model, run, metric = make_problem()
+        gen = torch.Generator().manual_seed(1)
+        batches = [torch.randn(64, 8, generator=gen) * (1 + 20 * (i == 0)) for i in range(6)][::2]
+        with torch.no_grad():
+            reference = [model(b) for b in batches]
+
+        def quick():
+            with torch.no_grad():
+                return sum(float((model(b) - r).square().sum()) for b, r in zip(batches, reference, strict=True))
+        return model, run, metric, quick
+
+    config = SearchConfig(threshold=0.05, w_bits=4, a_bits=4, shortlist=2)
+    model, run, metric, quick = with_quick()
+    plain = stablequant_search(model, run, metric, config, progress=False, quick_metric=quick)
+    model, run, metric, quick = with_quick()
+    cached = stablequant_search(model, run, metric, config, progress=False, quick_metric=quick, replay_blocks="auto",
+                                cache_budget_mb=1.0)
+    assert plain.flagged and plain.quick_evaluations > 0 and cached.quick_evaluations == plain.quick_evaluations
+    assert cached.to_plan().layers == plain.to_plan().layers and cached.final_metric == plain.final_metric
+    assert [d.quick_candidates for d in cached.layers] == [d.quick_candidates for d in plain.layers]
+    assert cached.cache["budget_mb"] == pytest.approx(0.75, abs=1e-6)  # the quick metric's cache has the rest
+
+
+def test_a_split_cache_is_empty_and_the_two_budgets_add_up():
+    model, run, _ = make_problem()
+    cache = PrefixCache.for_model(model, ["stem", "head"], run, budget_mb=1.0)
+    other = cache.split(0.25)
+    assert other.blocks == cache.blocks and other.cached_bytes == 0
+    assert other.budget_bytes + cache.budget_bytes == 2**20
+    with pytest.raises(ValueError, match="share must be between 0 and 1"):
+        cache.split(1.0)

@@ -93,6 +93,8 @@ def test_empty_calibration_is_a_clear_error():
     ({"percentiles": (100.0, 101.0)}, "percentile must be in"),
     ({"threshold": -1}, "threshold must be"),
     ({"a_bits": 12}, "a_bits must be an integer from 2 to 8"),
+    ({"shortlist": -1}, "shortlist must be an integer >= 0"),
+    ({"shortlist": True}, "shortlist must be an integer >= 0"),
 ])
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -311,3 +313,37 @@ def test_an_unrelated_layer_on_a_reused_address_does_not_split_a_shared_input():
     seen = {"fc": [(7, (2, 3))], "q": [(7, (2, 3))], "k": [(7, (2, 3))], "v": [(7, (2, 3))]}
     hists = {"fc": other, "q": same, "k": same.copy(), "v": same.copy()}
     assert shared_input_units(["fc", "q", "k", "v"], seen, hists) == {"fc": ("fc",), "q": ("q", "k", "v")}
+
+
+def test_a_shortlist_scores_only_the_best_candidates_in_full():
+    # With the quick metric the full one, the best on it is the best in full: the same decision as every candidate
+    # scored in full, with one full evaluation per flagged unit instead of one per distinct range.
+    model, run_calibration, metric = make_problem()
+    exact = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0), progress=False)
+    short = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0, shortlist=1),
+                               progress=False, quick_metric=metric)
+    assert short.flagged == exact.flagged == ["fc2"]
+    assert [d.act_range for d in short.layers] == [d.act_range for d in exact.layers]
+    assert short.final_metric == exact.final_metric
+    fc2 = next(d for d in short.layers if d.name == "fc2")
+    ranked = len(set(fc2.quick_candidates.values()))  # the distinct ranges but the current one
+    assert short.quick_evaluations == ranked >= 5
+    assert short.evaluations - short.quick_evaluations == exact.evaluations - ranked + 1
+    # In full: the shortlisted candidate and the current choice (the base rule's range, whose metric is known).
+    assert {*fc2.candidates.values(), *fc2.rule_candidates.values()} == {short.final_metric,
+                                                                        short.rule_metrics[short.base_rule]}
+    assert short.to_dict()["quick_evaluations"] == short.quick_evaluations
+
+
+def test_a_misleading_quick_metric_never_makes_the_search_worse_than_its_start():
+    # The quick metric ranks backwards: the shortlisted candidate is the worst, and the current choice stays.
+    model, run_calibration, metric = make_problem()
+    result = stablequant_search(model, run_calibration, metric, SearchConfig(threshold=1.0, shortlist=1),
+                                progress=False, quick_metric=lambda: -metric())
+    assert result.final_metric <= result.rule_metrics[result.base_rule]
+
+
+def test_a_shortlist_without_a_quick_metric_is_a_clear_error():
+    model, run_calibration, metric = make_problem()
+    with pytest.raises(ValueError, match="shortlist=2 scores candidates on a quick metric first: pass quick_metric"):
+        stablequant_search(model, run_calibration, metric, SearchConfig(shortlist=2), progress=False)
