@@ -120,11 +120,13 @@ def table(rows: list[dict[str, Any]], searches: dict[str, dict[str, Any]]) -> st
             # the plan that ran: the activation choice's share when it made one (it may keep more layers float)
             share = choice.get("float_mac_share", s.get("float_mac_share", 0))
             scored = f"; first {s['metric_size']} utt." if s.get("metric_size") else ""
+            scored += f"; shortlist {s['shortlist']}" if s.get("shortlist") else ""
             lines.append(f"| {s['model']} | {s['bits']} | {s['metric']} ({s['threshold']:g}{scored}) | "
                          f"{s['fp_metric']:.4f} | "
                          f"{s['max_metric']:.4f} | {best} | {s['final_metric']:.4f} | {len(flagged)} | "
                          f"{shown or 'none'} | {100 * share:.2f} % | {s['evaluations']}"
-                         + (f" ({s['stopped_early']} stopped early)" if s.get("stopped_early") else "") + " | "
+                         + (f" ({s['stopped_early']} stopped early)" if s.get("stopped_early") else "")
+                         + (f" ({s['quick_evaluations']} quick)" if s.get("quick_evaluations") else "") + " | "
                          f"{s['wall_seconds']:.0f} | {ratio} |")
         lines.append("")
         chose = [s for s in searches.values() if s.get("activation_choice")]
@@ -214,6 +216,9 @@ def main() -> None:
     parser.add_argument("--paper-only", action="store_true",
                         help="StableQuant without the built-in rules as candidates (builtin_candidates: false)")
     parser.add_argument("--refine-passes", type=int, default=0, help="StableQuant option: extra sweeps")
+    parser.add_argument("--referee", default="none", choices=("none", "auto", "wer", "cer"),
+                        help="StableQuant option (Whisper): decode the calibration set to pick between the search and "
+                             "each built-in rule everywhere")
     parser.add_argument("--shortlist", type=int, default=0,
                         help="StableQuant option: score only the best N candidates on the full metric (0: all)")
     parser.add_argument("--activations", default="static", choices=("static", "per_token", "auto"),
@@ -265,6 +270,7 @@ def main() -> None:
                                             "builtin_candidates": not args.paper_only,
                                             "refine_passes": args.refine_passes,
                                             "shortlist": args.shortlist,
+                                            "referee": args.referee,
                                             "activations": args.activations,
                                             "keep_float": [g for g in args.keep_float.split(",") if g]}},
         "output_dir": "runs/accuracy",
