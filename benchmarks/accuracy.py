@@ -121,6 +121,7 @@ def table(rows: list[dict[str, Any]], searches: dict[str, dict[str, Any]]) -> st
             share = choice.get("float_mac_share", s.get("float_mac_share", 0))
             scored = f"; first {s['metric_size']} utt." if s.get("metric_size") else ""
             scored += f"; shortlist {s['shortlist']}" if s.get("shortlist") else ""
+            scored += f"; referee chose {s['referee_choice']}" if s.get("referee_metrics") else ""
             lines.append(f"| {s['model']} | {s['bits']} | {s['metric']} ({s['threshold']:g}{scored}) | "
                          f"{s['fp_metric']:.4f} | "
                          f"{s['max_metric']:.4f} | {best} | {s['final_metric']:.4f} | {len(flagged)} | "
