@@ -12,6 +12,9 @@ DEFAULT_THRESHOLD = 0.0025
 METRIC_THRESHOLDS: dict[str, float] = {"wer": DEFAULT_THRESHOLD, "cer": DEFAULT_THRESHOLD, "ctc_loss": 0.001,
                                        "ctc_kl": 1e-4, "tf_loss": 0.01, "tf_token_error": DEFAULT_THRESHOLD,
                                        "tf_kl": 0.01}
+# shortlist: the quick metric scores every QUICK_EVERY-th of the metric's utterances (`families.quick_subset`), and the
+# search gives its prefix cache that share of the budget.
+QUICK_EVERY = 4
 # Candidate clip factors of the MSE rule.
 DEFAULT_MSE_GRID = 100
 # The percentile baseline's one cut-off for every layer (recipe method_options.percentile), which the search also

@@ -9,6 +9,8 @@ evaluate, save and load.
 from collections.abc import Sequence
 from typing import Any
 
+from sq_plugin.core.defaults import QUICK_EVERY
+
 
 def metric_subset(calibration: Sequence[Any], metric_size: int | None) -> Sequence[Any]:
     """The calibration utterances a search scores its metric on: the first `metric_size` (None: all). The
@@ -19,9 +21,6 @@ def metric_subset(calibration: Sequence[Any], metric_size: int | None) -> Sequen
         raise ValueError(f"metric_size must be a whole number >= 1 (got {metric_size!r}), or None for every "
                          "calibration utterance")
     return calibration[:metric_size]
-
-
-QUICK_EVERY = 4  # the quick metric scores every 4th utterance: the search gives its cache a quarter of the budget
 
 
 def quick_subset(scored: Sequence[Any]) -> Sequence[Any]:

@@ -46,6 +46,7 @@ from sq_plugin.core.defaults import (
     DEFAULT_MSE_GRID,
     DEFAULT_PERCENTILES,
     DEFAULT_THRESHOLD,
+    QUICK_EVERY,
 )
 from sq_plugin.core.plan import LayerPlan, QuantPlan, x86_grids
 from sq_plugin.core.quant import check_bits, grid_bits
@@ -359,8 +360,8 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
     teacher-forced loss ranks ranges one layer at a time, but free-running decoding is what the user gets. Once the
     search is done, the referee scores its result and every built-in rule applied to every layer (with
     builtin_candidates), and the best of them is the decision (`SearchResult.referee_metrics`, `referee_choice`).
-    quick_metric: the metric on a spread quarter of its utterances, for `config.shortlist` (required then). With a
-    prefix cache it gets its own, with a quarter of the budget (its records belong to its batches).
+    quick_metric: the metric on every `QUICK_EVERY`-th of its utterances, for `config.shortlist` (required then). With
+    a prefix cache it gets its own, with that share of the budget (its records belong to its batches).
     """
     config = config or SearchConfig()
     if config.shortlist and quick_metric is None:
@@ -431,7 +432,7 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
         blocks = None if replay_blocks == "auto" else list(replay_blocks)
         cache = PrefixCache.for_model(model, names, statistics, blocks=blocks, budget_mb=cache_budget_mb)
         if config.shortlist:
-            quick_cache = cache.split(0.25)
+            quick_cache = cache.split(1 / QUICK_EVERY)  # the quick metric's share of the batches
     seconds["statistics"] = time.perf_counter() - start
 
     w_grid_bits, a_grid_bits = config.grid_bits
