@@ -858,6 +858,10 @@ def _report_md(run: RunResult, plots: Sequence[str]) -> str:
         cache = search.get("cache") or {}
         replay = (f" Prefix cache: {cache['replayed_calls']} block calls replayed, {cache['computed_calls']} computed; "
                   f"peak {cache['peak_mb']:.0f} of {cache['budget_mb']:.0f} MiB." if cache else "")
+        if "quick_budget_mb" in cache:
+            replay += (f" The quick metric's own cache: {cache['quick_replayed_calls']} replayed, "
+                       f"{cache['quick_computed_calls']} computed; peak {cache['quick_peak_mb']:.0f} of "
+                       f"{cache['quick_budget_mb']:.0f} MiB.")
         lines += [
             f"## StableQuant search: {key}",
             "",

@@ -627,6 +627,11 @@ def stablequant_search(model: torch.nn.Module, run_calibration: Callable[[], Non
     cache_stats = {} if cache is None else {
         "blocks": len(cache.blocks), "budget_mb": cache.budget_bytes / 2**20, "peak_mb": cache.peak_bytes / 2**20,
         "replayed_calls": cache.replayed_calls, "computed_calls": cache.computed_calls}
+    if quick_cache is not None:  # the shortlist's own cache: its share of the budget, and what it saved
+        cache_stats |= {"quick_budget_mb": quick_cache.budget_bytes / 2**20,
+                        "quick_peak_mb": quick_cache.peak_bytes / 2**20,
+                        "quick_replayed_calls": quick_cache.replayed_calls,
+                        "quick_computed_calls": quick_cache.computed_calls}
     return SearchResult(config=config, fp_metric=fp_metric, max_metric=max_metric, final_metric=final_metric,
                         layers=decisions, seconds=seconds, evaluations=evaluations, stopped_early=stopped_early,
                         quick_evaluations=quick_evaluations,

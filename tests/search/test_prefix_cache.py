@@ -159,6 +159,12 @@ def test_a_shortlist_search_replays_each_metric_from_its_own_records():
     assert cached.to_plan().layers == plain.to_plan().layers and cached.final_metric == plain.final_metric
     assert [d.quick_candidates for d in cached.layers] == [d.quick_candidates for d in plain.layers]
     assert cached.cache["budget_mb"] == pytest.approx(0.75, abs=1e-6)  # the quick metric's cache has the rest
+    assert cached.cache["quick_budget_mb"] == pytest.approx(0.25, abs=1e-6)
+    assert cached.cache["quick_replayed_calls"] > 0 and cached.cache["quick_computed_calls"] > 0
+    assert 0 < cached.cache["quick_peak_mb"] <= 0.25
+    assert "quick_budget_mb" not in plain.cache and "quick_budget_mb" not in stablequant_search(
+        *make_problem(), SearchConfig(threshold=0.05, w_bits=4, a_bits=4), progress=False, replay_blocks="auto",
+        cache_budget_mb=1.0).cache
 
 
 def test_a_split_cache_is_empty_and_the_two_budgets_add_up():
