@@ -510,9 +510,12 @@ def time_whisper(cfg: dict[str, Any]) -> list[dict[str, Any]]:
         setup = time.perf_counter()
         beam_text = transcribe_batch(feats, beams)[0]  # compiles the beam-width batch (graph backends)
         median, p90 = time_fn(lambda b=beams: transcribe_batch(feats, b), min(cfg["warmup"], 1), cfg["runs"])
+        beam_extra: dict[str, Any] = {"_setup_s": round(time.perf_counter() - setup, 1), "_text": beam_text}
+        if cfg.get("beam_wer_utts"):
+            beam_extra.update(_whisper_wer(lambda f, b=beams: transcribe_batch(f, b)[0], bundle,
+                                           cfg["beam_wer_utts"]))
         rows.append(row(f"{model_name} (end-to-end beam {beams}{guard})", name.replace(" greedy,", ""), precision,
-                        seconds, median, p90, threads,
-                        _setup_s=round(time.perf_counter() - setup, 1), _text=beam_text))
+                        seconds, median, p90, threads, **beam_extra))
     return rows
 
 
@@ -726,6 +729,8 @@ def main() -> None:
                         help="Whisper backends to time (default all)")
     parser.add_argument("--whisper-beams", type=int, nargs="*", default=[5],
                         help="beam widths timed for Whisper end to end (batch 1, first thread count)")
+    parser.add_argument("--whisper-beam-wer-utts", type=int, default=0,
+                        help="test utterances for the beam rows' WER (default 0: the beam rows time the clip only)")
     parser.add_argument("--whisper-batches", type=int, nargs="+", default=[8],
                         help="Whisper end-to-end batch sizes besides 1 (first thread count; different clips)")
     parser.add_argument("--arch-batches", type=int, nargs="+", default=[1, 8],
@@ -835,6 +840,7 @@ def main() -> None:
                              "wer_utts": args.wer_utts if threads == args.threads[0] else 0,
                              "batches": args.whisper_batches if threads == args.threads[0] else [],
                              "beams": args.whisper_beams if threads == args.threads[0] else [],
+                             "beam_wer_utts": args.whisper_beam_wer_utts,
                              "no_repeat_ngram": args.whisper_no_repeat_ngram}) or []
 
     wall = time.perf_counter() - t0

