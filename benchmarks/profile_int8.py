@@ -10,12 +10,14 @@ test speech, batch 1; Whisper: the encoder's 30 s window). Self CPU time is summ
     float conv (oneDNN)               aten::mkldnn_convolution (FP32 convs; in INT8: those kept float)
     float linear / matmul             aten::addmm / mm / bmm / linear
     float attention (SDPA)            aten::_scaled_dot_product_*
+    int8 attention GEMM (_int_mm)     aten::_int_mm (Q·Kᵀ and P·V with --int8-attention)
     Inductor fused kernels            graph_*_cpp_fused_* (norms, GELU, softmax, residual adds and,
                                       in INT8, the quantize/dequantize fused into them)
     other (dispatch, views, guards)   the rest
 
     python benchmarks/profile_int8.py                       # both CTC references + Whisper encoder
     python benchmarks/profile_int8.py --models sq/hubert-ref --threads 1
+    python benchmarks/profile_int8.py --models arch/wav2vec2-base --int8-attention   # + INT8 attention
 
 Writes benchmarks/results/profile.json and profile.md (atomically). The profiler adds overhead, so
 per-call totals here run a little above `latency.py`'s medians; the shares are what this is for.
@@ -42,6 +44,7 @@ KINDS = (
     ("float linear / matmul", lambda n: n in ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear",
                                               "aten::baddbmm", "aten::matmul")),
     ("float attention (SDPA)", lambda n: n.startswith("aten::_scaled_dot_product")),
+    ("int8 attention GEMM (_int_mm)", lambda n: n == "aten::_int_mm"),
     ("Inductor fused kernels", lambda n: n.startswith("graph_") and "_cpp_fused_" in n),
 )
 OTHER = "other (dispatch, views, guards)"
@@ -87,14 +90,14 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     # Name each Inductor-generated C++ kernel in the profile (otherwise one opaque "CompiledFxGraph").
     inductor_config.cpp.enable_kernel_profile = True
     torch.set_num_threads(cfg["threads"])
-    from latency import _calib_ctc, _whisper_features, ctc_input, speech_clip
+    from latency import _calib_ctc, _whisper_features, ctc_input, load_ctc, speech_clip
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     from sq_plugin.backends.pt2e import calibrate, lower_x86, prepare_stablequant, strip_weight_norm
     from sq_plugin.speech.corpus import load_split
     from sq_plugin.speech.models import load_model
 
-    bundle = load_model(cfg["model"])
+    bundle = load_model(cfg["model"]) if cfg["model"] == WHISPER else load_ctc(cfg["model"])
     audio = speech_clip(cfg["seconds"])
     if cfg["model"] == WHISPER:
         fp = bundle.model.model.encoder.eval()
@@ -107,11 +110,14 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         calib = _calib_ctc(bundle, cfg["calib"])
         prepared = prepare_stablequant(fp, (calib[0],))
     calibrate(prepared, calib)
-    int8, report = lower_x86(convert_pt2e(prepared), (x,))
-    compiled = torch.compile(fp)
+    converted = convert_pt2e(prepared)
+    int8, report = lower_x86(converted, (x,))
+    variants = [("fp32 compiled", torch.compile(fp)), ("int8", int8)]
+    if cfg.get("int8_attention"):
+        variants.append(("int8 + INT8 attention", lower_x86(converted, (x,), int8_attention=True)[0]))
     result: dict[str, Any] = {"model": cfg["model"], "threads": cfg["threads"], "runs": cfg["runs"],
                               "int8_kernels": {"qlinear": report.qlinear, "qconv": report.qconv}}
-    for name, fn in (("fp32 compiled", compiled), ("int8", int8)):
+    for name, fn in variants:
         by_kind, top, wall = profile_calls(fn, x, cfg["warmup"], cfg["runs"])
         result[name] = {"by_kind_ms": by_kind, "top_ops": top, "wall_ms": round(wall, 2)}
     return result
@@ -120,21 +126,23 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
 def table(results: list[dict[str, Any]]) -> list[str]:
     lines = []
     for r in results:
-        fp, q = r["fp32 compiled"], r["int8"]
+        names = [n for n in ("fp32 compiled", "int8", "int8 + INT8 attention") if n in r]
+        totals = {n: sum(r[n]["by_kind_ms"].values()) for n in names}
         lines += [f"### {r['model']} ({r['threads']} threads; INT8 kernels {r['int8_kernels']})", "",
-                  "| kind of work | FP32 compiled ms/call | share | INT8 ms/call | share |",
-                  "|---|---:|---:|---:|---:|"]
-        fp_total, q_total = sum(fp["by_kind_ms"].values()), sum(q["by_kind_ms"].values())
-        for kind in fp["by_kind_ms"]:
-            a, b = fp["by_kind_ms"][kind], q["by_kind_ms"][kind]
-            lines.append(f"| {kind} | {a:.2f} | {a / fp_total:.0%} | {b:.2f} | {b / q_total:.0%} |")
-        lines += [f"| **sum of self CPU time** | {fp_total:.2f} | | {q_total:.2f} | |",
-                  f"| wall time per call (profiled) | {fp['wall_ms']:.2f} | | {q['wall_ms']:.2f} "
-                  f"| INT8/FP32 = {q['wall_ms'] / fp['wall_ms']:.2f}x |", "",
-                  "Top INT8 ops (ms per call): " + "; ".join(
-                      f"`{o['name'][:60]}` {o['ms_per_call']:.2f} (x{o['calls_per_call']:g})"
-                      for o in q["top_ops"][:6]),
-                  ""]
+                  "| kind of work | " + " | ".join(f"{n} ms/call | share" for n in names) + " |",
+                  "|---|" + "---:|---:|" * len(names)]
+        for kind in r["fp32 compiled"]["by_kind_ms"]:
+            cells = [f"{r[n]['by_kind_ms'].get(kind, 0.0):.2f} | {r[n]['by_kind_ms'].get(kind, 0.0) / totals[n]:.0%}"
+                     for n in names]
+            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+        fp_wall = r["fp32 compiled"]["wall_ms"]
+        lines += ["| **sum of self CPU time** | " + " | ".join(f"{totals[n]:.2f} | " for n in names) + " |",
+                  "| wall time per call (profiled) | " + " | ".join(
+                      f"{r[n]['wall_ms']:.2f} | {r[n]['wall_ms'] / fp_wall:.2f}x" for n in names) + " |", ""]
+        for n in names[1:]:
+            lines += [f"Top {n} ops (ms per call): " + "; ".join(
+                f"`{o['name'][:60]}` {o['ms_per_call']:.2f} (x{o['calls_per_call']:g})" for o in r[n]["top_ops"][:6]),
+                ""]
     return lines
 
 
@@ -147,6 +155,8 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--int8-attention", action="store_true",
+                        help="also profile the INT8 model lowered with int8_attention=True (CTC models)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     if args.worker:
@@ -159,7 +169,7 @@ def main() -> None:
     for model in args.models:
         runs = args.runs if model != WHISPER else max(3, args.runs // 4)
         cfg = {"model": model, "threads": args.threads, "seconds": args.seconds, "calib": args.calib,
-               "warmup": args.warmup, "runs": runs}
+               "warmup": args.warmup, "runs": runs, "int8_attention": args.int8_attention and model != WHISPER}
         result = run_worker(cfg, sys.stderr, script=Path(__file__).resolve())
         (results.append(result) if result else failures.append(model))
     lines = ["# Where the time goes: FP32 compiled vs INT8 (torch.profiler, CPU)", "",
