@@ -694,13 +694,16 @@ def _assemble(bundle: Any, converted: dict[str, torch.fx.GraphModule], settings:
     # The float graphs are the kernel check's referee when INT8 and fake-quant differ by more than rounding: on
     # Whisper base's encoder they do (0.109), with INT8 as close to float as fake-quant.
     reference = _float_graphs(whisper)
+    # The checks run row by row (batch_dims): the encoder's first output is the cross keys [L, B, ...], the step's
+    # the logits [B, 1, V].
     encode, encoder_report = lower_x86(converted["encoder"], (features,), int8_attention=int8_attention,
-                                       reference=reference["encoder"].eval())
+                                       reference=reference["encoder"].eval(), batch_dims=BATCH_DIMS["encoder"],
+                                       output_batch_dim=1)
     with torch.no_grad():
         cross = encode(features)
     # A decode step runs ~100 small kernels: the C++ wrapper saves ~1 ms of Python per step (8.2 -> 7.3 ms).
     step, step_report = lower_x86(converted["decoder_step"], decoder_step_inputs(whisper, cross), cpp_wrapper=True,
-                                  reference=reference["decoder_step"].eval())
+                                  reference=reference["decoder_step"].eval(), batch_dims=BATCH_DIMS["decoder_step"])
     # One backend line for both graphs: the step's grids (the encoder's when its attention is INT8 too), and the
     # per-token Linears of both.
     described = dataclasses.replace(encoder_report if int8_attention else step_report,

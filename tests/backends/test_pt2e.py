@@ -316,6 +316,31 @@ def test_int8_module_raises_when_the_kernels_disagree_with_fake_quant(tiny_huber
         compiled(audio(12000, 2))
 
 
+def test_the_kernel_check_can_run_row_by_row_and_still_catches_one_wrong_row(tiny_wav2vec2):
+    """batch_dims: the check runs the fake-quant graph one batch row at a time (a row's memory, not the batch's);
+    it measures what a batched run gives, and an output wrong on one row only is refused all the same. (The check
+    alone, on a batch-3 output: the Whisper tests compile batches and run it on real INT8 kernels.)"""
+    import sq_plugin.backends.pt2e as pt2e
+
+    x = audio(16000, 0)
+    prepared = prepare_stablequant(tiny_wav2vec2, (x,), dynamic_batch=True)
+    calibrate(prepared, [x])
+    converted = convert_pt2e(prepared)
+    batch = torch.cat([audio(16000, 1), audio(16000, 2), audio(16000, 3)])
+    with torch.no_grad():
+        batched = converted(batch)
+    by_rows = pt2e.Int8Module(converted, 1, batch_dims={0: 0})
+    rows_seen = []
+    by_rows.converted = lambda *a: (rows_seen.append(a[0].shape[0]), converted(*a))[1]
+    key = (((3, 16000),), False)
+    by_rows._check_against_fake_quant(key, (batch,), batched)
+    assert rows_seen == [1, 1, 1] and by_rows.errors[key] < 1e-4  # the rows give the batch's numbers
+    wrong = batched.logits.clone()
+    wrong[1] *= 1.5
+    with pytest.raises(RuntimeError, match="disagree with the fake-quant graph"):
+        by_rows._check_against_fake_quant(key, (batch,), type(batched)(logits=wrong))
+
+
 def test_past_the_limit_the_float_model_tells_amplified_rounding_from_a_wrong_kernel(tiny_hubert):
     """A deep model can amplify rounding ties past MAX_KERNEL_ERROR (Whisper base's encoder: 0.109); then INT8
     passes only if it is as close to the float model as the fake-quant graph is."""
