@@ -1221,7 +1221,6 @@ class Int8Module:
         )
         raise RuntimeError(self.refused[key])
 
-
     def _by_rows(self, model: Callable[..., Any], args: tuple) -> torch.Tensor:
         """`model(*args)`'s first output as float: one batch row at a time when `batch_dims` are known (the rows
         joined again along `output_batch_dim`), else in one call."""
