@@ -18,6 +18,7 @@ test speech, batch 1; Whisper: the encoder's 30 s window). Self CPU time is summ
     python benchmarks/profile_int8.py                       # both CTC references + Whisper encoder
     python benchmarks/profile_int8.py --models sq/hubert-ref --threads 1
     python benchmarks/profile_int8.py --models arch/wav2vec2-base --int8-attention   # + INT8 attention
+    python benchmarks/profile_int8.py --models openai/whisper-tiny.en:step   # one decoder step (M = 1 GEMMs)
 
 Writes benchmarks/results/profile.json and profile.md (atomically). The profiler adds overhead, so
 per-call totals here run a little above `latency.py`'s medians; the shares are what this is for.
@@ -36,6 +37,8 @@ from common import RESULTS, atomic_write
 
 CTC_MODELS = ("sq/wav2vec2-ref", "sq/hubert-ref")
 WHISPER = "openai/whisper-tiny.en"
+WHISPER_STEP = WHISPER + ":step"  # the decoder step alone (one token, batch 1, mid-utterance)
+STEP_POSITION = 20  # the step's position in the static cache: a typical mid-utterance step
 
 KINDS = (
     ("int8 linear (oneDNN qlinear)", lambda n: "qlinear" in n),
@@ -97,6 +100,8 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     from sq_plugin.speech.corpus import load_split
     from sq_plugin.speech.models import load_model
 
+    if cfg["model"] == WHISPER_STEP:
+        return step_worker(cfg)
     bundle = load_model(cfg["model"]) if cfg["model"] == WHISPER else load_ctc(cfg["model"])
     audio = speech_clip(cfg["seconds"])
     if cfg["model"] == WHISPER:
@@ -120,6 +125,32 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     for name, fn in variants:
         by_kind, top, wall = profile_calls(fn, x, cfg["warmup"], cfg["runs"])
         result[name] = {"by_kind_ms": by_kind, "top_ops": top, "wall_ms": round(wall, 2)}
+    return result
+
+
+def step_worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The Whisper decoder step alone: FP32 compiled against the INT8 step of `quantize_whisper_int8` (StableQuant
+    observers on --calib dev utterances), batch 1, at position STEP_POSITION over one real clip's cross K/V."""
+    import torch
+    from latency import _whisper_features, speech_clip
+
+    from sq_plugin.families.whisper_int8 import WhisperDecoderStep, decoder_step_inputs, quantize_whisper_int8
+    from sq_plugin.speech.corpus import load_split
+    from sq_plugin.speech.models import load_model
+
+    bundle = load_model(WHISPER)
+    calib = [_whisper_features(bundle, [u.audio]) for u in load_split("dev", limit=cfg["calib"], progress=False)]
+    quantized = quantize_whisper_int8(bundle, calib)
+    with torch.no_grad():
+        cross = quantized.encode(_whisper_features(bundle, [speech_clip(cfg["seconds"])]))
+    inputs = list(decoder_step_inputs(bundle.model, cross))
+    inputs[1] = torch.tensor([STEP_POSITION])
+    fp = torch.compile(WhisperDecoderStep(bundle.model).eval(), dynamic=False)
+    result: dict[str, Any] = {"model": WHISPER_STEP, "threads": cfg["threads"], "runs": cfg["runs"],
+                              "int8_kernels": quantized.report["lowering"]["decoder_step"]}
+    for name, step in (("fp32 compiled", fp), ("int8", quantized.step)):
+        by_kind, top, wall = profile_calls(lambda args, s=step: s(*args), inputs, cfg["warmup"], cfg["runs"])
+        result[name] = {"by_kind_ms": by_kind, "top_ops": top, "wall_ms": round(wall, 3)}
     return result
 
 
@@ -167,15 +198,17 @@ def main() -> None:
     results, failures = [], []
     state = machine_state()
     for model in args.models:
-        runs = args.runs if model != WHISPER else max(3, args.runs // 4)
+        runs = {WHISPER: max(3, args.runs // 4), WHISPER_STEP: args.runs * 10}.get(model, args.runs)
         cfg = {"model": model, "threads": args.threads, "seconds": args.seconds, "calib": args.calib,
-               "warmup": args.warmup, "runs": runs, "int8_attention": args.int8_attention and model != WHISPER}
+               "warmup": args.warmup, "runs": runs,
+               "int8_attention": args.int8_attention and not model.startswith(WHISPER)}
         result = run_worker(cfg, sys.stderr, script=Path(__file__).resolve())
         (results.append(result) if result else failures.append(model))
     lines = ["# Where the time goes: FP32 compiled vs INT8 (torch.profiler, CPU)", "",
              f"Device: {device_name()}; {args.threads} threads; batch 1; {args.seconds:g} s of test speech "
              f"(Whisper: its 30 s encoder window); {args.warmup} warmup + {args.runs} profiled calls "
-             f"(Whisper {max(3, args.runs // 4)}). Machine state at start: {state}.",
+             f"(Whisper's encoder {max(3, args.runs // 4)}, its decoder step {args.runs * 10}). "
+             f"Machine state at start: {state}.",
              "Self CPU time of the calling thread, summed by kind of work; oneDNN and SDPA ops include their "
              "worker threads' wall time.", "", *table(results)]
     if failures:
