@@ -316,6 +316,35 @@ def test_int8_module_raises_when_the_kernels_disagree_with_fake_quant(tiny_huber
         compiled(audio(12000, 2))
 
 
+def test_a_checked_shape_runs_its_cached_graph_and_a_new_layout_compiles_int8_again(tiny_hubert, monkeypatch):
+    """The fast path of a shape seen before never compiles: an input that the cached graph's guards refuse (the same
+    shape, strided) is compiled by the checked path, with freezing, so it still lowers INT8 kernels."""
+    from torch._dynamo.utils import counters
+
+    from sq_plugin.backends import pt2e
+    from sq_plugin.backends.pt2e import _int8_lowered
+
+    checked_calls = []  # the checked path reads the INT8 lowering counter first; the fast path does not
+    monkeypatch.setattr(pt2e, "_int8_lowered", lambda: (checked_calls.append(1), _int8_lowered())[1])
+    x = audio(8000, 0)
+    prepared = prepare_stablequant(tiny_hubert, (x,))
+    calibrate(prepared, [x])
+    compiled, _ = lower_x86(convert_pt2e(prepared), (x,))
+    with torch.no_grad():
+        first = compiled(x).logits
+        graphs, lowered, checked = counters["stats"]["unique_graphs"], _int8_lowered(), len(checked_calls)
+        again = compiled(x.clone()).logits  # the fast path: the same graph, nothing compiled
+        assert torch.equal(again, first) and len(checked_calls) == checked
+        assert (counters["stats"]["unique_graphs"], _int8_lowered()) == (graphs, lowered)
+        strided = audio(16000, 0)[:, ::2]  # shape (1, 8000), stride 2: the cached graph's guards refuse it
+        assert strided.shape == x.shape and not strided.is_contiguous()
+        out = compiled(strided).logits
+    assert counters["stats"]["unique_graphs"] > graphs  # it compiled again ...
+    assert _int8_lowered() > lowered  # ... with freezing: INT8 kernels, not the q/dq graph in float
+    with torch.no_grad():
+        assert rel_err(out, compiled(strided.contiguous()).logits) < 1e-5
+
+
 def test_the_kernel_check_can_run_row_by_row_and_still_catches_one_wrong_row(tiny_wav2vec2):
     """batch_dims: the check runs the fake-quant graph one batch row at a time (a row's memory, not the batch's);
     it measures what a batched run gives, and an output wrong on one row only is refused all the same. (The check
