@@ -29,6 +29,21 @@ def atomic_write(path: Path, text: str) -> None:
             os.unlink(tmp)
 
 
+def write_results(out: Path, name: str, payload: Any, lines: list[str], failures: list[str]) -> None:
+    """Write `out/name.json` (the payload) and `out/name.md` (the lines, then a "Failed" section listing `failures`),
+    each atomically; say where on stderr, and exit 1 if anything failed (after writing what did not)."""
+    import json
+    import sys
+
+    if failures:
+        lines = [*lines, "## Failed", "", *[f"* {f}" for f in failures], ""]
+    atomic_write(out / f"{name}.json", json.dumps(payload, indent=1) + "\n")
+    atomic_write(out / f"{name}.md", "\n".join(lines) + "\n")
+    print(f"wrote {out}/{name}.json and {name}.md; failures: {failures or 'none'}", file=sys.stderr)
+    if failures:
+        sys.exit(1)
+
+
 def device_name() -> str:
     """The CPU model and the kind oneDNN runs as (`sq_plugin.backends.x86_isa`: avx2, avx512, vnni or amx;
     ONEDNN_MAX_CPU_ISA lowers it), e.g. "cpu: AMD EPYC (2 cores; oneDNN as avx2, ONEDNN_MAX_CPU_ISA=AVX2)"."""

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, atomic_write, device_name
+from common import RESULTS, device_name, write_results
 
 CHECKPOINTS = {"sq/wav2vec2-ref": "sq_plugin/checkpoints/wav2vec2-ref",
                "sq/hubert-ref": "sq_plugin/checkpoints/hubert-ref"}
@@ -159,15 +159,8 @@ def main() -> None:
              f"Machine state at start: {state}.", ""]
     for result in results:
         lines += table(result)
-    if failures:
-        lines += ["## Failed", "", *[f"* {f}" for f in failures], ""]
-    out = Path(args.out)
-    atomic_write(out / "method_speed.json", json.dumps({"command": command.strip(), "state": state,
-                                                        "results": results}, indent=1) + "\n")
-    atomic_write(out / "method_speed.md", "\n".join(lines) + "\n")
-    print(f"wrote {out}/method_speed.json and method_speed.md; failures: {failures or 'none'}", file=sys.stderr)
-    if failures:
-        sys.exit(1)
+    write_results(Path(args.out), "method_speed", {"command": command.strip(), "state": state, "results": results},
+                  lines, failures)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, atomic_write
+from common import RESULTS, write_results
 
 CTC_MODELS = ("sq/wav2vec2-ref", "sq/hubert-ref")
 WHISPER = "openai/whisper-tiny.en"
@@ -211,14 +211,7 @@ def main() -> None:
              f"Machine state at start: {state}.",
              "Self CPU time of the calling thread, summed by kind of work; oneDNN and SDPA ops include their "
              "worker threads' wall time.", "", *table(results)]
-    if failures:
-        lines += ["## Failed", "", *[f"* {f}" for f in failures], ""]
-    out = Path(args.out)
-    atomic_write(out / "profile.json", json.dumps(results, indent=1) + "\n")
-    atomic_write(out / "profile.md", "\n".join(lines) + "\n")
-    print(f"wrote {out}/profile.json and profile.md; failures: {failures or 'none'}", file=sys.stderr)
-    if failures:
-        sys.exit(1)
+    write_results(Path(args.out), "profile", results, lines, failures)
 
 
 if __name__ == "__main__":
