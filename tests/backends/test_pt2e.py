@@ -318,13 +318,13 @@ def test_int8_module_raises_when_the_kernels_disagree_with_fake_quant(tiny_huber
 
 def test_a_checked_shape_runs_its_cached_graph_and_a_new_layout_compiles_int8_again(tiny_hubert, monkeypatch):
     """The fast path of a shape seen before never compiles: an input that the cached graph's guards refuse (the same
-    shape, strided) is compiled by the checked path, with freezing, so it still lowers INT8 kernels."""
+    shape, strided) is compiled by the compiling path, with freezing, so it still lowers INT8 kernels."""
     from torch._dynamo.utils import counters
 
     from sq_plugin.backends import pt2e
     from sq_plugin.backends.pt2e import _int8_lowered
 
-    checked_calls = []  # the checked path reads the INT8 lowering counter first; the fast path does not
+    checked_calls = []  # the compiling path reads the INT8 lowering counter first; the fast path does not
     monkeypatch.setattr(pt2e, "_int8_lowered", lambda: (checked_calls.append(1), _int8_lowered())[1])
     x = audio(8000, 0)
     prepared = prepare_stablequant(tiny_hubert, (x,))
