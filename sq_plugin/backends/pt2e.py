@@ -1165,12 +1165,6 @@ class Int8Module:
         self.compile_seconds = 0.0
 
     def __call__(self, *args: torch.Tensor) -> Any:
-        import torch._dynamo.config as dynamo_config
-        import torch._inductor.config as inductor_config
-
-        # Importing the quantizer module registers torchao's x86 fusion passes with Inductor.
-        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
-
         key = (tuple(tuple(a.shape) for a in args), torch.is_inference_mode_enabled())
         if key in self.refused:  # the compiled graph is cached: calling it again would skip the check
             raise RuntimeError(self.refused[key])
@@ -1185,6 +1179,12 @@ class Int8Module:
             except RuntimeError as exc:
                 if "fail_on_recompile" not in str(exc):
                     raise
+        import torch._dynamo.config as dynamo_config
+        import torch._inductor.config as inductor_config
+
+        # Importing the quantizer module registers torchao's x86 fusion passes with Inductor.
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+
         before = _int8_lowered()
         start = time.perf_counter()
         with inductor_config.patch(freezing=True, cpp_wrapper=self.cpp_wrapper), \
