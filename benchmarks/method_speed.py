@@ -27,16 +27,17 @@ from typing import Any
 
 from common import RESULTS, device_name, write_results
 
-CHECKPOINTS = {"sq/wav2vec2-ref": "sq_plugin/checkpoints/wav2vec2-ref",
-               "sq/hubert-ref": "sq_plugin/checkpoints/hubert-ref"}
+CTC_REFERENCES = ("sq/wav2vec2-ref", "sq/hubert-ref")  # the shipped checkpoints (speech.models.checkpoint_dir)
 
 
 def build(model: str, method: str, calib: int) -> tuple[Any, dict[str, Any]]:
     """The HF model quantized by `method` (W8A8, x86), and what describes it: backend, kernels, plan layers."""
     from transformers import AutoModelForCTC
 
+    from sq_plugin.speech.models import checkpoint_dir
+
     start = time.perf_counter()
-    hf = AutoModelForCTC.from_pretrained(CHECKPOINTS[model], quantization_config={
+    hf = AutoModelForCTC.from_pretrained(checkpoint_dir(model), quantization_config={
         "quant_method": "stablequant", "method": method, "bits": "w8a8",
         "calibration": {"dataset": "corpus-dev", "size": calib}})
     quantized = hf.stablequant
@@ -80,7 +81,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(cfg["threads"])
-    from latency import ctc_feature_extractor, ctc_input, speech_clip
+    from latency import SR, ctc_feature_extractor, ctc_input, speech_clip
 
     import sq_plugin  # noqa: F401  (registers quant_method "stablequant" with transformers)
 
@@ -94,7 +95,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
             arithmetic(layer) != arithmetic(plans[first].get(name, {})) for name, layer in plan.items())
 
     inputs = {"speech": ctc_input(ctc_feature_extractor(cfg["model"]), speech_clip(cfg["seconds"])),
-              "random (optimum-benchmark's input)": torch.randn(1, int(cfg["seconds"] * 16000))}
+              "random (optimum-benchmark's input)": torch.randn(1, int(cfg["seconds"] * SR))}
     timings = {}
     for label, x in inputs.items():
         times = interleaved_ms(models, x, cfg["warmup"], cfg["rounds"])
@@ -124,7 +125,7 @@ def table(result: dict[str, Any]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--models", nargs="+", default=["sq/wav2vec2-ref"], choices=sorted(CHECKPOINTS))
+    parser.add_argument("--models", nargs="+", default=["sq/wav2vec2-ref"], choices=CTC_REFERENCES)
     parser.add_argument("--methods", default="max,stablequant,max",
                         help="comma list of plan methods, the first the base; one named twice is built twice, "
                              "which shows the timing's noise floor")
